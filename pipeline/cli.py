@@ -1,0 +1,76 @@
+"""The command line shared by every stage script.
+
+``python launch/<stage>.py [--config FILE] [key=value ...] [--print-config] [--help]``
+
+User errors (:class:`~pipeline.errors.UserError`) print one message and exit with code 2;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pipeline.config import help_text, load_config, to_yaml
+from pipeline.errors import UserError
+
+
+def build_parser(prog: str, description: str, cfg_cls: type) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys (set in the YAML file or as key=value overrides):\n" + help_text(cfg_cls),
+    )
+    parser.add_argument("--config", metavar="FILE", help="YAML recipe; key=value overrides apply on top")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    # The DeepSpeed launcher passes --local_rank=N; the rank is read from the environment.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    return parser
+
+
+def parse_args(
+    cfg_cls: type, argv: Sequence[str] | None, prog: str, description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None
+) -> tuple[Any, argparse.Namespace]:
+    """Parse the command line into ``(config, namespace)``; raises UserError on bad config."""
+    parser = build_parser(prog, description, cfg_cls)
+    if extra is not None:
+        extra(parser)
+    ns = parser.parse_args(argv)
+    cfg = load_config(cfg_cls, ns.config, ns.overrides)
+    return cfg, ns
+
+
+def run_stage(
+    cfg_cls: type,
+    main: Callable[[Any, argparse.Namespace], int | None],
+    *,
+    prog: str,
+    description: str,
+    argv: Sequence[str] | None = None,
+    extra: Callable[[argparse.ArgumentParser], None] | None = None,
+    describe: Callable[[Any], str] | None = None,
+) -> int:
+    """Parse, handle ``--print-config``, run ``main(cfg, ns)``, and map UserError to exit 2.
+
+    Args:
+        describe: optional extra text for ``--print-config`` (e.g. a resolved DeepSpeed JSON).
+    """
+    try:
+        cfg, ns = parse_args(cfg_cls, argv, prog, description, extra)
+        if ns.print_config:
+            sys.stdout.write(to_yaml(cfg))
+            if describe is not None:
+                sys.stdout.write(describe(cfg))
+            return 0
+        return int(main(cfg, ns) or 0)
+    except UserError as e:
+        sys.stdout.flush()
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,319 @@
+"""One config system for every stage: typed dataclasses, YAML files, dotted overrides.
+
+A stage config is a dataclass whose fields each carry a docstring (a string literal on the
+line after the field). It is built from, in order of precedence:
+
+1. the dataclass defaults,
+2. a YAML file (``--config FILE``): mappings merge into the defaults, lists replace them,
+3. dotted ``key=value`` overrides (``data.seq_len=512``, ``sources.0.weight=2``); values
+   are parsed as YAML, so ``sources=[{path: a.txt}]`` replaces a whole list.
+
+Every unknown key, wrong type and inconsistent value (a dataclass's ``check()``) is
+collected into ONE :class:`~pipeline.errors.ConfigError` naming each key and the fix.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import math
+import textwrap
+import types
+import typing
+from functools import lru_cache
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+from pipeline.errors import ConfigError, UserError
+
+Problems = list[tuple[str, str]]
+
+
+# ---------------------------------------------------------------------------- docs
+
+
+@lru_cache(maxsize=None)
+def field_docs(cls: type) -> dict[str, str]:
+    """Docstrings written under each field of dataclass ``cls`` (and its bases)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):
+            continue
+        body = ast.parse(source).body[0].body  # type: ignore[attr-defined]
+        for node, nxt in zip(body, body[1:] + [None]):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                docs[node.target.id] = inspect.cleandoc(nxt.value.value)
+    return docs
+
+
+@lru_cache(maxsize=None)
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def type_name(tp: Any) -> str:
+    """A short human-readable name of a field type (``int``, ``bpe | unigram``, ...)."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Literal:
+        return " | ".join(str(a) for a in args)
+    if origin in (Union, types.UnionType):
+        return " | ".join("null" if a is type(None) else type_name(a) for a in args)
+    if origin in (list, dict):
+        return f"{origin.__name__}[{', '.join(type_name(a) for a in args)}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def describe_keys(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """Every leaf key of ``cls`` as ``(dotted key, type name, default, doc)``.
+
+    Lists of dataclasses are described through their first element (``sources.0.path``).
+    """
+    rows: list[tuple[str, str, Any, str]] = []
+    docs = field_docs(cls)
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        tp = _hints(cls)[f.name]
+        key = f"{prefix}{f.name}"
+        default = getattr(defaults, f.name)
+        if dataclasses.is_dataclass(tp):
+            rows.extend(describe_keys(tp, key + "."))
+            continue
+        elem = get_args(tp)[0] if get_origin(tp) is list and get_args(tp) else None
+        if elem is not None and dataclasses.is_dataclass(elem):
+            shown = to_dict(default)
+            rows.append((key, f"list of {elem.__name__}", shown, docs.get(f.name, "")))
+            rows.extend(describe_keys(elem, key + ".N."))
+            continue
+        rows.append((key, type_name(tp), to_dict(default), docs.get(f.name, "")))
+    return rows
+
+
+def help_text(cls: type) -> str:
+    """``--help`` body: every key with its type, default and docstring."""
+    out = []
+    for key, tname, default, doc in describe_keys(cls):
+        out.append(f"  {key}  ({tname}; default: {yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()})")
+        for line in textwrap.wrap(doc, 88) or ["(undocumented)"]:
+            out.append(f"      {line}")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------- to/from dict
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain YAML/JSON-able data for a config object (recursively)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def to_yaml(obj: Any) -> str:
+    return yaml.safe_dump(to_dict(obj), sort_keys=False, allow_unicode=True)
+
+
+def _suggest(name: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return f"unknown key; {hint}valid keys here: {', '.join(valid)}"
+
+
+def _coerce(value: Any, tp: Any, key: str, problems: Problems) -> Any:
+    """Convert ``value`` to type ``tp`` or record a problem and return ``None``."""
+    origin, args = get_origin(tp), get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key, problems)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _coerce(value, inner[0], key, problems)
+        problems.append((key, f"unsupported union type {type_name(tp)}"))
+        return None
+    if origin is Literal:
+        for choice in args:
+            if value == choice or (isinstance(value, (int, float, bool)) and str(value) == str(choice)):
+                return choice
+        problems.append((key, f"got {value!r}; must be one of: {', '.join(map(str, args))}"))
+        return None
+    if origin is list:
+        if not isinstance(value, list):
+            problems.append((key, f"expected a list, got {value!r}"))
+            return None
+        return [_coerce(v, args[0], f"{key}.{i}", problems) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append((key, f"expected a mapping, got {value!r}"))
+            return None
+        return {str(k): _coerce(v, args[1], f"{key}.{k}", problems) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
+            return value.lower() in ("true", "yes", "on")
+        problems.append((key, f"expected true or false, got {value!r}"))
+        return None
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        try:  # accept 1e6 and "1e6" when integral
+            f = float(value) if not isinstance(value, bool) else math.nan
+            if f.is_integer():
+                return int(f)
+        except (TypeError, ValueError):
+            pass
+        problems.append((key, f"expected an integer, got {value!r}"))
+        return None
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        try:  # YAML 1.1 reads 3e-4 as a string
+            return float(value) if isinstance(value, str) else _fail()
+        except (TypeError, ValueError):
+            problems.append((key, f"expected a number, got {value!r}"))
+            return None
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        problems.append((key, f"expected a string, got {value!r}"))
+        return None
+    if tp is Any:
+        return value
+    raise TypeError(f"config field {key} has unsupported type {tp!r}")  # a bug in a config class
+
+
+def _fail() -> Any:
+    raise ValueError
+
+
+def _build(cls: type, data: Any, prefix: str, problems: Problems) -> Any:
+    where = prefix or "the config"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        problems.append((prefix, f"expected a mapping of keys for {where}, got {data!r}"))
+        return cls()
+    names = [f.name for f in dataclasses.fields(cls)]
+    for k in data:
+        if k not in names:
+            problems.append((f"{prefix}.{k}" if prefix else str(k), _suggest(str(k), names)))
+    kwargs = {}
+    before = len(problems)
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            key = f"{prefix}.{f.name}" if prefix else f.name
+            kwargs[f.name] = _coerce(data[f.name], _hints(cls)[f.name], key, problems)
+    if len(problems) > before:
+        # Build with defaults for broken fields so later checks still run on the rest.
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    obj = cls(**kwargs)
+    if hasattr(obj, "check"):
+        reported = {k for k, _ in problems[before:]}
+        for key, msg in obj.check():
+            full = f"{prefix}.{key}" if prefix and key else (key or prefix)
+            # A field that failed to parse holds its default: its checks would mislead.
+            if not any(full == r or full.startswith(r + ".") for r in reported):
+                problems.append((full, msg))
+    return obj
+
+
+# ---------------------------------------------------------------------------- merging
+
+
+def _merge(base: Any, new: Any) -> Any:
+    if isinstance(base, dict) and isinstance(new, dict):
+        out = dict(base)
+        for k, v in new.items():
+            out[k] = _merge(base[k], v) if k in base else v
+        return out
+    return new
+
+
+def parse_value(text: str) -> Any:
+    """Parse an override value as YAML (``3``, ``true``, ``[a, b]``); fall back to the raw string."""
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        return text
+
+
+def _set_dotted(data: dict, key: str, value: Any, problems: Problems) -> None:
+    parts = key.split(".")
+    node: Any = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) > len(node):
+                problems.append((key, f"'{part}' is not a valid index into a list of {len(node)} (use 0..{len(node)})"))
+                return
+            idx = int(part)
+            if idx == len(node):  # one past the end appends a new element
+                node.append({} if not last else None)
+            if last:
+                node[idx] = value
+                return
+            if node[idx] is None:
+                node[idx] = {}
+            node = node[idx]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+                return
+            if not isinstance(node.get(part), (dict, list)):
+                node[part] = {}
+            node = node[part]
+        else:
+            problems.append((key, f"'{'.'.join(parts[:i])}' is not a mapping or list"))
+            return
+
+
+def load_config(cls: type, config_file: str | None = None, overrides: list[str] | None = None) -> Any:
+    """Build a ``cls`` config from defaults, a YAML file and dotted overrides.
+
+    Raises:
+        ConfigError: with every problem found (unknown keys, types, checks).
+        UserError: when the YAML file cannot be read or parsed.
+    """
+    data = to_dict(cls())
+    if config_file:
+        try:
+            with open(config_file, encoding="utf-8") as f:
+                loaded = yaml.safe_load(f)
+        except OSError as e:
+            raise UserError(f"cannot read config file '{config_file}': {e.strerror}. Check the --config path.") from None
+        except yaml.YAMLError as e:
+            raise UserError(f"config file '{config_file}' is not valid YAML: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise UserError(f"config file '{config_file}' must hold a mapping of keys, not {type(loaded).__name__}")
+        data = _merge(data, loaded or {})
+    problems: Problems = []
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            problems.append((item, "an override must look like key=value (e.g. data.seq_len=512)"))
+            continue
+        _set_dotted(data, key.strip(), parse_value(raw), problems)
+    cfg = _build(cls, data, "", problems)
+    if problems:
+        raise ConfigError(problems)
+    return cfg

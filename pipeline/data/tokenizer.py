@@ -1,0 +1,456 @@
+"""Tokenizer: train a SentencePiece tokenizer or load a Hugging Face one, encode fast, fingerprint.
+
+The preprocess stage either points ``tokenizer.path`` at an existing Hugging Face tokenizer
+directory, or trains a new SentencePiece tokenizer on a bounded sample of the cleaned corpus
+(:func:`train_sentencepiece`) and saves it in Hugging Face format, so every later stage loads it
+with ``transformers.AutoTokenizer.from_pretrained(dir)``.
+
+The source of truth for token ids is always the Hugging Face tokenizer::
+
+    AutoTokenizer.from_pretrained(dir)(text, add_special_tokens=False)["input_ids"]
+
+:class:`TokenizerHandle` encodes with the fastest native API that gives exactly those ids:
+
+* backend ``"hf"``: the Rust ``tokenizers`` backend's ``encode_batch`` (parallel with rayon);
+* backend ``"sentencepiece"``: ``SentencePieceProcessor.encode(texts, num_threads=n)``, about 2.5x
+  faster. Only used when the directory holds a BPE ``tokenizer.model`` AND :meth:`TokenizerHandle.
+  verify_native` found identical ids on a sample plus built-in tricky strings. Unigram models stay
+  on the HF backend: SentencePiece scores Viterbi paths in float32 and ``tokenizers`` in float64,
+  and near-ties (runs of spaces in code, measured) then segment differently. Texts that contain
+  the content of an added token (``</s>`` typed into a document...) are always encoded by the HF
+  backend, since Hugging Face matches added tokens in raw text and SentencePiece does not.
+
+Why the saved directory is not a ``LlamaTokenizer``: in transformers 5, ``LlamaTokenizer`` rebuilds
+a BPE model with its own pre-tokenizer, which drops SentencePiece's dummy prefix before leading
+spaces (``"  x"``) and cannot represent a unigram model at all, so its ids differ from the
+SentencePiece model. The generic ``PreTrainedTokenizerFast`` conversion of ``tokenizer.model``
+follows the model's own normalizer spec and is exact for both ``bpe`` and ``unigram``; the files it
+saves (``tokenizer.json``, ``tokenizer_config.json``) plus ``tokenizer.model`` are what a Llama
+tokenizer directory holds, and ``tokenizer_class`` is ``PreTrainedTokenizerFast`` (loads with
+transformers 4 and 5).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pipeline.errors import UserError
+from pipeline.io import atomic_write_bytes, atomic_write_json, publish_dir
+
+log = logging.getLogger(__name__)
+
+UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"  # ids 0, 1, 2, 3 in a trained tokenizer
+SP_MODEL_FILE = "tokenizer.model"
+HF_TOKENIZER_FILE = "tokenizer.json"
+_MIN_TRAIN_VOCAB = 260  # 256 byte-fallback pieces + 4 special tokens
+_SP_SEED = 1234  # SentencePiece's global random seed (only used for sampling; set for safety)
+_MAX_VERIFY_TEXTS = 1000  # texts of the given sample compared in verify_native
+_ADDED_TOKEN_REGEX_MIN = 16  # above this many added tokens, scan texts with one regex, not `in`
+
+# Strings on which a Hugging Face conversion of a SentencePiece model tends to go wrong.
+TRICKY_TEXTS: tuple[str, ...] = (
+    "", " ", "  ", "   ", "\n", "\n\n", "\t", " \n \t ", "hello", " hello", "  hello", "hello ",
+    "hello  ", "  hello  world  ", "a  b   c    d", "line one\nline two\n\nline four\n",
+    "\ttabbed\tand  spaced\t", "trailing newline\n", "\r\nwindows\r\n", "12345", "3.14159 and 2,718",
+    "year 2024-06-01 at 10:30", "007 0 00 000", "emoji 🙂👍🏽 and 👨‍👩‍👧", "🙂", "中文字符和数据模型",
+    "日本語のテキスト、東京", "한국어 텍스트", "café naïve über façade", "Ελληνικά κείμενα", "русский текст",
+    "עברית", "العربية", "e\u0301 vs é", "zero\u200bwidth", "nb\u00a0space", "▁already▁escaped ▁ x",
+    "ÿ\x00\x01 control", "x" * 300, "mixed CASE Words And Ünïcödé", "def f(x):\n    return x + 1\n",
+)
+
+
+@dataclass
+class TokenizerConfig:
+    path: str = ""
+    """Existing Hugging Face tokenizer directory (with tokenizer.json or tokenizer.model); "" trains a
+    new SentencePiece tokenizer on a sample of the cleaned corpus."""
+    model_type: Literal["bpe", "unigram"] = "bpe"
+    """SentencePiece model type when training a new tokenizer."""
+    vocab_size: int = 32000
+    """Vocabulary size in tokens, including the 4 special tokens and 256 byte-fallback tokens
+    (when training)."""
+    sample_chars: int = 20_000_000
+    """Characters of cleaned corpus used to train the tokenizer (bounded sample, in characters)."""
+    character_coverage: float = 0.9995
+    """Fraction of the sample's characters (by count) that get their own piece; the rarest
+    remaining characters are encoded as UTF-8 bytes (when training)."""
+    max_sentence_chars: int = 16384
+    """Longer training texts are cut into pieces of this many characters for SentencePiece training."""
+
+    def check(self) -> list[tuple[str, str]]:
+        problems: list[tuple[str, str]] = []
+        if not self.path and self.vocab_size < _MIN_TRAIN_VOCAB:
+            problems.append(("vocab_size", f"is {self.vocab_size}, but a trained tokenizer needs at least "
+                             f"{_MIN_TRAIN_VOCAB} tokens (256 byte-fallback tokens + 4 special tokens); "
+                             "raise it (32000 is typical)"))
+        if self.sample_chars <= 0:
+            problems.append(("sample_chars", f"is {self.sample_chars}; it must be > 0 characters (e.g. 20000000)"))
+        if not 0.0 < self.character_coverage <= 1.0:
+            problems.append(("character_coverage", f"is {self.character_coverage}; it must be in (0, 1], "
+                             "e.g. 0.9995 for Latin/mixed text or 1.0 for small alphabets"))
+        if self.max_sentence_chars <= 0:
+            problems.append(("max_sentence_chars", f"is {self.max_sentence_chars}; it must be > 0 characters "
+                             "(e.g. 16384)"))
+        return problems
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+
+def _bounded_sample(texts: Iterable[str], sample_chars: int, piece_chars: int) -> list[str]:
+    """The first ``sample_chars`` characters of ``texts``, cut into pieces of <= ``piece_chars``."""
+    out: list[str] = []
+    left = sample_chars
+    for text in texts:
+        for start in range(0, len(text), piece_chars):
+            piece = text[start:start + min(piece_chars, left)]
+            if piece:
+                out.append(piece)
+                left -= len(piece)
+            if left <= 0:
+                return out
+    return out
+
+
+def train_sentencepiece(texts: Iterable[str], cfg: TokenizerConfig, out_dir: Path, threads: int) -> None:
+    """Train a SentencePiece tokenizer and save it as a Hugging Face tokenizer directory.
+
+    Llama-style settings (byte fallback, identity normalization, dummy prefix, digits split, ids
+    ``<unk>=0 <s>=1 </s>=2 <pad>=3``) so that the Hugging Face conversion is exact. The directory
+    gets ``tokenizer.model``, ``tokenizer.json`` and ``tokenizer_config.json`` (bos/eos/pad/unk set,
+    ``add_bos_token``/``add_eos_token`` false, no chat template); it is written under a temporary
+    name and renamed into place.
+
+    The model is a deterministic function of (the sample, ``cfg``, ``threads``): two runs give the
+    same bytes. Unigram training sums in per-thread order, so its pieces depend on ``threads``:
+    pass a value from the config, not ``os.cpu_count()``, if retraining must be reproducible on
+    other machines.
+
+    Args:
+        texts: cleaned documents; only the first ``cfg.sample_chars`` characters are read (the
+            caller makes them representative, e.g. by striding over the corpus).
+        cfg: tokenizer settings (``cfg.path`` is ignored).
+        out_dir: directory to create (replaced if it exists).
+        threads: SentencePiece training threads.
+
+    Raises:
+        UserError: empty sample, or a vocabulary too large for the sample / too small for its
+            characters.
+    """
+    import sentencepiece as spm
+
+    out_dir = Path(out_dir)
+    sample = _bounded_sample(texts, cfg.sample_chars, cfg.max_sentence_chars)
+    if not sample:
+        raise UserError("tokenizer training: the corpus sample is empty (no non-empty text after cleaning); "
+                        "check the input data and cleaning settings, or set tokenizer.path to an existing "
+                        "Hugging Face tokenizer directory")
+    n_chars = sum(map(len, sample))
+    log.info("training %s SentencePiece tokenizer: vocab_size=%d, sample %d characters in %d pieces, %d threads",
+             cfg.model_type, cfg.vocab_size, n_chars, len(sample), threads)
+
+    model = io.BytesIO()
+    spm.set_random_generator_seed(_SP_SEED)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(sample), model_writer=model,
+            model_type=cfg.model_type, vocab_size=cfg.vocab_size,
+            character_coverage=cfg.character_coverage,
+            max_sentence_length=4 * cfg.max_sentence_chars,  # bytes: a character is <= 4 UTF-8 bytes
+            input_sentence_size=0, shuffle_input_sentence=False,  # use the whole (already bounded) sample
+            byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+            add_dummy_prefix=True, split_digits=True, allow_whitespace_only_pieces=True,
+            unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+            unk_piece=UNK, bos_piece=BOS, eos_piece=EOS, pad_piece=PAD,
+            num_threads=max(1, int(threads)), minloglevel=4,
+        )
+    except RuntimeError as e:
+        msg = str(e)
+        if "Vocabulary size too high" in msg:
+            hint = re.search(r"<= *(\d+)", msg)
+            most = f" (SentencePiece says at most {hint.group(1)} for this sample)" if hint else ""
+            raise UserError(
+                f"tokenizer training failed: corpus sample too small for vocab_size={cfg.vocab_size}{most}; "
+                f"the sample had {n_chars} characters. Lower tokenizer.vocab_size or raise "
+                "tokenizer.sample_chars (or provide more data)") from None
+        if "required_chars" in msg or "smaller than" in msg:
+            detail = msg.rsplit("] ", 1)[-1].strip()  # drop SentencePiece's source location and assertion
+            raise UserError(
+                f"tokenizer training failed: vocab_size={cfg.vocab_size} is too small for the characters of the "
+                f"sample (SentencePiece: {detail}). Raise tokenizer.vocab_size or lower "
+                "tokenizer.character_coverage") from None
+        raise
+
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        _write_hf_dir(model.getvalue(), tmp)
+        publish_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("saved tokenizer to %s", out_dir)
+
+
+def _write_hf_dir(model_bytes: bytes, directory: Path) -> None:
+    """Write ``tokenizer.model`` and its exact Hugging Face fast conversion into ``directory``."""
+    from transformers import PreTrainedTokenizerFast
+
+    atomic_write_bytes(directory / SP_MODEL_FILE, model_bytes)
+    # The generic fast class converts tokenizer.model following its normalizer spec (exact for bpe
+    # and unigram); legacy=True: every text chunk between added tokens gets the dummy prefix, as
+    # SentencePiece does for each text. LlamaTokenizer is not exact (see module docstring).
+    hf = PreTrainedTokenizerFast.from_pretrained(
+        str(directory), local_files_only=True, legacy=True,
+        unk_token=UNK, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+        add_bos_token=False, add_eos_token=False)
+    hf.save_pretrained(str(directory))
+    # save_pretrained records load-time arguments; keep a clean, portable config
+    cfg_path = directory / "tokenizer_config.json"
+    config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    for key in ("is_local", "local_files_only", "name_or_path", "vocab_file", "chat_template"):
+        config.pop(key, None)
+    if config.get("extra_special_tokens") and set(map(str, config["extra_special_tokens"])) <= {UNK, BOS, EOS, PAD}:
+        config.pop("extra_special_tokens")
+    config.update(tokenizer_class="PreTrainedTokenizerFast", add_bos_token=False, add_eos_token=False,
+                  unk_token=UNK, bos_token=BOS, eos_token=EOS, pad_token=PAD)
+    atomic_write_json(cfg_path, config)
+    if not (directory / SP_MODEL_FILE).is_file():  # save_pretrained must not have removed it
+        atomic_write_bytes(directory / SP_MODEL_FILE, model_bytes)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fingerprint
+# ----------------------------------------------------------------------------------------------
+
+def tokenizer_fingerprint(hf_tokenizer: Any) -> str:
+    """Hex sha256 identifying what a tokenizer does: same value for the same tokenizer loaded twice
+    or from a copy of its directory, different for another vocabulary.
+
+    Hashes the backend tokenizer's JSON (parsed and re-dumped with sorted keys; the call-time
+    ``truncation``/``padding`` settings are left out, transformers changes them per call), the
+    special token ids and ``len(tokenizer)``.
+
+    Args:
+        hf_tokenizer: a transformers fast tokenizer.
+    """
+    backend = json.loads(hf_tokenizer.backend_tokenizer.to_str())
+    backend.pop("truncation", None)
+    backend.pop("padding", None)
+    desc = {
+        "backend": backend,
+        "special_ids": {name: getattr(hf_tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "pad", "unk")},
+        "len": len(hf_tokenizer),
+    }
+    canon = json.dumps(desc, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canon.encode("utf-8")).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading and encoding
+# ----------------------------------------------------------------------------------------------
+
+_EXPECTED = "a Hugging Face tokenizer directory with tokenizer.json or tokenizer.model"
+_TOKENIZER_FILES = (HF_TOKENIZER_FILE, SP_MODEL_FILE, "tokenizer_config.json", "vocab.json", "vocab.txt")
+_rayon_used = False  # set once this process ran the HF backend in parallel (rayon pool fixed from then on)
+
+
+def load_tokenizer(path: str | os.PathLike) -> TokenizerHandle:
+    """Load a tokenizer directory with ``AutoTokenizer.from_pretrained`` (local files only).
+
+    The handle starts with the ``"hf"`` backend; call :meth:`TokenizerHandle.verify_native` on a
+    sample of the corpus to switch to native SentencePiece when that is exact.
+
+    Raises:
+        UserError: missing/unreadable directory, no tokenizer files, a slow-only tokenizer, or a
+            tokenizer without an EOS token.
+    """
+    p = Path(path)
+    if not p.is_dir():
+        raise UserError(f"tokenizer directory {str(p)!r} does not exist or is not a directory; expected {_EXPECTED}. "
+                        "Fix tokenizer.path, or set it to \"\" to train a new tokenizer")
+    if not any((p / name).is_file() for name in _TOKENIZER_FILES):
+        raise UserError(f"tokenizer directory {str(p)!r} contains no tokenizer files; expected {_EXPECTED} "
+                        "(as written by save_pretrained). Fix tokenizer.path, or set it to \"\" to train a new "
+                        "tokenizer")
+    from transformers import AutoTokenizer
+
+    try:
+        hf = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    except Exception as e:  # a broken user directory, reported with the loader's reason
+        raise UserError(f"could not load tokenizer directory {str(p)!r} ({type(e).__name__}: {e}); expected "
+                        f"{_EXPECTED}. Fix or replace the directory (tokenizer.path)") from None
+    if not getattr(hf, "is_fast", False) or not hasattr(hf, "backend_tokenizer"):
+        raise UserError(f"tokenizer in {str(p)!r} loads as a slow (Python) tokenizer ({type(hf).__name__}); only fast "
+                        "tokenizers are supported. Add a tokenizer.json (e.g. load it with "
+                        "AutoTokenizer.from_pretrained(dir, use_fast=True) and save_pretrained it)")
+    if hf.eos_token_id is None:
+        raise UserError(f"tokenizer in {str(p)!r} has no EOS token; the pipeline appends EOS after every document. "
+                        "Add \"eos_token\": \"<token>\" (a token of its vocabulary, e.g. \"</s>\") to its "
+                        "tokenizer_config.json")
+    return TokenizerHandle(hf, p)
+
+
+class TokenizerHandle:
+    """A loaded tokenizer with a fast batch encoder whose ids equal the Hugging Face tokenizer's.
+
+    Attributes:
+        hf: the transformers (fast) tokenizer.
+        path: its directory.
+        vocab_size: ``len(hf)``, counting added tokens (tokens).
+        bos_id, eos_id, pad_id: special token ids (``bos_id``/``pad_id`` may be None).
+        fingerprint: :func:`tokenizer_fingerprint` of ``hf``.
+        backend: ``"sentencepiece"`` or ``"hf"``, the encoder :meth:`encode_batch` uses.
+        backend_reason: why that backend was chosen.
+    """
+
+    def __init__(self, hf: Any, path: Path):
+        self.hf = hf
+        self.path = Path(path)
+        self.vocab_size: int = len(hf)
+        self.bos_id: int | None = hf.bos_token_id
+        self.eos_id: int = hf.eos_token_id
+        self.pad_id: int | None = hf.pad_token_id
+        self.fingerprint: str = tokenizer_fingerprint(hf)
+        self.backend: Literal["sentencepiece", "hf"] = "hf"
+        self.backend_reason = "native SentencePiece not verified yet (call verify_native)"
+        self._threads: int | None = None
+        self._sp = None
+        # A tokenizer.json may carry truncation/padding; encode_batch must return whole texts
+        self._backend = hf.backend_tokenizer
+        self._backend.no_truncation()
+        self._backend.no_padding()
+        added = list(self._backend.get_added_tokens_decoder().values())
+        self._added_contents = sorted({t.content for t in added if t.content}, key=len, reverse=True)
+        self._added_normalized = any(t.normalized for t in added)
+        self._added_re = (re.compile("|".join(map(re.escape, self._added_contents)))
+                          if len(self._added_contents) > _ADDED_TOKEN_REGEX_MIN else None)
+
+    def __repr__(self) -> str:
+        return (f"TokenizerHandle(path={str(self.path)!r}, vocab_size={self.vocab_size}, backend={self.backend!r}, "
+                f"fingerprint={self.fingerprint[:12]})")
+
+    # -- threads ------------------------------------------------------------------------------
+
+    def set_threads(self, n: int) -> None:
+        """Use ``n`` threads for encoding.
+
+        SentencePiece takes the count per call. The HF backend runs on rayon's global thread pool,
+        which reads ``RAYON_NUM_THREADS`` once, at the first parallel use in the process, and is
+        fixed from then on: call this before the first :meth:`encode_batch` (or any other parallel
+        ``tokenizers`` call) of the process -- in a worker, after the fork. Later calls still set the
+        SentencePiece count but cannot resize the HF pool (a warning is logged).
+        """
+        n = max(1, int(n))
+        self._threads = n
+        if _rayon_used and os.environ.get("RAYON_NUM_THREADS") != str(n):
+            log.warning("tokenizers' thread pool is already running with RAYON_NUM_THREADS=%s; the HF backend keeps "
+                        "that size (asked for %d threads)", os.environ.get("RAYON_NUM_THREADS", "<all cores>"), n)
+        os.environ["TOKENIZERS_PARALLELISM"] = "true"
+        os.environ["RAYON_NUM_THREADS"] = str(n)
+
+    def _sp_threads(self) -> int:
+        if self._threads:
+            return self._threads
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+    # -- encoding -----------------------------------------------------------------------------
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text, without special tokens (same as ``hf(text, add_special_tokens=False)``)."""
+        if self.backend == "sentencepiece":
+            return self._encode_native(texts)
+        return self._encode_hf(texts)
+
+    def _encode_hf(self, texts: list[str]) -> list[list[int]]:
+        global _rayon_used
+        if len(texts) > 1:
+            _rayon_used = True
+        return [enc.ids for enc in self._backend.encode_batch(list(texts), add_special_tokens=False)]
+
+    def _has_added_token(self, text: str) -> bool:
+        if self._added_re is not None:
+            return self._added_re.search(text) is not None
+        return any(c in text for c in self._added_contents)
+
+    def _encode_native(self, texts: list[str]) -> list[list[int]]:
+        ids = self._sp.encode(list(texts), num_threads=self._sp_threads())
+        if self._added_contents:
+            # Hugging Face cuts texts at added-token contents, SentencePiece does not: those texts
+            # (rare in a corpus) go through the HF backend.
+            normalizer = self._backend.normalizer if self._added_normalized else None
+            special = [i for i, t in enumerate(texts)
+                       if self._has_added_token(t) or (normalizer is not None
+                                                       and self._has_added_token(normalizer.normalize_str(t)))]
+            if special:
+                for i, row in zip(special, self._encode_hf([texts[i] for i in special])):
+                    ids[i] = row
+        return ids
+
+    def verify_native(self, sample_texts: Iterable[str]) -> bool:
+        """Switch to native SentencePiece encoding if it gives the HF tokenizer's ids.
+
+        Compares both on up to 1000 of ``sample_texts`` plus :data:`TRICKY_TEXTS` (whitespace runs,
+        newlines, tabs, digits, emoji, CJK, accents, special-token strings). Sets ``backend`` and
+        ``backend_reason`` accordingly: ``"hf"`` if the directory has no ``tokenizer.model``, if
+        its pieces differ from the HF vocabulary, if it is not a BPE model (see module docstring)
+        or if any id differs.
+
+        Returns:
+            True when the ``"sentencepiece"`` backend is in use afterwards.
+        """
+        reason = self._native_problem(sample_texts)
+        if reason is None:
+            self.backend = "sentencepiece"
+        else:
+            self.backend = "hf"
+            self.backend_reason = reason
+            log.info("tokenizer %s: encoding with the HF backend: %s", self.path, reason)
+        return reason is None
+
+    def _native_problem(self, sample_texts: Iterable[str]) -> str | None:
+        model = self.path / SP_MODEL_FILE
+        if not model.is_file():
+            return f"no {SP_MODEL_FILE} in the tokenizer directory"
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor()
+        try:
+            sp.load(str(model))
+        except Exception as e:  # noqa: BLE001 - any failure means: not usable, use HF
+            return f"{SP_MODEL_FILE} does not load with sentencepiece ({type(e).__name__}: {e})"
+        if type(self._backend.model).__name__ != "BPE":
+            # Measured: SentencePiece's unigram Viterbi adds float32 scores, tokenizers' float64, so
+            # near-tied segmentations (e.g. runs of spaces in code) come out differently -- on texts a
+            # sample may well miss. Exactness beats speed: only BPE models are encoded natively.
+            return (f"{type(self._backend.model).__name__} model: native SentencePiece is only trusted for BPE "
+                    "(unigram near-ties are broken differently: float32 vs float64 path scores)")
+        n = sp.get_piece_size()
+        if n > self.vocab_size:
+            return f"{SP_MODEL_FILE} has {n} pieces, more than the HF tokenizer's {self.vocab_size} tokens"
+        for i in range(n):
+            if sp.id_to_piece(i) != self._backend.id_to_token(i):
+                return (f"{SP_MODEL_FILE} piece {i} is {sp.id_to_piece(i)!r} but the HF tokenizer's token {i} is "
+                        f"{self._backend.id_to_token(i)!r}")
+        texts = [t for _, t in zip(range(_MAX_VERIFY_TEXTS), sample_texts)]
+        texts += list(TRICKY_TEXTS) + [f"{c} x{c}y" for c in self._added_contents[:50]]
+        self._sp = sp
+        native = self._encode_native(texts)
+        reference = self._encode_hf(texts)
+        for i, (a, b) in enumerate(zip(native, reference)):
+            if a != b:
+                return f"native SentencePiece ids differ from the HF tokenizer's on text {texts[i][:80]!r}"
+        self.backend_reason = f"native SentencePiece ids equal the HF tokenizer's on {len(texts)} texts"
+        return None

@@ -1,0 +1,621 @@
+"""Stage 1, preprocess: corpora -> cleaned, de-duplicated, tokenized, packed token shards.
+
+Flow (one task)::
+
+    sources --read--> records --clean/dedup/split--> batches --encode--> shards + manifest
+
+A reader thread reads, cleans, hashes and batches documents while the main thread encodes
+with the tokenizer's native multi-threaded batch API (which releases the GIL) and writes
+shards. Work is committed in *segments*: a segment is a contiguous run of one source's
+documents whose train part reaches ``shard_tokens``; it yields one train and one
+validation shard plus a small progress record (input cursor, statistics, the
+de-duplication keys of its documents). A killed run restarts after its last committed
+segment and, because every boundary depends only on the input, produces byte-identical
+output. Everything is written in ``<output>.partial`` and renamed to ``<output>`` at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import shutil
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from itertools import chain
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from pipeline.config import to_dict, to_yaml
+from pipeline.data import sample as builtin_sample
+from pipeline.data.clean import CleanConfig, Cleaner, SeenHashes, content_hash, dedup_key, is_validation, task_of
+from pipeline.data.shards import ShardWriter, dtype_for_vocab, file_entries, read_manifest, verify, write_manifest
+from pipeline.data.sources import SourceConfig, iter_records, resolve_files, source_name
+from pipeline.data.tokenizer import TokenizerConfig, load_tokenizer, train_sentencepiece
+from pipeline.errors import UserError
+from pipeline.io import atomic_write_json, atomic_write_text, publish_dir
+from pipeline.progress import progress_bar
+
+BUILTIN_PREFIX = "builtin:"
+# Test aid: seconds to sleep after each encoded batch, so a test can kill a run mid-way.
+_BATCH_DELAY = float(os.environ.get("PIPELINE_TEST_BATCH_DELAY", "0"))
+
+
+@dataclass
+class PreprocessConfig:
+    sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig(path="builtin:sample", name="sample")])
+    """Input corpora, each a file, glob or directory with its format, text field and
+    sampling weight. The default, path builtin:sample, is a generated sample corpus."""
+    output: str = "outputs/sample/data"
+    """Output directory (created; written as <output>.partial and renamed when complete)."""
+    clean: CleanConfig = field(default_factory=CleanConfig)
+    """Text cleaning and de-duplication."""
+    tokenizer: TokenizerConfig = field(default_factory=lambda: TokenizerConfig(vocab_size=4096, sample_chars=2_000_000))
+    """Use an existing Hugging Face tokenizer directory, or train a SentencePiece one."""
+    val_fraction: float = 0.01
+    """Fraction of documents (by content hash, so stable across runs) in the validation split."""
+    shard_tokens: int = 100_000_000
+    """Tokens per train shard (approximate: shards end at a batch boundary after this)."""
+    batch_chars: int = 1_000_000
+    """Characters of text per tokenizer batch (bounds memory; larger batches parallelise better)."""
+    dtype: Literal["auto", "uint16", "uint32"] = "auto"
+    """Token storage type; auto picks uint16 when the vocabulary has at most 65536 tokens."""
+    workers: int = 0
+    """Tokenizer threads (0: every CPU core available to this process)."""
+    bad_records: Literal["fail", "skip"] = "fail"
+    """A malformed input record (bad JSON line, missing text field): fail with its file and
+    line, or skip it and count it."""
+    overwrite: bool = False
+    """Replace an existing complete output with a different config (the old one stays
+    intact until the new one is complete)."""
+    step: Literal["all", "tokenizer", "shards", "merge"] = "all"
+    """all: everything in one process. For several tasks (nodes): tokenizer once, then
+    shards in every task, then merge once."""
+    task_index: int = -1
+    """This task's index for step=shards (-1: SLURM_ARRAY_TASK_ID or SLURM_PROCID, else 0)."""
+    task_count: int = 0
+    """Number of tasks sharing the work (0: SLURM_ARRAY_TASK_COUNT or SLURM_NTASKS, else 1).
+    Documents are assigned to tasks by content hash, so de-duplication stays exact."""
+    seed: int = 1234
+    """Seed of the built-in sample corpus."""
+    sample_docs: int = 20000
+    """Documents in the built-in sample corpus."""
+
+    def check(self) -> list[tuple[str, str]]:
+        problems = []
+        if not self.sources:
+            problems.append(("sources", "no input; give at least one source (e.g. sources.0.path=data/*.jsonl)"))
+        names = [source_name(s) for s in self.sources]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                problems.append((f"sources.{i}.name", f"'{name}' is used by two sources; give each a unique name"))
+        if not 0.0 <= self.val_fraction < 1.0:
+            problems.append(("val_fraction", f"must be in [0, 1), got {self.val_fraction}"))
+        if self.shard_tokens <= 0:
+            problems.append(("shard_tokens", f"must be > 0, got {self.shard_tokens}"))
+        if self.batch_chars <= 0:
+            problems.append(("batch_chars", f"must be > 0, got {self.batch_chars}"))
+        if self.workers < 0:
+            problems.append(("workers", f"must be >= 0 (0: all cores), got {self.workers}"))
+        if not self.output:
+            problems.append(("output", "must name an output directory"))
+        if self.task_count < 0:
+            problems.append(("task_count", f"must be >= 0, got {self.task_count}"))
+        if self.task_count and self.task_index >= self.task_count:
+            problems.append(("task_index", f"{self.task_index} is not below task_count={self.task_count}"))
+        return problems
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _tasks(cfg: PreprocessConfig) -> tuple[int, int]:
+    """``(index, count)`` from the config, else Slurm array or Slurm task variables."""
+    env = os.environ
+    count = cfg.task_count or int(env.get("SLURM_ARRAY_TASK_COUNT") or env.get("SLURM_NTASKS") or 1)
+    if cfg.task_index >= 0:
+        index = cfg.task_index
+    elif "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+        index = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+    else:
+        index = int(env.get("SLURM_PROCID", 0))
+    if not 0 <= index < count:
+        raise UserError(f"task index {index} is not below the task count {count}; set task_index and task_count")
+    return index, count
+
+
+def _threads(cfg: PreprocessConfig) -> int:
+    return cfg.workers or len(os.sched_getaffinity(0))
+
+
+def _output_config(cfg: PreprocessConfig) -> dict:
+    """The part of the config that determines the output bytes (not threads or overwrite)."""
+    d = to_dict(cfg)
+    for k in ("workers", "overwrite", "step", "task_index", "task_count"):
+        d.pop(k)
+    return d
+
+
+@dataclass
+class Batch:
+    """Documents of one source, ready to encode, with the reader's state after them."""
+
+    texts: list[str]
+    keys: list[int]  # de-duplication keys, uint64 values
+    val: np.ndarray  # (n,) bool: document goes to the validation split
+    cursor: tuple[int, int] | None  # next raw record to read; None when the source is done
+    stats: dict[str, int]  # cumulative source statistics at ``cursor``
+
+
+class _Reader(threading.Thread):
+    """Reads one source from a cursor and puts :class:`Batch` objects on a bounded queue."""
+
+    def __init__(self, cfg, src, files, start, stats, seen, task, out: queue.Queue):
+        super().__init__(daemon=True)
+        self.cfg, self.src, self.files, self.start_at = cfg, src, files, start
+        self.stats, self.seen, self.task, self.out = stats, seen, task, out
+        self.error: BaseException | None = None
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except BaseException as e:  # handed to the main thread
+            self.error = e
+            self.out.put(None)
+
+    def _put(self, item) -> None:
+        while not self.stop.is_set():
+            try:
+                self.out.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def _run(self) -> None:
+        cfg, stats = self.cfg, self.stats
+        for k in ("kept", "dropped_duplicate", "other_task"):
+            stats.setdefault(k, 0)
+        clean = Cleaner(cfg.clean, stats)
+        dedup, val_fraction = cfg.clean.dedup, cfg.val_fraction
+        task_index, task_count = self.task
+        texts, keys, vals, chars = [], [], [], 0
+        for text, f, r in iter_records(self.files, self.src, start=self.start_at, bad_records=cfg.bad_records, stats=stats):
+            if self.stop.is_set():
+                return
+            text = clean(text)
+            if text is not None:
+                digest = content_hash(text)
+                if task_count > 1 and task_of(digest, task_count) != task_index:
+                    stats["other_task"] += 1
+                else:
+                    key = dedup_key(digest)
+                    if dedup and not self.seen.add(key):
+                        stats["dropped_duplicate"] += 1
+                    else:
+                        stats["kept"] += 1
+                        texts.append(text)
+                        keys.append(key)
+                        vals.append(is_validation(digest, val_fraction))
+                        chars += len(text)
+            if chars >= cfg.batch_chars:
+                self._put(Batch(texts, keys, np.array(vals, dtype=bool), (f, r + 1), dict(stats)))
+                texts, keys, vals, chars = [], [], [], 0
+        self._put(Batch(texts, keys, np.array(vals, dtype=bool), None, dict(stats)))
+
+
+def _encode(handle, texts: list[str], eos: int, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Encode ``texts`` and append EOS: returns ``(flat tokens, per-document lengths)``."""
+    ids = handle.encode_batch(texts)
+    for x in ids:  # fresh lists owned by us; appending is cheaper than scattering EOS later
+        x.append(eos)
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter(chain.from_iterable(ids), dtype=dtype, count=int(lengths.sum()))
+    return flat, lengths
+
+
+# ---------------------------------------------------------------------------- the stage
+
+
+class Preprocessor:
+    """Runs one preprocess task into a work directory; see the module docstring."""
+
+    def __init__(self, cfg: PreprocessConfig, work: Path, task: tuple[int, int], tokenizer_dir: Path | None):
+        self.cfg, self.work, self.task = cfg, work, task
+        self.progress_dir = work / ".progress"
+        self.tokenizer_dir = tokenizer_dir
+        self.shard_tag = f"{task[0]:05d}-" if task[1] > 1 else ""
+
+    # -- set-up
+
+    def prepare(self) -> None:
+        """Create or resume the work directory (a partial run of another config is discarded)."""
+        wanted = to_yaml(_output_config(self.cfg))
+        marker = self.work / ".progress" / "config.yaml"
+        if self.work.exists():
+            if marker.exists() and marker.read_text(encoding="utf-8") == wanted:
+                print(f"resuming the partial run in {self.work}", file=sys.stderr)
+            else:
+                print(f"discarding {self.work}: it is a partial run of a different config", file=sys.stderr)
+                shutil.rmtree(self.work)
+        self.progress_dir.mkdir(parents=True, exist_ok=True)
+        for sub in ("train", "val"):
+            (self.work / sub).mkdir(exist_ok=True)
+        for stray in self.work.glob("*/.*.tmp*"):
+            stray.unlink()  # a shard being written when the last run died
+        atomic_write_text(marker, wanted)
+
+    def sources(self) -> list[tuple[SourceConfig, str, list]]:
+        out = []
+        for i, src in enumerate(self.cfg.sources):
+            try:
+                if src.path.startswith(BUILTIN_PREFIX):
+                    if src.path != "builtin:sample":
+                        raise UserError(f"unknown built-in corpus '{src.path}'; the only one is builtin:sample")
+                    path = builtin_sample.write_sample(self.progress_dir / "sample.jsonl", self.cfg.sample_docs, self.cfg.seed)
+                    src = SourceConfig(**{**to_dict(src), "path": str(path), "format": "jsonl", "text_field": "text"})
+                out.append((src, source_name(self.cfg.sources[i]), resolve_files(src)))
+            except UserError as e:
+                raise UserError(f"sources.{i} ({self.cfg.sources[i].path}): {e}") from None
+        return out
+
+    def tokenizer(self, sources) -> object:
+        """Load the configured tokenizer, or train one on a bounded sample; copy it into the output."""
+        cfg = self.cfg
+        dest = self.work / "tokenizer"
+        if not dest.exists():
+            src_dir = cfg.tokenizer.path or (str(self.tokenizer_dir) if self.tokenizer_dir else "")
+            if src_dir:
+                load_tokenizer(src_dir)  # validate before copying
+                tmp = self.work / ".tokenizer.tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copytree(src_dir, tmp)
+                os.replace(tmp, dest)
+            else:
+                train_tokenizer(cfg, sources, dest, _threads(cfg))
+        handle = load_tokenizer(dest)
+        handle.set_threads(_threads(cfg))
+        return handle
+
+    # -- the main loop
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        t0 = time.time()
+        self.prepare()
+        sources = self.sources()
+        handle = self.tokenizer(sources)
+        dtype = dtype_for_vocab(handle.vocab_size, cfg.dtype)
+        seen = SeenHashes()
+        segments = self._load_segments(seen)
+        verified = False
+        bar = progress_bar(desc="preprocess", unit="doc")
+        new_tokens = 0
+        for src, name, files in sources:
+            done = segments.get(name, [])
+            if done and done[-1]["final"]:
+                continue
+            k = len(done)
+            start = tuple(done[-1]["cursor"]) if done else (0, 0)
+            stats = dict(done[-1]["stats"]) if done else {}
+            q: queue.Queue = queue.Queue(maxsize=2)
+            reader = _Reader(cfg, src, files, start, stats, seen, self.task, q)
+            reader.start()
+            writers = self._writers(name, k, dtype)
+            keys: list[np.ndarray] = []
+            try:
+                while True:
+                    batch = q.get()
+                    if batch is None:
+                        raise reader.error  # type: ignore[misc]
+                    if batch.texts:
+                        if not verified:
+                            handle.verify_native(batch.texts[:256])
+                            verified = True
+                        flat, lengths = _encode(handle, batch.texts, handle.eos_id, dtype)
+                        tok_val = np.repeat(batch.val, lengths)
+                        writers["train"].add_documents(flat[~tok_val], lengths[~batch.val])
+                        writers["val"].add_documents(flat[tok_val], lengths[batch.val])
+                        keys.append(np.array(batch.keys, dtype=np.uint64))
+                        new_tokens += len(flat)
+                        bar.update(len(batch.texts))
+                        bar.set_postfix_str(f"{new_tokens / max(time.time() - t0, 1e-9):,.0f} tok/s", refresh=False)
+                        if _BATCH_DELAY:
+                            time.sleep(_BATCH_DELAY)
+                    if batch.cursor is None or writers["train"].tokens >= cfg.shard_tokens:
+                        self._commit(name, k, writers, keys, batch)
+                        if batch.cursor is None:
+                            break
+                        k += 1
+                        writers, keys = self._writers(name, k, dtype), []
+            except BaseException:
+                reader.stop.set()
+                for w in writers.values():
+                    w.abort()
+                raise
+            finally:
+                reader.stop.set()
+                reader.join()
+        bar.close()
+        segments = self._load_segments(None)
+        return self._finish(sources, handle, dtype, segments, time.time() - t0, new_tokens)
+
+    def _writers(self, name: str, k: int, dtype) -> dict[str, ShardWriter]:
+        return {
+            split: ShardWriter(self.work, f"{split}/{name}-{self.shard_tag}{k:05d}.bin", dtype, split=split, source=name)
+            for split in ("train", "val")
+        }
+
+    def _commit(self, name, k, writers, keys, batch: Batch) -> None:
+        """Close the segment's shards, then record it: the record is the commit point."""
+        shards = []
+        for w in writers.values():
+            if w.documents:
+                shards.append(w.close())
+            else:
+                w.abort()
+        hashes = self.progress_dir / f"{name}-{k:05d}.keys.npy"
+        tmp = hashes.with_name(hashes.name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, np.concatenate(keys) if keys else np.empty(0, np.uint64))
+        os.replace(tmp, hashes)
+        record = {"source": name, "index": k, "final": batch.cursor is None, "cursor": batch.cursor, "stats": batch.stats, "shards": shards}
+        atomic_write_json(self.progress_dir / f"{name}-{k:05d}.json", record)
+
+    def _load_segments(self, seen: SeenHashes | None) -> dict[str, list[dict]]:
+        import json
+
+        out: dict[str, list[dict]] = {}
+        for path in sorted(self.progress_dir.glob("*.json")):
+            rec = json.loads(path.read_text(encoding="utf-8"))
+            out.setdefault(rec["source"], []).append(rec)
+            if seen is not None:
+                seen.update(np.load(path.with_name(path.name[: -len(".json")] + ".keys.npy")))
+        return out
+
+    def _finish(self, sources, handle, dtype, segments, seconds: float, new_tokens: int) -> dict:
+        cfg = self.cfg
+        shards, source_entries, totals = [], [], {s: {"documents": 0, "tokens": 0} for s in ("train", "val")}
+        stats_sum: dict[str, int] = {}
+        for (src, name, files), orig in zip(sources, cfg.sources):
+            recs = segments.get(name, [])
+            stats = recs[-1]["stats"] if recs else {}
+            for rec in recs:
+                shards.extend(rec["shards"])
+            if not stats.get("records"):
+                raise UserError(f"source '{name}' ({orig.path}) holds no documents; check the path and format")
+            source_entries.append({"name": name, "weight": orig.weight, "files": len(files), "stats": stats})
+            for key, v in stats.items():
+                stats_sum[key] = stats_sum.get(key, 0) + v
+        for s in shards:
+            totals[s["split"]]["documents"] += s["documents"]
+            totals[s["split"]]["tokens"] += s["tokens"]
+        if totals["train"]["documents"] == 0:
+            raise UserError("no document survived cleaning and de-duplication; check clean.min_chars/max_chars and the inputs")
+        atomic_write_text(self.work / "config.yaml", to_yaml(cfg))
+        shutil.rmtree(self.progress_dir)
+        known = {}
+        for s in shards:
+            for part in ("bin", "idx"):
+                known[s[part]] = {"bytes": s["bytes"][part], "sha256": s["sha256"][part]}
+        relpaths = sorted(str(p.relative_to(self.work)) for p in self.work.rglob("*") if p.is_file())
+        manifest = {
+            "format": "pipeline.token_shards",
+            "version": 1,
+            "dtype": np.dtype(dtype).name,
+            "tokenizer": {
+                "dir": "tokenizer",
+                "fingerprint": handle.fingerprint,
+                "vocab_size": handle.vocab_size,
+                "bos_id": handle.bos_id,
+                "eos_id": handle.eos_id,
+                "pad_id": handle.pad_id,
+            },
+            "val_fraction": cfg.val_fraction,
+            "task": {"index": self.task[0], "count": self.task[1]},
+            "sources": source_entries,
+            "shards": shards,
+            "files": file_entries(self.work, relpaths, known),
+            "totals": totals,
+            "stats": stats_sum,
+            "config": to_dict(cfg),
+        }
+        write_manifest(self.work, manifest)
+        return {"manifest": manifest, "seconds": seconds, "new_tokens": new_tokens, "tokenizer_backend": handle.backend}
+
+
+def train_tokenizer(cfg: PreprocessConfig, sources, dest: Path, threads: int) -> None:
+    """Train SentencePiece on the first ``tokenizer.sample_chars`` cleaned characters.
+
+    Each source contributes a share of the budget proportional to its weight, taken from
+    its beginning (cheap and deterministic; shuffle the inputs if their start is atypical).
+    """
+    total_w = sum(s.weight for s, _, _ in sources)
+    clean_stats: dict[str, int] = {}
+    cleaner = Cleaner(cfg.clean, clean_stats)
+
+    def texts():
+        seen: set[bytes] = set()
+        for src, _, files in sources:
+            budget = cfg.tokenizer.sample_chars * src.weight / total_w
+            for text, _, _ in iter_records(files, src, bad_records=cfg.bad_records, stats={}):
+                text = cleaner(text)
+                if text is None:
+                    continue
+                digest = content_hash(text)
+                if digest in seen:
+                    continue
+                seen.add(digest)
+                yield text
+                budget -= len(text)
+                if budget <= 0:
+                    break
+
+    train_sentencepiece(texts(), cfg.tokenizer, dest, threads)
+
+
+def _summary(result: dict, output: Path) -> str:
+    m = result["manifest"]
+    st = m["stats"]
+    secs = result["seconds"]
+    dropped = {k[len("dropped_"):]: v for k, v in st.items() if k.startswith("dropped_") and v}
+    lines = [
+        f"preprocess: {output}",
+        f"  documents read {st.get('records', 0):,}, kept {st.get('kept', 0):,}"
+        + (f", dropped {', '.join(f'{k} {v:,}' for k, v in dropped.items())}" if dropped else ""),
+        f"  bad records skipped {st.get('bad_records', 0):,}, invalid UTF-8 repaired {st.get('utf8_replaced', 0):,}, "
+        f"control characters removed in {st.get('control_removed', 0):,}",
+        f"  train: {m['totals']['train']['documents']:,} documents, {m['totals']['train']['tokens']:,} tokens; "
+        f"val: {m['totals']['val']['documents']:,} documents, {m['totals']['val']['tokens']:,} tokens",
+        f"  {len(m['shards'])} shards ({m['dtype']}), tokenizer vocab {m['tokenizer']['vocab_size']:,} ({result.get('tokenizer_backend', '?')} encoder)",
+        f"  {secs:.1f} s, {result['new_tokens'] / max(secs, 1e-9):,.0f} tokens/s this run",
+    ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- steps
+
+
+def _check_existing(cfg: PreprocessConfig, output: Path) -> bool:
+    """True when ``output`` is already the complete result of this config."""
+    if not output.exists():
+        return False
+    if (output / "manifest.json").exists():
+        manifest = read_manifest(output)
+        if {k: v for k, v in manifest["config"].items() if k in _output_config(cfg)} == _output_config(cfg):
+            return True
+        if cfg.overwrite:
+            return False
+        raise UserError(
+            f"output '{output}' already holds a dataset made with a different config; "
+            "choose another output, or set overwrite=true to replace it once the new one is complete"
+        )
+    if any(output.iterdir()):
+        raise UserError(f"output '{output}' exists and is not a preprocessed dataset; choose another output directory")
+    output.rmdir()
+    return False
+
+
+def run(cfg: PreprocessConfig) -> dict | None:
+    """Run the configured step. Returns the result summary of a shards/all step."""
+    output = Path(cfg.output)
+    index, count = _tasks(cfg)
+    tasks_dir = output.with_name(output.name + ".tasks")
+    if cfg.step == "all" and count > 1:
+        raise UserError(
+            f"{count} tasks found (task_count or Slurm); with several tasks run step=tokenizer once, "
+            "then step=shards in every task, then step=merge once (docs/preprocess.md)"
+        )
+    if cfg.step == "tokenizer":
+        return _step_tokenizer(cfg, tasks_dir / "tokenizer")
+    if cfg.step == "merge":
+        return merge(cfg, tasks_dir, output)
+    if count > 1:
+        output = tasks_dir / f"task-{index:05d}-of-{count:05d}"
+    if _check_existing(cfg, output):
+        print(f"{output} is already complete for this config; nothing to do", file=sys.stderr)
+        return None
+    output.parent.mkdir(parents=True, exist_ok=True)
+    work = output.with_name(output.name + ".partial")
+    tok_dir = tasks_dir / "tokenizer" if count > 1 and not cfg.tokenizer.path else None
+    if tok_dir is not None and not (tok_dir / "tokenizer_config.json").exists():
+        raise UserError(f"no tokenizer at {tok_dir}; run step=tokenizer once before step=shards, or set tokenizer.path")
+    result = Preprocessor(cfg, work, (index, count), tok_dir).run()
+    publish_dir(work, output)
+    print(_summary(result, output), file=sys.stderr)
+    return result
+
+
+def _step_tokenizer(cfg: PreprocessConfig, dest: Path) -> None:
+    if cfg.tokenizer.path:
+        raise UserError("step=tokenizer trains a tokenizer, but tokenizer.path is set; skip this step and use that tokenizer")
+    if dest.exists():
+        print(f"tokenizer already trained at {dest}", file=sys.stderr)
+        return None
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    work = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    pre = Preprocessor(cfg, work, (0, 1), None)
+    pre.progress_dir.mkdir()
+    train_tokenizer(cfg, pre.sources(), work / "tokenizer", _threads(cfg))
+    publish_dir(work / "tokenizer", dest)
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"tokenizer trained: {dest}", file=sys.stderr)
+    return None
+
+
+_PARTITIONED_STATS = ("kept", "dropped_duplicate")
+_TASK_DIR = re.compile(r"task-(\d{5})-of-(\d{5})$")
+
+
+def merge(cfg: PreprocessConfig, tasks_dir: Path, output: Path) -> dict | None:
+    """Validate every task's output and join them into one dataset (hard links, no copies)."""
+    found = sorted(p for p in tasks_dir.glob("task-*-of-*") if _TASK_DIR.search(p.name))
+    if not found:
+        raise UserError(f"nothing to merge in {tasks_dir}; run step=shards in every task first")
+    count = int(_TASK_DIR.search(found[0].name).group(2))  # type: ignore[union-attr]
+    expected = [tasks_dir / f"task-{i:05d}-of-{count:05d}" for i in range(count)]
+    missing = [str(p) for p in expected if not p.exists()]
+    if missing:
+        raise UserError(f"{len(missing)} of {count} tasks have not finished: {', '.join(missing)}; rerun them (they resume)")
+    if _check_existing(cfg, output):
+        print(f"{output} is already complete for this config; nothing to do", file=sys.stderr)
+        return None
+    manifests = []
+    for d in expected:
+        verify(d)
+        manifests.append(read_manifest(d))
+    first = manifests[0]
+    for d, m in zip(expected, manifests):
+        if m["tokenizer"]["fingerprint"] != first["tokenizer"]["fingerprint"] or m["dtype"] != first["dtype"]:
+            raise UserError(f"{d} was made with another tokenizer or dtype than {expected[0]}; rerun that task")
+    work = output.with_name(output.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.copytree(expected[0] / "tokenizer", work / "tokenizer")
+    shards, totals, sources = [], {s: {"documents": 0, "tokens": 0} for s in ("train", "val")}, {}
+    for d, m in zip(expected, manifests):
+        for s in m["shards"]:
+            for part in ("bin", "idx"):
+                (work / s[part]).parent.mkdir(parents=True, exist_ok=True)
+                os.link(d / s[part], work / s[part])
+            shards.append(s)
+        for split in totals:
+            for k in totals[split]:
+                totals[split][k] += m["totals"][split][k]
+        for src in m["sources"]:
+            entry = sources.setdefault(src["name"], {"name": src["name"], "weight": src["weight"], "files": src["files"], "stats": {}})
+            for k, v in src["stats"].items():
+                # Every task reads and cleans every record; only kept documents and
+                # duplicates are partitioned between tasks.
+                if k in _PARTITIONED_STATS:
+                    entry["stats"][k] = entry["stats"].get(k, 0) + v
+                elif k != "other_task":
+                    entry["stats"][k] = max(entry["stats"].get(k, 0), v)
+    stats: dict[str, int] = {}
+    for src in sources.values():
+        for k, v in src["stats"].items():
+            stats[k] = stats.get(k, 0) + v
+    atomic_write_text(work / "config.yaml", to_yaml(cfg))
+    known = {}
+    for m in manifests:
+        known.update(m["files"])
+    relpaths = sorted(str(p.relative_to(work)) for p in work.rglob("*") if p.is_file())
+    manifest = {
+        **{k: first[k] for k in ("format", "version", "dtype", "tokenizer", "val_fraction")},
+        "task": {"index": 0, "count": 1, "merged_from": count},
+        "sources": list(sources.values()),
+        "shards": shards,
+        "files": file_entries(work, relpaths, {k: v for k, v in known.items() if k != "config.yaml"}),
+        "totals": totals,
+        "stats": stats,
+        "config": to_dict(cfg),
+    }
+    write_manifest(work, manifest)
+    publish_dir(work, output)
+    print(f"merged {count} tasks into {output}: {totals['train']['tokens']:,} train tokens", file=sys.stderr)
+    return {"manifest": manifest}

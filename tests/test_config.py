@@ -1,0 +1,143 @@
+"""The config system: YAML + dotted overrides, strict keys, one error listing every problem."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pytest
+import yaml
+
+from pipeline.config import describe_keys, field_docs, help_text, load_config, parse_value, to_dict
+from pipeline.errors import ConfigError, UserError
+
+from conftest import ROOT, run_script
+
+
+@dataclass
+class Inner:
+    path: str = ""
+    """Where it is."""
+    weight: float = 1.0
+    """How much it counts."""
+
+    def check(self):
+        return [("weight", f"must be > 0, got {self.weight}")] if self.weight <= 0 else []
+
+
+@dataclass
+class Train:
+    lr: float = 1e-3
+    """Peak learning rate."""
+    steps: int = 10
+    """Optimizer steps."""
+    schedule: Literal["cosine", "linear"] = "cosine"
+    """Decay shape."""
+    act_ckpt: bool = False
+    """Activation checkpointing."""
+    note: str | None = None
+    """Optional note."""
+
+
+@dataclass
+class Cfg:
+    train: Train = field(default_factory=Train)
+    """Training."""
+    items: list[Inner] = field(default_factory=list)
+    """Inputs."""
+    name: str = "x"
+    """A name."""
+
+
+def test_defaults_yaml_and_overrides_merge(tmp_path: Path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  steps: 20\nitems:\n  - path: a\n  - {path: b, weight: 2}\n")
+    cfg = load_config(Cfg, str(f), ["train.lr=3e-4", "items.1.weight=5", "items.2.path=c", "train.schedule=linear"])
+    assert cfg.train.steps == 20 and cfg.train.lr == pytest.approx(3e-4) and cfg.train.schedule == "linear"
+    assert [(i.path, i.weight) for i in cfg.items] == [("a", 1.0), ("b", 5.0), ("c", 1.0)]
+    assert cfg.name == "x" and cfg.train.act_ckpt is False
+
+
+def test_whole_list_override_and_null():
+    cfg = load_config(Cfg, None, ["items=[{path: z}]", "train.note=null", "train.steps=1e3"])
+    assert [i.path for i in cfg.items] == ["z"] and cfg.train.note is None and cfg.train.steps == 1000
+
+
+def test_all_problems_reported_together(tmp_path: Path):
+    f = tmp_path / "c.yaml"
+    f.write_text("trian: {}\ntrain:\n  stpes: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(Cfg, str(f), ["train.lr=fast", "train.schedule=step", "items.0.weight=-1", "train.act_ckpt=maybe", "noequals"])
+    keys = [k for k, _ in e.value.problems]
+    assert sorted(keys) == sorted(["trian", "train.stpes", "noequals", "train.lr", "train.schedule", "train.act_ckpt", "items.0.weight"])
+    msg = str(e.value)
+    assert "did you mean 'train'" in msg and "did you mean 'steps'" in msg
+    assert "must be one of: cosine, linear" in msg and "expected a number, got 'fast'" in msg
+    assert "must be > 0, got -1.0" in msg and msg.startswith("invalid config (7 problems)")
+
+
+def test_bad_yaml_and_missing_file(tmp_path: Path):
+    with pytest.raises(UserError, match="cannot read config file"):
+        load_config(Cfg, str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(Cfg, str(bad))
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(UserError, match="must hold a mapping"):
+        load_config(Cfg, str(bad))
+
+
+def test_field_docs_and_help():
+    assert field_docs(Train)["lr"] == "Peak learning rate."
+    keys = {k: (t, d, doc) for k, t, d, doc in describe_keys(Cfg)}
+    assert keys["train.schedule"] == ("cosine | linear", "cosine", "Decay shape.")
+    assert keys["items.N.weight"][2] == "How much it counts."
+    assert "train.note  (str | null; default: null)" in help_text(Cfg)
+
+
+def test_parse_value():
+    assert parse_value("3") == 3 and parse_value("true") is True and parse_value("[1, 2]") == [1, 2]
+    assert parse_value("a: b: c") == "a: b: c"  # not valid YAML: kept as the raw string
+
+
+def test_every_stage_config_documents_every_key():
+    from pipeline.preprocess import PreprocessConfig
+
+    for key, _, _, doc in describe_keys(PreprocessConfig):
+        assert doc, f"config key {key} has no docstring"
+
+
+def test_every_shipped_yaml_loads():
+    from pipeline.preprocess import PreprocessConfig
+
+    stages = {"preprocess": PreprocessConfig}
+    files = sorted((ROOT / "configs").rglob("*.yaml"))
+    assert files, "no shipped configs found"
+    for f in files:
+        stage = f.stem
+        assert stage in stages, f"{f}: no stage named {stage}"
+        load_config(stages[stage], str(f))
+    assert to_dict(load_config(PreprocessConfig))["output"]
+
+
+def test_cli_error_exit_code_and_no_traceback(tmp_path: Path):
+    r = run_script("preprocess.py", "val_fraction=2", "clean.min_char=3", "workers=x", cwd=tmp_path)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert "val_fraction: must be in [0, 1), got 2.0" in r.stderr
+    assert "clean.min_char: unknown key; did you mean 'min_chars'?" in r.stderr
+    assert "workers: expected an integer, got 'x'" in r.stderr
+    assert not any(tmp_path.iterdir()), "a failed config check must not write anything"
+
+
+def test_cli_help_and_print_config(tmp_path: Path):
+    r = run_script("preprocess.py", "--help", cwd=tmp_path)
+    assert r.returncode == 0
+    assert "tokenizer.vocab_size" in r.stdout and "sources.N.text_field" in r.stdout and "val_fraction" in r.stdout
+    r = run_script("preprocess.py", "--print-config", "tokenizer.vocab_size=1000", "sources.0.weight=2", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    cfg = yaml.safe_load(r.stdout)
+    assert cfg["tokenizer"]["vocab_size"] == 1000 and cfg["sources"][0]["weight"] == 2.0
+    assert not any(tmp_path.iterdir())

@@ -1,0 +1,228 @@
+"""The preprocess stage end to end: formats, cleaning, round trip, resume, errors, tasks."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import ROOT, make_docs, run_script, write_jsonl
+
+pytestmark = pytest.mark.integration
+
+
+def _tree(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def _corpus(tmp: Path) -> tuple[list[Path], list[str]]:
+    """Three formats; returns (paths, every document text in input order)."""
+    docs = make_docs(240)
+    a = write_jsonl(tmp / "in" / "a.jsonl", [{"text": t, "id": i} for i, t in enumerate(docs[:120])])
+    b = tmp / "in" / "b.parquet"
+    pq.write_table(pa.table({"body": docs[120:200]}), b)
+    c = tmp / "in" / "c.txt.gz"
+    with gzip.open(c, "wt", encoding="utf-8") as f:
+        f.write("\n\n".join(docs[200:]) + "\n")
+    return [a, b, c], docs
+
+
+def _args(tmp: Path, tok: Path | None, *extra: str) -> list[str]:
+    paths, _ = _corpus(tmp)
+    srcs = (
+        f"sources=[{{path: {paths[0]}, name: a, weight: 2}}, {{path: {paths[1]}, name: b, text_field: body}},"
+        f" {{path: {paths[2]}, name: c, txt_unit: paragraph}}]"
+    )
+    tokargs = [f"tokenizer.path={tok}"] if tok else ["tokenizer.vocab_size=400", "tokenizer.sample_chars=200000"]
+    return [srcs, "val_fraction=0.1", "shard_tokens=2000", "batch_chars=3000", "workers=2", *tokargs, *extra]
+
+
+def test_round_trip_every_document(tmp_path: Path, tiny_tokenizer: Path):
+    from transformers import AutoTokenizer
+
+    from pipeline.data.clean import content_hash, is_validation
+    from pipeline.data.shards import TokenDataset, read_manifest, verify
+
+    args = _args(tmp_path, tiny_tokenizer, "output=out")
+    _, docs = _corpus(tmp_path)
+    r = run_script("preprocess.py", *args, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "out"
+    assert not (tmp_path / "out.partial").exists()
+    verify(out, thorough=True)
+    m = read_manifest(out)
+    hf = AutoTokenizer.from_pretrained(out / "tokenizer")
+    eos = hf.eos_token_id
+    assert m["tokenizer"]["eos_id"] == eos and m["dtype"] == "uint16" and m["tokenizer"]["vocab_size"] == len(hf)
+    assert [s["name"] for s in m["sources"]] == ["a", "b", "c"] and [s["weight"] for s in m["sources"]] == [2.0, 1.0, 1.0]
+    for src, lo, hi in (("a", 0, 120), ("b", 120, 200), ("c", 200, 240)):
+        for split in ("train", "val"):
+            want = [d for d in docs[lo:hi] if is_validation(content_hash(d), 0.1) == (split == "val")]
+            ds = TokenDataset(out, split=split, source=src)
+            assert ds.num_documents == len(want)
+            for i, text in enumerate(want):
+                expect = hf(text, add_special_tokens=False)["input_ids"] + [eos]
+                assert ds.document(i).tolist() == expect, (src, split, i)
+    assert m["totals"]["val"]["documents"] > 0 and m["totals"]["train"]["documents"] + m["totals"]["val"]["documents"] == 240
+    assert len([s for s in m["shards"] if s["split"] == "train"]) > 3  # several segments were written
+    assert (out / "config.yaml").exists() and m["config"]["val_fraction"] == 0.1
+    assert "train: " in r.stderr and "tokens/s" in r.stderr  # the summary
+
+
+def test_trains_tokenizer_cleans_and_dedups(tmp_path: Path):
+    from transformers import AutoTokenizer
+
+    docs = make_docs(200)
+    rows = [{"text": t} for t in docs] + [{"text": docs[3]}, {"text": "  \x00\x07 "}, {"text": "ab"}, {"text": "x" * 5000}]
+    a = write_jsonl(tmp_path / "a.jsonl", rows)
+    b = write_jsonl(tmp_path / "b.jsonl", [{"text": docs[5] + "\r\n"}, {"text": "new doc\x0b here " * 20}])
+    r = run_script(
+        "preprocess.py", f"sources=[{{path: {a}}}, {{path: {b}}}]", "output=out", "tokenizer.vocab_size=400",
+        "tokenizer.sample_chars=100000", "clean.min_chars=3", "clean.max_chars=4000", cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    sa, sb = (s["stats"] for s in m["sources"])
+    assert sa["records"] == 204 and sa["kept"] == 200 and sa["dropped_duplicate"] == 1
+    assert sa["dropped_empty"] == 1 and sa["dropped_too_short"] == 1 and sa["dropped_too_long"] == 1
+    assert sb["records"] == 2 and sb["kept"] == 1 and sb["dropped_duplicate"] == 1 and sb["control_removed"] == 1
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out" / "tokenizer")
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<s>", "</s>", "<pad>")
+    assert m["tokenizer"]["vocab_size"] == 400 and m["stats"]["kept"] == 201
+
+
+def test_resume_after_kill_is_byte_identical(tmp_path: Path, tiny_tokenizer: Path):
+    ref, crash = tmp_path / "ref", tmp_path / "crash"
+    ref.mkdir(), crash.mkdir()
+    args = _args(tmp_path, tiny_tokenizer, "output=out")
+    r = run_script("preprocess.py", *args, cwd=ref)
+    assert r.returncode == 0, r.stderr
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PIPELINE_TEST_BATCH_DELAY": "0.3"}
+    progress = crash / "out.partial" / ".progress"
+    for kills_at in (2, 5):  # kill twice, at different points, mid-segment
+        p = subprocess.Popen([sys.executable, str(ROOT / "launch" / "preprocess.py"), *args], cwd=crash, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.time() + 120
+        while time.time() < deadline and len(list(progress.glob("*.json"))) < kills_at:
+            time.sleep(0.05)
+        time.sleep(0.15)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        assert not (crash / "out").exists(), "a killed run must not publish"
+    r = run_script("preprocess.py", *args, cwd=crash)
+    assert r.returncode == 0, r.stderr
+    assert "resuming the partial run" in r.stderr
+    assert _tree(crash / "out") == _tree(ref / "out")
+
+
+def test_split_stable_across_batching(tmp_path: Path, tiny_tokenizer: Path):
+    from pipeline.data.shards import read_manifest
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    args = _args(tmp_path, tiny_tokenizer, "output=out")
+    assert run_script("preprocess.py", *args, cwd=one).returncode == 0
+    assert run_script("preprocess.py", *args, "batch_chars=50000", "shard_tokens=10000000", "workers=1", cwd=two).returncode == 0
+    t1, t2 = read_manifest(one / "out")["totals"], read_manifest(two / "out")["totals"]
+    assert t1 == t2
+
+
+def test_malformed_line_fails_then_skip_counts(tmp_path: Path, tiny_tokenizer: Path):
+    docs = make_docs(20)
+    path = tmp_path / "bad.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs[:7]) + '{"text": "broken\n' +
+                    "".join(json.dumps({"text": t}) + "\n" for t in docs[7:]))
+    r = run_script("preprocess.py", f"sources.0.path={path}", "output=out", f"tokenizer.path={tiny_tokenizer}", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"{path}:8" in r.stderr and "bad_records=skip" in r.stderr
+    assert not (tmp_path / "out").exists()
+    r = run_script("preprocess.py", f"sources.0.path={path}", "output=out", f"tokenizer.path={tiny_tokenizer}",
+                   "bad_records=skip", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert m["stats"]["bad_records"] == 1 and m["stats"]["kept"] == 20
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("sources.0.path=nowhere/*.jsonl", "no input matches"),
+        ("sources.0.text_field=body", "text_field"),
+        ("tokenizer.path=missing_tok", "missing_tok"),
+        ("dtype=uint16 tokenizer.path=BIG", "does not fit dtype=uint16"),
+    ],
+)
+def test_bad_input_messages(tmp_path: Path, corpus: Path, override: str, message: str):
+    if "BIG" in override:
+        from tokenizers import Tokenizer, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        vocab = {f"w{i}": i for i in range(70000)}
+        vocab["[UNK]"] = 70000
+        t = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+        t.pre_tokenizer = pre_tokenizers.Whitespace()
+        PreTrainedTokenizerFast(tokenizer_object=t, eos_token="w1", unk_token="[UNK]").save_pretrained(tmp_path / "BIG")
+        override = override.replace("BIG", str(tmp_path / "BIG"))
+    r = run_script("preprocess.py", f"sources.0.path={corpus}", "output=out", *override.split(), cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_is_never_damaged(tmp_path: Path, corpus: Path, tiny_tokenizer: Path):
+    base = [f"sources.0.path={corpus}", "output=out", f"tokenizer.path={tiny_tokenizer}"]
+    assert run_script("preprocess.py", *base, cwd=tmp_path).returncode == 0
+    before = _tree(tmp_path / "out")
+    r = run_script("preprocess.py", *base, cwd=tmp_path)  # same config: nothing to do
+    assert r.returncode == 0 and "already complete" in r.stderr
+    r = run_script("preprocess.py", *base, "val_fraction=0.5", cwd=tmp_path)
+    assert r.returncode == 2 and "overwrite=true" in r.stderr
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"x": 1}])
+    r = run_script("preprocess.py", f"sources.0.path={bad}", "output=out", f"tokenizer.path={tiny_tokenizer}", "overwrite=true", cwd=tmp_path)
+    assert r.returncode == 2
+    assert _tree(tmp_path / "out") == before
+    r = run_script("preprocess.py", *base, "val_fraction=0.5", "overwrite=true", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["val_fraction"] == 0.5
+
+
+def test_tasks_then_merge_equals_single_run(tmp_path: Path):
+    from pipeline.data.shards import TokenDataset, read_manifest, verify
+
+    docs = make_docs(300)
+    a = write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in docs + docs[:30]])  # 30 duplicates
+    common = [f"sources.0.path={a}", "tokenizer.vocab_size=400", "tokenizer.sample_chars=100000", "val_fraction=0.1"]
+    assert run_script("preprocess.py", *common, "output=multi", "step=tokenizer", cwd=tmp_path).returncode == 0
+    for i in range(2):
+        r = run_script("preprocess.py", *common, "output=multi", "step=shards", env={"SLURM_ARRAY_TASK_ID": str(i), "SLURM_ARRAY_TASK_COUNT": "2"}, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+    r = run_script("preprocess.py", *common, "output=multi", "step=merge", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    verify(tmp_path / "multi", thorough=True)
+    m = read_manifest(tmp_path / "multi")
+    assert m["stats"]["kept"] == 300 and m["stats"]["dropped_duplicate"] == 30 and m["stats"]["records"] == 330
+    tok = run_script("preprocess.py", *common, "output=single", f"tokenizer.path={tmp_path / 'multi' / 'tokenizer'}", cwd=tmp_path)
+    assert tok.returncode == 0, tok.stderr
+    single = read_manifest(tmp_path / "single")
+    assert single["totals"] == m["totals"]
+    got = sorted(TokenDataset(tmp_path / "multi").document(i).tobytes() for i in range(m["totals"]["train"]["documents"]))
+    want = sorted(TokenDataset(tmp_path / "single").document(i).tobytes() for i in range(single["totals"]["train"]["documents"]))
+    assert got == want
+
+
+def test_builtin_sample_default_runs(tmp_path: Path):
+    r = run_script("preprocess.py", "sample_docs=300", "tokenizer.vocab_size=400", "output=out", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert m["stats"]["records"] == 300 and m["sources"][0]["name"] == "sample"
+    assert not list((tmp_path / "out").rglob("sample.jsonl"))
