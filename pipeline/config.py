@@ -76,20 +76,22 @@ def type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def describe_keys(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+def describe_keys(cls: type, prefix: str = "", defaults: Any = None) -> list[tuple[str, str, Any, str]]:
     """Every leaf key of ``cls`` as ``(dotted key, type name, default, doc)``.
 
-    Lists of dataclasses are described through their first element (``sources.0.path``).
+    Lists of dataclasses are described through a generic element (``sources.N.path``).
+    ``defaults`` is the instance whose values are shown (a parent's default may differ from
+    the nested class's own).
     """
     rows: list[tuple[str, str, Any, str]] = []
     docs = field_docs(cls)
-    defaults = cls()
+    defaults = cls() if defaults is None else defaults
     for f in dataclasses.fields(cls):
         tp = _hints(cls)[f.name]
         key = f"{prefix}{f.name}"
         default = getattr(defaults, f.name)
         if dataclasses.is_dataclass(tp):
-            rows.extend(describe_keys(tp, key + "."))
+            rows.extend(describe_keys(tp, key + ".", default))
             continue
         elem = get_args(tp)[0] if get_origin(tp) is list and get_args(tp) else None
         if elem is not None and dataclasses.is_dataclass(elem):

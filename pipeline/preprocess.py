@@ -54,7 +54,7 @@ class PreprocessConfig:
     """Output directory (created; written as <output>.partial and renamed when complete)."""
     clean: CleanConfig = field(default_factory=CleanConfig)
     """Text cleaning and de-duplication."""
-    tokenizer: TokenizerConfig = field(default_factory=lambda: TokenizerConfig(vocab_size=4096, sample_chars=2_000_000))
+    tokenizer: TokenizerConfig = field(default_factory=lambda: TokenizerConfig(vocab_size=2048, sample_chars=2_000_000))
     """Use an existing Hugging Face tokenizer directory, or train a SentencePiece one."""
     val_fraction: float = 0.01
     """Fraction of documents (by content hash, so stable across runs) in the validation split."""

@@ -141,3 +141,9 @@ def test_cli_help_and_print_config(tmp_path: Path):
     cfg = yaml.safe_load(r.stdout)
     assert cfg["tokenizer"]["vocab_size"] == 1000 and cfg["sources"][0]["weight"] == 2.0
     assert not any(tmp_path.iterdir())
+
+
+def test_generated_config_docs_are_current():
+    from pipeline.docgen import main
+
+    assert main(["--check"]) == 0, "docs/config is stale: run python -m pipeline.docgen"

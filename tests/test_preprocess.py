@@ -77,6 +77,7 @@ def test_round_trip_every_document(tmp_path: Path, tiny_tokenizer: Path):
     assert len([s for s in m["shards"] if s["split"] == "train"]) > 3  # several segments were written
     assert (out / "config.yaml").exists() and m["config"]["val_fraction"] == 0.1
     assert "train: " in r.stderr and "tokens/s" in r.stderr  # the summary
+    assert "\r" not in r.stderr  # no progress bar when stderr is not a terminal
 
 
 def test_trains_tokenizer_cleans_and_dedups(tmp_path: Path):
