@@ -1,0 +1,206 @@
+"""Checkpoints: step-tagged directories, an atomic ``latest``, resume checks.
+
+Layout of ``<output>/checkpoints``::
+
+    latest                 "step-00000200" (replaced atomically, only after every rank wrote)
+    step-00000200/
+        mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt ...   (DeepSpeed's own files)
+        meta.json          step, consumed samples, world size, ZeRO stage, fingerprints
+        config.yaml        the resolved stage config
+        ds_config.json     the resolved DeepSpeed config
+        hf/                config.json + tokenizer files (what export needs besides weights)
+        rng/rank-00000.pt  each rank's RNG states
+
+A checkpoint is written as ``step-N.tmp`` and renamed once complete, so a directory without
+the suffix is always whole; ``*.tmp`` directories (a crash during a save) are never loaded
+and are removed by the next save.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline import dist
+from pipeline.errors import UserError
+from pipeline.io import atomic_write_json, atomic_write_text, fsync_dir
+
+LATEST = "latest"
+_TAG = re.compile(r"^step-(\d{8})$")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100
+    """Save a checkpoint every this many optimizer steps (0: only at the end and on preemption)."""
+    keep_last: int = 2
+    """Keep this many most recent checkpoints (0: keep all)."""
+    resume: str = "auto"
+    """auto: continue from the latest checkpoint in <output>/checkpoints if there is one;
+    never: start fresh (refused if checkpoints exist, to protect them); or a path to a
+    step directory to start from."""
+
+    def check(self) -> list[tuple[str, str]]:
+        problems = []
+        if self.every < 0:
+            problems.append(("every", f"must be >= 0 (0: only at the end), got {self.every}"))
+        if self.keep_last < 0:
+            problems.append(("keep_last", f"must be >= 0 (0: keep all), got {self.keep_last}"))
+        return problems
+
+
+def tag_for(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(engine, root: Path, step: int, meta: dict, files: dict[str, str], hf_files: dict[str, Path], keep_last: int) -> Path:
+    """Write checkpoint ``step`` collectively (every rank calls this); returns its directory.
+
+    Args:
+        meta: written as ``meta.json`` (rank 0).
+        files: name -> text content written into the checkpoint (rank 0).
+        hf_files: name -> source path copied into ``hf/`` (files or directories; rank 0).
+    """
+    tag = tag_for(step)
+    tmp_tag = tag + ".tmp"
+    rank = dist.rank()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(root / tmp_tag, ignore_errors=True)
+    dist.barrier()
+    engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False)  # ends with a barrier
+    tmp = root / tmp_tag
+    (tmp / "rng").mkdir(parents=True, exist_ok=True)
+    rng_path = tmp / "rng" / f"rank-{rank:05d}.pt"
+    torch.save(_rng_state(), str(rng_path) + ".part")
+    os.replace(str(rng_path) + ".part", rng_path)
+    if rank == 0:
+        for name, text in files.items():
+            atomic_write_text(tmp / name, text)
+        hf = tmp / "hf"
+        hf.mkdir(exist_ok=True)
+        for name, src in hf_files.items():
+            if Path(src).is_dir():
+                shutil.copytree(src, hf / name, dirs_exist_ok=True)
+            else:
+                shutil.copy2(src, hf / name)
+        atomic_write_json(tmp / "meta.json", {**meta, "step": step, "tag": tag})
+    dist.barrier()  # every rank's files are in place
+    if rank == 0:
+        final = root / tag
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(root)
+        atomic_write_text(root / LATEST, tag)
+        _prune(root, keep_last)
+    dist.barrier()
+    return root / tag
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    for stale in root.glob("step-*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    if keep_last <= 0:
+        return
+    tags = sorted(p.name for p in root.iterdir() if _TAG.match(p.name))
+    for old in tags[:-keep_last]:
+        shutil.rmtree(root / old, ignore_errors=True)
+
+
+def latest(root: Path) -> Path | None:
+    """The directory ``latest`` names, or None when there is no checkpoint yet."""
+    marker = root / LATEST
+    if not marker.exists():
+        return None
+    tag = marker.read_text(encoding="utf-8").strip()
+    path = root / tag
+    if not _TAG.match(tag) or not (path / "meta.json").exists():
+        raise UserError(
+            f"{marker} names '{tag}', which is not a complete checkpoint; set checkpoint.resume to one of "
+            f"{sorted(p.name for p in root.glob('step-*') if _TAG.match(p.name)) or 'nothing (no complete checkpoint)'}"
+        )
+    return path
+
+
+def find_resume(resume: str, root: Path) -> Path | None:
+    """Resolve ``checkpoint.resume`` to a checkpoint directory (or None for a fresh start)."""
+    if resume == "auto":
+        return latest(root)
+    if resume == "never":
+        if (root / LATEST).exists():
+            raise UserError(
+                f"checkpoint.resume=never but {root} already holds checkpoints; choose another output, "
+                "delete them, or use checkpoint.resume=auto to continue"
+            )
+        return None
+    path = Path(resume)
+    if (path / LATEST).exists():
+        return latest(path)
+    if not (path / "meta.json").exists():
+        raise UserError(
+            f"checkpoint.resume='{resume}' is not a checkpoint of this pipeline (no meta.json); "
+            "give a step-NNNNNNNN directory, a checkpoints directory, auto or never"
+        )
+    return path
+
+
+def read_meta(path: Path) -> dict:
+    try:
+        return json.loads((path / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {path / 'meta.json'} ({e}); the checkpoint is damaged, resume from another one") from None
+
+
+def check_compatible(path: Path, meta: dict, current: dict) -> None:
+    """Refuse a checkpoint that this run cannot continue, naming what differs and what to do."""
+    problems = []
+    if meta.get("architecture") != current["architecture"]:
+        problems.append(f"the model architecture differs (checkpoint {meta.get('model_summary')}, this run {current['model_summary']})")
+    if meta.get("tokenizer_fingerprint") != current["tokenizer_fingerprint"]:
+        problems.append("the data was tokenized with another tokenizer")
+    if meta.get("world_size") != current["world_size"]:
+        problems.append(
+            f"it was written by {meta.get('world_size')} data-parallel ranks and this run has {current['world_size']}: "
+            f"ZeRO partitions optimizer state per rank; rerun with {meta.get('world_size')} ranks, or convert it with "
+            f"`python -m deepspeed.checkpoint.ds_to_universal --input_folder {path} --output_folder {path}_universal` "
+            f"and resume from that with deepspeed.overrides.checkpoint.load_universal=true"
+        )
+    if meta.get("zero_stage") != current["zero_stage"]:
+        problems.append(f"it uses ZeRO stage {meta.get('zero_stage')} and this run stage {current['zero_stage']}; use the same ds_config")
+    if problems:
+        raise UserError(f"cannot resume from {path}: " + "; ".join(problems))
+
+
+def load(engine, path: Path) -> None:
+    """Load DeepSpeed state and this rank's RNG state from checkpoint ``path``."""
+    load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True)
+    if load_path is None:
+        raise UserError(f"DeepSpeed could not load {path}; the checkpoint is incomplete or damaged")
+    rng = path / "rng" / f"rank-{dist.rank():05d}.pt"
+    if rng.exists():
+        _set_rng_state(torch.load(rng, weights_only=False))

@@ -1,0 +1,172 @@
+"""Build the causal LM: from an architecture config, or from a Hugging Face checkpoint.
+
+Under ZeRO-3 the model is never materialised whole on one rank: a
+``transformers.integrations.HfDeepSpeedConfig`` object, kept alive for the life of the
+model, makes ``from_config`` construct under ``deepspeed.zero.Init`` and
+``from_pretrained`` load each weight straight into its partitions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.errors import UserError
+
+# Architecture-specific names of the size fields, for the types we document; any other
+# model type takes its keys verbatim from `model.extra`.
+_SIZE_KEYS = {
+    "gpt2": {"hidden_size": "n_embd", "num_layers": "n_layer", "num_heads": "n_head", "max_position_embeddings": "n_positions", "intermediate_size": "n_inner"},
+}
+_KEEPALIVE: list[Any] = []  # HfDeepSpeedConfig objects must outlive model construction
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""
+    """Hugging Face checkpoint directory to continue training from ("" builds a new model
+    from the architecture keys below)."""
+    model_type: str = "llama"
+    """Any causal LM type transformers knows (llama, gpt2, qwen2, mistral, ...), for a new model."""
+    hidden_size: int = 256
+    """Width of the residual stream (a new model)."""
+    num_layers: int = 4
+    """Transformer blocks (a new model)."""
+    num_heads: int = 4
+    """Attention heads (a new model)."""
+    num_kv_heads: int = 0
+    """Key/value heads for grouped-query attention (0: same as num_heads; ignored by gpt2)."""
+    intermediate_size: int = 0
+    """Width of the MLP (0: the architecture's default rule, e.g. 4 x hidden for gpt2, 8/3 x hidden rounded for llama)."""
+    max_position_embeddings: int = 0
+    """Longest sequence the model supports in tokens (0: data.seq_len)."""
+    tie_word_embeddings: bool = False
+    """Share the input embedding and output head weights (a new model)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Further keys for the transformers config verbatim (e.g. {rope_theta: 500000})."""
+    activation_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third more compute."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel: sdpa, eager, or flash_attention_2 where installed."""
+
+    def check(self) -> list[tuple[str, str]]:
+        problems = []
+        if not self.path:
+            for key in ("hidden_size", "num_layers", "num_heads"):
+                if getattr(self, key) <= 0:
+                    problems.append((key, f"must be > 0, got {getattr(self, key)}"))
+            if self.num_heads > 0 and self.hidden_size % self.num_heads:
+                problems.append(("hidden_size", f"{self.hidden_size} is not divisible by num_heads={self.num_heads}"))
+            if self.num_kv_heads and self.num_heads % self.num_kv_heads:
+                problems.append(("num_kv_heads", f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"))
+        return problems
+
+
+def _llama_intermediate(hidden: int) -> int:
+    return 64 * math.ceil(8 * hidden / 3 / 64)
+
+
+def hf_config(cfg: ModelConfig, vocab_size: int, seq_len: int, tokenizer: dict):
+    """The transformers config of the model to train (new or from ``cfg.path``)."""
+    from transformers import AutoConfig
+
+    if cfg.path:
+        try:
+            conf = AutoConfig.from_pretrained(cfg.path)
+        except (OSError, ValueError) as e:
+            raise UserError(f"model.path '{cfg.path}' is not a Hugging Face model directory ({e}); point it at a directory with config.json") from None
+        positions = getattr(conf, "max_position_embeddings", None) or getattr(conf, "n_positions", None)
+        if positions and seq_len > positions:
+            raise UserError(f"data.seq_len={seq_len} is beyond the model's {positions} positions; lower data.seq_len")
+        return conf
+    names = _SIZE_KEYS.get(cfg.model_type, {})
+    kwargs: dict[str, Any] = {
+        names.get("hidden_size", "hidden_size"): cfg.hidden_size,
+        names.get("num_layers", "num_hidden_layers"): cfg.num_layers,
+        names.get("num_heads", "num_attention_heads"): cfg.num_heads,
+        names.get("max_position_embeddings", "max_position_embeddings"): cfg.max_position_embeddings or seq_len,
+        "vocab_size": vocab_size,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+    }
+    if cfg.model_type != "gpt2":
+        kwargs["num_key_value_heads"] = cfg.num_kv_heads or cfg.num_heads
+        kwargs["intermediate_size"] = cfg.intermediate_size or _llama_intermediate(cfg.hidden_size)
+    elif cfg.intermediate_size:
+        kwargs["n_inner"] = cfg.intermediate_size
+    for key in ("bos_id", "eos_id", "pad_id"):
+        if tokenizer.get(key) is not None:
+            kwargs[key.replace("_id", "_token_id")] = tokenizer[key]
+    kwargs.update(cfg.extra)
+    try:
+        return AutoConfig.for_model(cfg.model_type, **kwargs)
+    except ValueError as e:
+        raise UserError(f"model.model_type '{cfg.model_type}': {e}") from None
+
+
+def architecture_fingerprint(conf) -> str:
+    """Hash of the architecture (shapes), to refuse resuming a checkpoint of another model."""
+    d = conf.to_dict()
+    keep = {k: d[k] for k in sorted(d) if any(s in k for s in ("hidden", "layer", "head", "vocab", "embd", "inner", "intermediate", "model_type", "tie_word"))}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def check_tokenizer_match(model_path: str, conf, data_tokenizer: dict, data_dir: str) -> None:
+    """Refuse a model whose vocabulary or tokenizer differs from the shards' tokenizer."""
+    from pipeline.data.tokenizer import load_tokenizer
+
+    vocab = data_tokenizer["vocab_size"]
+    if conf.vocab_size < vocab:
+        raise UserError(
+            f"model.path '{model_path}' has {conf.vocab_size} embeddings but the data in {data_dir} was tokenized with "
+            f"{vocab} tokens; preprocess with the model's tokenizer (tokenizer.path={model_path})"
+        )
+    if not any((Path(model_path) / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        raise UserError(
+            f"model.path '{model_path}' holds no tokenizer, so the data's tokenizer cannot be checked against it; "
+            "copy the model's tokenizer files into that directory"
+        )
+    theirs = load_tokenizer(model_path).fingerprint
+    if theirs != data_tokenizer["fingerprint"]:
+        raise UserError(
+            f"the tokenizer of model.path '{model_path}' differs from the one {data_dir} was tokenized with "
+            f"(fingerprints {theirs[:12]} vs {data_tokenizer['fingerprint'][:12]}); preprocess the corpus again "
+            f"with tokenizer.path={model_path}"
+        )
+
+
+def build_model(cfg: ModelConfig, conf, ds_config: dict, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Construct (ZeRO-3: partitioned) and return the causal LM."""
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+        _KEEPALIVE.append(HfDeepSpeedConfig(ds_config))  # switches transformers to zero.Init
+    kwargs = {"attn_implementation": cfg.attn_implementation, "dtype": dtype}
+    if cfg.path:
+        model = AutoModelForCausalLM.from_pretrained(cfg.path, config=conf, **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_config(conf, **kwargs)
+    if cfg.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    return model
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay on biases, norms and other 1-D parameters (nor embeddings' norms)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        shape = getattr(p, "ds_shape", p.shape)
+        (no_decay if len(shape) < 2 or "norm" in name.lower() else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]

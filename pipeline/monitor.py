@@ -1,0 +1,599 @@
+"""What a person watching training sees: one console line per interval and TensorBoard.
+
+Rank 0 builds a :class:`Monitor` with ``enabled=True``; every other rank builds one with
+``enabled=False``, whose methods return ``None`` at once and which never creates a
+``SummaryWriter`` (no event files, no console lines from other ranks). Every ``log_every``
+optimizer steps it writes ``train/*``, ``perf/*`` and ``mem/*`` scalars and prints one line::
+
+    step 120 | loss 3.4521 | lr 2.95e-04 | gnorm 0.812 | 1,510 tok/s | 5.9 samples/s | step 0.68s (data 0.2%)
+      | 0.02 TFLOP/s/dev | MFU 4.1% | rss 1.9 GiB          (one line)
+
+FLOPs accounting: :func:`flops_per_token`; throughput accounting: :meth:`Monitor.step_end`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import platform
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+from pipeline.config import to_dict
+from pipeline.io import atomic_write_json
+
+GIB = float(1 << 30)
+
+
+@dataclass
+class MonitorConfig:
+    log_every: int = 10
+    """Optimizer steps between console lines and TensorBoard points (a line is written when
+    the step number is a multiple of this)."""
+    tensorboard: bool = True
+    """Write TensorBoard event files (rank 0 only) under the run's log directory."""
+
+    def check(self) -> list[tuple[str, str]]:
+        problems = []
+        if self.log_every < 1:
+            problems.append(("log_every", f"must be at least 1 optimizer step, got {self.log_every}; set e.g. log_every=10"))
+        return problems
+
+
+# ---------------------------------------------------------------------------- parameters and FLOPs
+
+
+def count_params(model: torch.nn.Module) -> int:
+    """Number of parameters of ``model``, also when ZeRO-3 has partitioned them.
+
+    Under ZeRO-3 a rank holds only a shard and ``p.numel()`` is 0; DeepSpeed records the
+    full size in ``p.ds_numel``, which is used when present. Shared (tied) parameters are
+    counted once, as ``model.parameters()`` yields them once.
+    """
+    return int(sum(getattr(p, "ds_numel", None) or p.numel() for p in model.parameters()))
+
+
+def _cfg_get(cfg: Any, *names: str, default: Any = None) -> Any:
+    for name in names:
+        value = getattr(cfg, name, None)
+        if value is not None:
+            return value
+    return default
+
+
+# Families whose MLP is up -> act -> down (2 matrices); others (Llama, Mistral, Qwen, Gemma,
+# ...) use a gated MLP with 3 matrices.
+_PLAIN_MLP = {
+    "gpt2", "gpt_bigcode", "gpt_neo", "gpt_neox", "gptj", "opt", "bloom", "falcon",
+    "phi", "starcoder2", "mpt", "codegen", "biogpt",
+}
+# Families with a learned absolute position embedding (a lookup, not a matmul).
+_LEARNED_POSITIONS = {"gpt2", "gpt_bigcode", "gpt_neo", "opt", "biogpt"}
+
+
+def _model_shape(hf_config: Any) -> dict[str, Any]:
+    n_layers = _cfg_get(hf_config, "num_hidden_layers", "n_layer", "num_layers")
+    hidden = _cfg_get(hf_config, "hidden_size", "n_embd", "d_model")
+    vocab = _cfg_get(hf_config, "vocab_size")
+    if not (n_layers and hidden and vocab):
+        raise ValueError(f"cannot read layers/hidden size/vocab size from {type(hf_config).__name__} "
+                         "(expected num_hidden_layers|n_layer, hidden_size|n_embd, vocab_size)")
+    heads = _cfg_get(hf_config, "num_attention_heads", "n_head", default=1)
+    head_dim = _cfg_get(hf_config, "head_dim", default=hidden // heads)
+    kv_heads = _cfg_get(hf_config, "num_key_value_heads", default=heads)
+    inter = _cfg_get(hf_config, "intermediate_size", "n_inner", "ffn_dim", default=4 * hidden)
+    model_type = getattr(hf_config, "model_type", "") or ""
+    positions = 0
+    if model_type in _LEARNED_POSITIONS:
+        positions = _cfg_get(hf_config, "n_positions", "max_position_embeddings", default=0)
+    ints = dict(n_layers=n_layers, hidden=hidden, vocab=vocab, heads=heads, head_dim=head_dim, kv_heads=kv_heads,
+                inter=inter, positions=positions)
+    return {k: int(v) for k, v in ints.items()} | {
+        "gated": model_type not in _PLAIN_MLP, "tied": bool(getattr(hf_config, "tie_word_embeddings", True))}
+
+
+def flops_per_token(hf_config: Any, seq_len: int, n_params: int | None = None) -> float:
+    """Training FLOPs per token (forward + backward), PaLM/Megatron accounting.
+
+    ``6 * (N_non_embedding + V*h) + 12 * L * H * Q * s`` where
+
+    * ``N_non_embedding`` is the number of parameters outside the token (and learned position)
+      embedding lookups: each is used in one multiply-add per token forward (2 FLOPs) and two
+      backward (4 FLOPs), hence the 6;
+    * ``V*h`` is the LM head matmul (vocab x hidden). Tied, its weights are the embedding table,
+      so they are not in ``N_non_embedding`` but the matmul is done; untied, the head's own copy
+      is subtracted with the input table and added back here: counted once either way;
+    * ``12 * L * H * Q * s`` are the attention products ``QK^T`` and ``AV`` (2 * 2 * s * H*Q
+      forward per token per layer, x3 with the backward) for ``L`` layers, ``H`` heads of width
+      ``Q`` (``H*Q`` = hidden size for most models), sequence length ``s``. As in PaLM, the
+      causal mask is not used to halve this.
+
+    These are *model* FLOPs, used for MFU: with activation checkpointing the forward is
+    recomputed in the backward (about ``8N`` instead of ``6N`` hardware FLOPs); that
+    recomputation is deliberately not counted, so MFU stays comparable across runs. For
+    mixture-of-experts models every expert is counted as active (an overestimate).
+
+    Args:
+        hf_config: a Hugging Face model config; read are ``num_hidden_layers``/``n_layer``,
+            ``hidden_size``/``n_embd``, ``vocab_size``, ``num_attention_heads``/``n_head``, ``head_dim``,
+            ``num_key_value_heads``, ``intermediate_size``/``n_inner``, ``tie_word_embeddings``, ``model_type``.
+        seq_len: tokens per training sequence.
+        n_params: total parameter count of the real model (:func:`count_params`); when given,
+            ``N_non_embedding`` is derived from it (exact, includes norms and biases). Otherwise it is
+            estimated from the config: attention projections (grouped K/V) and a gated (3 matrices)
+            or plain (2 matrices) MLP per layer; norms and biases ignored.
+
+    Returns:
+        FLOPs per trained token.
+    """
+    s = _model_shape(hf_config)
+    L, h, V = s["n_layers"], s["hidden"], s["vocab"]
+    attn_width = s["heads"] * s["head_dim"]
+    if n_params is None:
+        attn = 2 * h * attn_width + 2 * h * s["kv_heads"] * s["head_dim"]  # q, o + k, v
+        non_embedding = L * (attn + (3 if s["gated"] else 2) * h * s["inter"])
+    else:
+        embedding = V * h * (1 if s["tied"] else 2) + s["positions"] * h
+        non_embedding = int(n_params) - embedding
+        if non_embedding <= 0:
+            raise ValueError(f"n_params={n_params} is not larger than the embeddings ({embedding}); wrong model or config?")
+    return float(6 * (non_embedding + V * h) + 12 * L * attn_width * int(seq_len))
+
+
+# ---------------------------------------------------------------------------- peak FLOP/s
+
+# Dense (non-sparse) tensor-core peaks per GPU from NVIDIA datasheets/whitepapers, in
+# FLOP/s, with FP32 accumulation. "fp32" is the non-tensor-core rate, used when PyTorch
+# runs fp32 matmuls at full precision; "tf32" when torch.set_float32_matmul_precision
+# allows TF32. Patterns are tried in order (specific before general) on the lowercase name.
+_GPU_PEAKS: list[tuple[str, str, dict[str, float]]] = [
+    (r"\bh100\b.*\bpcie\b", "H100 PCIe", {"bf16": 756e12, "fp16": 756e12, "tf32": 378e12, "fp32": 51.2e12}),
+    (r"\bh100\b.*\bnvl\b", "H100 NVL", {"bf16": 835e12, "fp16": 835e12, "tf32": 417.5e12, "fp32": 60e12}),
+    (r"\b(g?h200|h[18]00)\b", "H100/H200", {"bf16": 989.4e12, "fp16": 989.4e12, "tf32": 494.7e12, "fp32": 66.9e12}),
+    (r"\bb200\b", "B200", {"bf16": 2250e12, "fp16": 2250e12, "tf32": 1125e12, "fp32": 75e12}),
+    (r"\ba[18]00\b", "A100/A800", {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12, "fp32": 19.5e12}),
+    (r"\ba10g?\b", "A10/A10G", {"bf16": 125e12, "fp16": 125e12, "tf32": 62.5e12, "fp32": 31.2e12}),
+    (r"\bl40s\b", "L40S", {"bf16": 362e12, "fp16": 362e12, "tf32": 183e12, "fp32": 91.6e12}),
+    (r"\bl40\b", "L40", {"bf16": 181e12, "fp16": 181e12, "tf32": 90.5e12, "fp32": 90.5e12}),
+    (r"\bl4\b", "L4", {"bf16": 121e12, "fp16": 121e12, "tf32": 60e12, "fp32": 30.3e12}),
+    (r"\bv100s\b", "V100S PCIe", {"fp16": 130e12, "fp32": 16.4e12}),
+    (r"\bv100\b.*\bpcie\b", "V100 PCIe", {"fp16": 112e12, "fp32": 14e12}),
+    (r"\bv100\b", "V100 SXM", {"fp16": 125e12, "fp32": 15.7e12}),
+    (r"\bt4\b", "T4", {"fp16": 65e12, "fp32": 8.1e12}),
+    (r"\brtx 4090\b", "RTX 4090", {"bf16": 165.2e12, "fp16": 165.2e12, "tf32": 82.6e12, "fp32": 82.6e12}),
+    (r"\brtx 3090\b", "RTX 3090", {"bf16": 71e12, "fp16": 71e12, "tf32": 35.6e12, "fp32": 35.6e12}),
+]
+
+_ALIASES = {"bf16": ("bfloat16", "bf16-mixed"), "fp16": ("float16", "half", "16", "fp16-mixed"),
+            "fp32": ("float32", "float", "32"), "tf32": ()}
+_PRECISIONS = {alias: p for p, aliases in _ALIASES.items() for alias in (p, *aliases)}
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "tf32": torch.float32}
+
+
+def _norm_precision(precision: str) -> str:
+    key = str(precision).lower().removeprefix("torch.")
+    if key not in _PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; use one of bf16, fp16, fp32, tf32")
+    return _PRECISIONS[key]
+
+
+def _gpu_entry(name: str) -> tuple[str, dict[str, float]] | None:
+    low = name.lower()
+    return next(((label, peaks) for pattern, label, peaks in _GPU_PEAKS if re.search(pattern, low)), None)
+
+
+def gpu_peak_from_name(name: str, precision: str) -> float | None:
+    """Dense peak FLOP/s of one GPU named ``name`` (as ``torch.cuda.get_device_name``).
+
+    Returns ``None`` for a GPU not in the table, or a precision it has no tensor-core rate
+    for (e.g. bf16 on V100/T4); the caller then measures.
+    """
+    entry, prec = _gpu_entry(name), _norm_precision(precision)
+    return None if entry is None else entry[1].get(prec)
+
+
+_PEAK_CACHE: dict[str, tuple[float, str]] = {}
+_PEAK_LOCK = threading.Lock()
+
+
+def _cache_file() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "pipeline" / "cpu_peak.json"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown cpu"
+
+
+def _measure_matmul(device: torch.device, dtype: torch.dtype, n: int, budget_s: float, max_reps: int) -> float:
+    """Best FLOP/s of ``n x n @ n x n`` matmuls over about ``budget_s`` seconds (after a warm-up)."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+    b = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+    warm = min(n, 512)
+    for _ in range(2):  # start BLAS threads / cuBLAS handles and pick kernels
+        torch.mm(a[:warm, :warm], b[:warm, :warm])
+    torch.mm(a, b)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda d: None)
+    sync(device)
+    best, spent, reps = 0.0, 0.0, 0
+    while reps < 2 or (spent < budget_s and reps < max_reps):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        sync(device)
+        dt = time.perf_counter() - t0
+        spent += dt
+        reps += 1
+        best = max(best, 2.0 * n**3 / max(dt, 1e-9))
+    return best
+
+
+def _cpu_peak(prec: str) -> tuple[float, str]:
+    threads = torch.get_num_threads()
+    model = _cpu_model()
+    key = f"{model}|threads={threads}|{prec}"
+    path = _cache_file()
+    what = f"measured {prec} matmul 2048x2048 on {model}, {threads} threads"
+    try:
+        cached = json.loads(path.read_text(encoding="utf-8"))
+        flops = float(cached[key]["flops"])
+        if flops > 0:
+            return flops, f"{what} (cached in {path})"
+    except (OSError, ValueError, KeyError, TypeError):
+        cached = None
+    flops = _measure_matmul(torch.device("cpu"), _DTYPES[prec], 2048, budget_s=0.5, max_reps=20)
+    try:  # best effort: a read-only home only costs a re-measurement next time
+        data = cached if isinstance(cached, dict) else {}
+        data[key] = {"flops": flops, "torch": torch.__version__, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, data)
+    except OSError:
+        pass
+    return flops, what
+
+
+def peak_flops(device: torch.device | str, precision: str) -> tuple[float, str]:
+    """Peak matmul FLOP/s of one device, for MFU, and where the number comes from.
+
+    * CUDA: the dense peak from a table of GPU names (datasheet numbers, see
+      :func:`gpu_peak_from_name`); fp32 means TF32 when
+      ``torch.get_float32_matmul_precision()`` is not ``"highest"``. A GPU or precision
+      not in the table is measured (square matmuls for about half a second).
+    * CPU: measured: ~0.5 s of 2048x2048 matmuls in ``precision`` with the current
+      ``torch.get_num_threads()``, cached in this process and in
+      ``~/.cache/pipeline/cpu_peak.json`` (``$XDG_CACHE_HOME`` honoured), keyed by CPU
+      model, thread count and precision, so each machine measures once. Measure while
+      nothing else runs (e.g. on rank 0 before training, or on every rank together when
+      the ranks share the CPU, which gives each rank its share).
+
+    Returns:
+        ``(FLOP/s per device, source)``; the source starts with ``"table"`` or
+        ``"measured"``.
+    """
+    dev = torch.device(device)
+    prec = _norm_precision(precision)
+    if dev.type == "cuda":
+        if prec == "fp32" and torch.get_float32_matmul_precision() != "highest":
+            prec = "tf32"
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        dev = torch.device("cuda", index)
+        name = torch.cuda.get_device_name(dev)
+        entry = _gpu_entry(name)
+        if entry is not None and prec in entry[1]:
+            return entry[1][prec], f"table: {entry[0]} dense {prec} peak ({name})"
+        key = f"cuda|{name}|{prec}"
+        with _PEAK_LOCK:
+            if key not in _PEAK_CACHE:
+                n = 4096 if prec in ("fp32", "tf32") else 8192
+                flops = _measure_matmul(dev, _DTYPES[prec], n, budget_s=0.5, max_reps=50)
+                _PEAK_CACHE[key] = (flops, f"measured {prec} matmul {n}x{n} on {name} (not in the peak table)")
+            return _PEAK_CACHE[key]
+    key = f"{dev.type}|threads={torch.get_num_threads()}|{prec}"
+    with _PEAK_LOCK:
+        if key not in _PEAK_CACHE:
+            _PEAK_CACHE[key] = _cpu_peak(prec)
+        return _PEAK_CACHE[key]
+
+
+# ---------------------------------------------------------------------------- memory
+
+
+def memory_stats(device: torch.device | str) -> dict[str, float]:
+    """Memory in GiB: on CUDA ``allocated``, ``reserved``, ``max_allocated`` (peak since
+    start or the last ``torch.cuda.reset_peak_memory_stats``); always ``rss``, the host
+    resident set size of this process."""
+    dev = torch.device(device)
+    out: dict[str, float] = {}
+    if dev.type == "cuda" and torch.cuda.is_available():
+        out["allocated"] = torch.cuda.memory_allocated(dev) / GIB
+        out["reserved"] = torch.cuda.memory_reserved(dev) / GIB
+        out["max_allocated"] = torch.cuda.max_memory_allocated(dev) / GIB
+    out["rss"] = psutil.Process().memory_info().rss / GIB
+    return out
+
+
+# ---------------------------------------------------------------------------- formatting
+
+
+def _fmt_g(x: float) -> str:
+    """Short number: 3 decimals below 1000, else 4 significant digits."""
+    return f"{x:.3f}" if abs(x) < 1000 or not math.isfinite(x) else f"{x:.4g}"
+
+
+def _fmt_tflops(x: float) -> str:
+    return f"{x:.0f}" if x >= 100 else f"{x:.1f}" if x >= 10 else f"{x:.2f}"
+
+
+def flatten_dict(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a/b": 1}`` (dataclasses become dicts first)."""
+    if dataclasses.is_dataclass(d) and not isinstance(d, type):
+        d = to_dict(d)
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            v = to_dict(v)
+        if isinstance(v, Mapping) and v:
+            out.update(flatten_dict(v, key + "/"))
+        else:
+            out[key] = v
+    return out
+
+
+def _hparam_value(v: Any) -> int | float | str | bool:
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return "null" if v is None else v
+    return json.dumps(v, default=str) if isinstance(v, (list, tuple, dict)) else str(v)
+
+
+# ---------------------------------------------------------------------------- monitor
+
+
+class Monitor:
+    """Console lines and TensorBoard scalars for rank 0; a free no-op on other ranks.
+
+    Args:
+        cfg: :class:`MonitorConfig`.
+        log_dir: where TensorBoard event files go (created); ``None`` for none.
+        enabled: ``True`` on rank 0 only. When ``False`` every method returns ``None``
+            immediately and nothing is created, written or printed.
+        world_size: number of devices (ranks) the global throughput is spread over.
+        flops_per_token: model training FLOPs per token (:func:`flops_per_token`).
+        peak_flops_per_device: peak FLOP/s of one device (:func:`peak_flops`); 0 or less
+            leaves MFU out.
+        tokens_per_step: tokens per optimizer step summed over all ranks
+            (micro batch x grad accumulation x seq_len x data-parallel ranks).
+        samples_per_step: sequences per optimizer step summed over all ranks.
+        device: this rank's device, for :func:`memory_stats`.
+        echo: called with each console line (default ``print``); ``None`` prints nothing.
+    """
+
+    def __init__(self, cfg: MonitorConfig, log_dir: str | os.PathLike | None, *, enabled: bool, world_size: int,
+                 flops_per_token: float, peak_flops_per_device: float, tokens_per_step: int, samples_per_step: int,
+                 device: torch.device | str, echo: Callable[[str], None] | None = print):
+        self.cfg, self.enabled, self.world_size = cfg, bool(enabled), max(1, int(world_size))
+        self.flops_per_token, self.peak = float(flops_per_token), float(peak_flops_per_device or 0.0)
+        self.tokens_per_step, self.samples_per_step = int(tokens_per_step), int(samples_per_step)
+        self.device, self._echo = torch.device(device), echo
+        self.writer = None
+        self._hparams_logged = self._closed = False
+        if not self.enabled:
+            return
+        if cfg.tensorboard and log_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+            self.writer = SummaryWriter(log_dir=str(log_dir), flush_secs=10)
+        self._t_last_end = time.perf_counter()
+        self._t_start: float | None = None  # step_start() of the running step
+        self._wait: float | None = None  # data wait of the running step, seconds
+        self._reset()
+
+    def _reset(self) -> None:
+        self._n, self._loss_sum, self._time_sum = 0, 0.0, 0.0
+        self._gn_sum, self._gn_n = 0.0, 0
+        self._wait_sum, self._wait_n = 0.0, 0
+        self._lr: float | None = None
+        self._scale: float | None = None
+        self._extra: dict[str, list[float]] = {}
+
+    # ------------------------------------------------------------------ timing
+
+    def step_start(self) -> None:
+        """Mark the start of an optimizer step (before fetching its first batch)."""
+        if self.enabled:
+            self._t_start, self._wait = time.perf_counter(), None
+
+    def data_ready(self) -> None:
+        """Mark that the step's data has arrived: its data wait is the time since
+        :meth:`step_start`. For several micro-batches per step use :meth:`data_wait`."""
+        if self.enabled and self._t_start is not None:
+            self._wait = time.perf_counter() - self._t_start
+
+    @contextlib.contextmanager
+    def data_wait(self) -> Iterator[None]:
+        """``with monitor.data_wait(): batch = next(it)`` adds the time inside to this
+        step's data wait (use once per micro-batch with gradient accumulation)."""
+        if not self.enabled:
+            yield
+            return
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._wait = (self._wait or 0.0) + time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ logging
+
+    def step_end(self, step: int, *, loss: float, lr: float, grad_norm: float | None, loss_scale: float | None = None,
+                 extra: dict[str, float] | None = None, force: bool = False) -> str | None:
+        """Record one finished optimizer step; every ``log_every`` steps write and return a line.
+
+        The step's time runs from :meth:`step_start` (or, when that was not called, from the
+        previous ``step_end``) to now and includes the data wait. The interval's time is the sum
+        of its step times, so eval or checkpoint pauses between a ``step_end`` and the next
+        ``step_start`` do not lower the throughput. Tokens/s = ``tokens_per_step * steps /
+        interval time``; TFLOP/s per device = ``flops_per_token * tokens/s / world_size``;
+        MFU = that / peak.
+
+        Args:
+            step: optimizer steps completed (1-based); a line is written when it is a multiple
+                of ``log_every`` or ``force`` is set (e.g. on the last step).
+            loss: this step's training loss (averaged over the interval).
+            lr: learning rate (the last one is shown).
+            grad_norm: global gradient norm, or ``None`` when not computed/skipped.
+            loss_scale: fp16 dynamic loss scale (last one shown), ``None`` otherwise.
+            extra: more scalars, averaged over the interval, written as ``train/<key>`` (keys
+                containing ``/`` as they are) and shown at the end of the line.
+            force: write a line now even off the ``log_every`` grid.
+
+        Returns:
+            The console line when one was written, else ``None``.
+        """
+        if not self.enabled:
+            return None
+        now = time.perf_counter()
+        start = self._t_start if self._t_start is not None else self._t_last_end
+        self._time_sum += max(0.0, now - start)
+        if self._wait is not None:
+            self._wait_sum, self._wait_n = self._wait_sum + self._wait, self._wait_n + 1
+        self._t_start, self._wait, self._t_last_end = None, None, now
+        self._n, self._loss_sum, self._lr = self._n + 1, self._loss_sum + float(loss), float(lr)
+        if grad_norm is not None:
+            self._gn_sum, self._gn_n = self._gn_sum + float(grad_norm), self._gn_n + 1
+        if loss_scale is not None:
+            self._scale = float(loss_scale)
+        for k, v in (extra or {}).items():
+            self._extra.setdefault(k, []).append(float(v))
+        if force or step % self.cfg.log_every == 0:
+            return self._emit(int(step))
+        return None
+
+    def _emit(self, step: int) -> str:
+        n, t = self._n, self._time_sum
+        scalars: dict[str, float] = {"train/loss": self._loss_sum / n, "train/lr": self._lr}
+        parts = [f"step {step}", f"loss {scalars['train/loss']:.4f}", f"lr {self._lr:.2e}"]
+        if self._gn_n:
+            scalars["train/grad_norm"] = self._gn_sum / self._gn_n
+            parts.append(f"gnorm {_fmt_g(scalars['train/grad_norm'])}")
+        if self._scale is not None:
+            scalars["train/loss_scale"] = self._scale
+        for k, vals in self._extra.items():
+            scalars[k if "/" in k else f"train/{k}"] = sum(vals) / len(vals)
+        if t > 0:
+            tok_s = self.tokens_per_step * n / t
+            smp_s = self.samples_per_step * n / t
+            tflops = self.flops_per_token * tok_s / self.world_size / 1e12
+            scalars.update({"perf/tokens_per_s": tok_s, "perf/samples_per_s": smp_s, "perf/step_time_s": t / n,
+                            "perf/tflops_per_device": tflops})
+            parts += [f"{tok_s:,.0f} tok/s", f"{smp_s:.1f} samples/s"]
+            step_txt = f"step {t / n:.2f}s"
+            if self._wait_n:
+                scalars["perf/data_wait_s"] = self._wait_sum / self._wait_n
+                scalars["perf/data_wait_frac"] = self._wait_sum / t
+                step_txt += f" (data {100 * self._wait_sum / t:.1f}%)"
+            parts += [step_txt, f"{_fmt_tflops(tflops)} TFLOP/s/dev"]
+            if self.peak > 0:
+                scalars["perf/mfu"] = tflops * 1e12 / self.peak
+                parts.append(f"MFU {100 * scalars['perf/mfu']:.1f}%")
+        mem = memory_stats(self.device)
+        scalars.update({f"mem/{k}": v for k, v in mem.items()})
+        gpu = "allocated" in mem
+        parts.append(f"mem {mem['allocated']:.1f}/{mem['reserved']:.1f} GiB alloc/res" if gpu else f"rss {mem['rss']:.1f} GiB")
+        parts += [f"scale {self._scale:g}"] if self._scale is not None else []
+        parts += [f"{k} {_fmt_g(sum(vals) / len(vals))}" for k, vals in self._extra.items()]
+        if self.writer is not None:
+            for tag, value in scalars.items():
+                self.writer.add_scalar(tag, value, step)
+        self._reset()
+        return self._say(" | ".join(parts))
+
+    def _say(self, line: str) -> str:
+        if self._echo is not None:
+            self._echo(line)
+        return line
+
+    def eval(self, step: int, metrics: dict[str, float]) -> str | None:
+        """Write evaluation metrics as ``eval/<key>`` and return/print one line.
+
+        ``ppl`` = exp(``loss``) is added when ``loss`` is given and ``ppl`` is not.
+        """
+        if not self.enabled:
+            return None
+        metrics = {k: float(v) for k, v in metrics.items()}
+        if "loss" in metrics and "ppl" not in metrics:
+            metrics["ppl"] = math.exp(min(metrics["loss"], 700.0)) if math.isfinite(metrics["loss"]) else math.nan
+        parts = [f"eval step {step}"]
+        for k, v in metrics.items():
+            parts.append(f"{k} {v:.4f}" if k == "loss" else f"{k} {_fmt_g(v)}")
+            if self.writer is not None:
+                self.writer.add_scalar(k if "/" in k else f"eval/{k}", v, step)
+        self.flush()
+        return self._say(" | ".join(parts))
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        """Write any scalar to TensorBoard (rank 0 only; nothing printed)."""
+        if self.enabled and self.writer is not None:
+            self.writer.add_scalar(tag, float(value), step)
+
+    def log_hparams(self, hparams: Mapping[str, Any]) -> None:
+        """Record the run's hyper-parameters in TensorBoard; prints nothing.
+
+        Nested dicts (and config dataclasses) are flattened to ``a/b`` keys. Written twice,
+        into this run's own event file (no extra run directory): a markdown table
+        (TEXT tab, tag ``hparams``) and the HPARAMS plugin's records, linked to the
+        ``train/loss``, ``eval/loss`` and ``perf/mfu`` scalars.
+        """
+        if not self.enabled or self.writer is None:
+            return None
+        from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+        flat = {k: _hparam_value(v) for k, v in flatten_dict(hparams).items()}
+        rows = ["| key | value |", "|---|---|"]
+        rows += [f"| {k} | {str(v).replace('|', chr(92) + '|')} |" for k, v in flat.items()]
+        self.writer.add_text("hparams", "\n".join(rows), 0)
+        exp, ssi, self._sei = hparams_summary(flat, {"train/loss": 0.0, "eval/loss": 0.0, "perf/mfu": 0.0})
+        self.writer.file_writer.add_summary(exp)
+        self.writer.file_writer.add_summary(ssi)
+        self._hparams_logged = True
+        self.writer.flush()
+
+    def flush(self) -> None:
+        if self.enabled and self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        """Flush and close the event file. A partial interval is not written: pass
+        ``force=True`` to the last :meth:`step_end` to get its line. Safe to call twice."""
+        if not self.enabled or self._closed:
+            return None
+        self._closed = True
+        if self.writer is not None:
+            if self._hparams_logged:
+                self.writer.file_writer.add_summary(self._sei)  # marks the session finished
+            self.writer.flush()
+            self.writer.close()
+
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

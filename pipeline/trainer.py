@@ -1,0 +1,240 @@
+"""The training engine shared by pre-training and fine-tuning.
+
+One optimizer step = ``grad_accum`` micro-batches per rank. The loss is normalised by the
+number of target tokens in the whole window (every micro-batch of every rank), not a mean
+of per-micro-batch means: each micro-batch contributes ``sum of token losses × (accum ×
+world) / window tokens``, which DeepSpeed divides by ``accum`` (``engine.backward``) and
+averages over ranks, leaving exactly ``sum / window tokens``.
+
+Side concerns live elsewhere: :mod:`pipeline.monitor` (TensorBoard, throughput, MFU),
+:mod:`pipeline.checkpoint` (step directories), :mod:`pipeline.preemption` (signals).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from pipeline import dist
+from pipeline.preemption import EXIT_REQUEUE, Preemption
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class OptimConfig:
+    micro_batch_size: int = 4
+    """Sequences per rank per forward/backward pass."""
+    grad_accum: int = 0
+    """Micro-batches accumulated per optimizer step (0: derived from global_batch_size, else 1)."""
+    global_batch_size: int = 0
+    """Sequences per optimizer step over all ranks (0: micro_batch_size × grad_accum × ranks).
+    Must equal micro_batch_size × grad_accum × data-parallel ranks."""
+    max_steps: int = 200
+    """Optimizer steps to train for."""
+    lr: float = 1e-3
+    """Peak learning rate (reached after warmup)."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of lr (cosine and linear schedules)."""
+    warmup_steps: int = 20
+    """Optimizer steps of linear warmup from lr/warmup_steps to lr."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup, down to min_lr_ratio × lr at max_steps."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay (never applied to biases and norm weights)."""
+    beta1: float = 0.9
+    """AdamW first-moment decay."""
+    beta2: float = 0.95
+    """AdamW second-moment decay."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0: no clipping)."""
+    seed: int = 1234
+    """Seed of the model initialisation, the data order and dropout."""
+    eval_every: int = 100
+    """Validate every this many optimizer steps (0: only at the end)."""
+    eval_batches: int = 20
+    """Micro-batches per validation, over all ranks."""
+
+    def check(self) -> list[tuple[str, str]]:
+        p = []
+        for key in ("micro_batch_size", "max_steps"):
+            if getattr(self, key) <= 0:
+                p.append((key, f"must be > 0, got {getattr(self, key)}"))
+        for key in ("grad_accum", "global_batch_size", "warmup_steps", "eval_every", "eval_batches", "weight_decay", "grad_clip"):
+            if getattr(self, key) < 0:
+                p.append((key, f"must be >= 0, got {getattr(self, key)}"))
+        if not self.lr > 0:
+            p.append(("lr", f"must be > 0, got {self.lr}"))
+        if not 0 <= self.min_lr_ratio <= 1:
+            p.append(("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}"))
+        for key in ("beta1", "beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                p.append((key, f"must be in [0, 1), got {getattr(self, key)}"))
+        return p
+
+
+def lr_lambda(cfg: OptimConfig) -> Callable[[int], float]:
+    """Multiplier of ``lr`` after ``s`` completed optimizer steps (warmup, then decay)."""
+    warm, total, floor = cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio
+
+    def f(s: int) -> float:
+        if s < warm:
+            return (s + 1) / warm
+        if cfg.schedule == "constant" or total <= warm:
+            return 1.0
+        progress = min(1.0, (s - warm) / (total - warm))
+        if cfg.schedule == "linear":
+            return floor + (1 - floor) * (1 - progress)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+class Task(Protocol):
+    """What a stage trains: turns a micro-batch into ``(sum of losses, number of targets)``."""
+
+    def loss(self, model, batch: Any) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def targets(self, batch: Any) -> int: ...
+
+
+class CausalLMTask:
+    """Next-token prediction on ``{"input_ids", "labels", optional "attention_mask"/"position_ids"}``
+    or on a ``(B, T+1)`` token tensor (inputs ``[:, :-1]``, targets ``[:, 1:]``)."""
+
+    @staticmethod
+    def _fields(batch) -> dict[str, torch.Tensor]:
+        if isinstance(batch, torch.Tensor):
+            return {"input_ids": batch[:, :-1], "labels": batch[:, 1:]}
+        return batch
+
+    def targets(self, batch) -> int:
+        return int((self._fields(batch)["labels"] != IGNORE_INDEX).sum())
+
+    def loss(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        b = self._fields(batch)
+        device = next(iter(model.parameters())).device if hasattr(model, "parameters") else "cpu"
+        inputs = {k: v.to(device) for k, v in b.items() if k != "labels"}
+        labels = b["labels"].to(device)
+        logits = model(**inputs).logits  # (B, T, V)
+        loss_sum = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+        return loss_sum, (labels != IGNORE_INDEX).sum()
+
+
+@dataclass
+class StepResult:
+    loss: float
+    lr: float
+    grad_norm: float | None
+    loss_scale: float | None
+    tokens: int
+
+
+class Trainer:
+    """The loop: accumulate, step, log, validate, checkpoint, stop on signals.
+
+    Args:
+        engine: the DeepSpeed engine.
+        task: the loss.
+        batches: yields this rank's micro-batches in order, starting at ``start_step``.
+        evaluate: ``evaluate(engine) -> {"loss": ..., ...}`` run by every rank, or None.
+        save: ``save(step) -> Path`` writes a checkpoint collectively.
+    """
+
+    def __init__(self, *, engine, task: Task, batches: Iterator, grad_accum: int, max_steps: int, start_step: int,
+                 monitor, evaluate: Callable | None, eval_every: int, save: Callable[[int], Path], save_every: int):
+        self.engine, self.task, self.batches = engine, task, batches
+        self.grad_accum, self.max_steps, self.step = grad_accum, max_steps, start_step
+        self.monitor, self.evaluate, self.eval_every = monitor, evaluate, eval_every
+        self.save, self.save_every = save, save_every
+        self.world = dist.world_size()
+        self.last_saved = start_step
+        self.history: list[float] = []
+
+    def train_step(self) -> StepResult:
+        engine, task = self.engine, self.task
+        engine.train()
+        window = [next(self.batches) for _ in range(self.grad_accum)]
+        self.monitor.data_ready()
+        local = sum(task.targets(b) for b in window)
+        total = dist.all_reduce_sum_float(float(local))
+        if total <= 0:
+            raise RuntimeError("a training window without any target token (every label masked)")
+        scale = self.grad_accum * self.world / total
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for batch in window:
+            loss, _ = task.loss(engine, batch)
+            engine.backward(loss * scale)
+            engine.step()
+            loss_sum += loss.detach().double().cpu()
+        loss = dist.all_reduce_sum_float(float(loss_sum)) / total
+        opt = getattr(engine, "optimizer", None)
+        scale_attr = getattr(opt, "cur_scale", None) if engine.fp16_enabled() else None
+        gnorm = engine.get_global_grad_norm()
+        return StepResult(
+            loss=loss,
+            lr=engine.get_lr()[0],
+            grad_norm=float(gnorm) if gnorm is not None else None,
+            loss_scale=float(scale_attr) if scale_attr is not None else None,
+            tokens=int(total),
+        )
+
+    def fit(self) -> int:
+        """Train to ``max_steps``; returns 0, or EXIT_REQUEUE after a preemption checkpoint."""
+        with Preemption() as preemption:
+            while self.step < self.max_steps:
+                self.monitor.step_start()
+                result = self.train_step()
+                self.step += 1
+                self.history.append(result.loss)
+                self.monitor.step_end(self.step, loss=result.loss, lr=result.lr, grad_norm=result.grad_norm,
+                                      loss_scale=result.loss_scale, force=self.step == self.max_steps)
+                if self.evaluate and self.eval_every and self.step % self.eval_every == 0 and self.step < self.max_steps:
+                    self.monitor.eval(self.step, self.evaluate(self.engine))
+                if self.save_every and self.step % self.save_every == 0 and self.step < self.max_steps:
+                    self._save()
+                if preemption.should_stop():
+                    sig = preemption.signal_received()
+                    dist.print0(f"stop requested ({sig.name if sig else 'signal on another rank'}): checkpointing at step {self.step}")
+                    self._save()
+                    return EXIT_REQUEUE
+        if self.evaluate:
+            self.monitor.eval(self.step, self.evaluate(self.engine))
+        self._save()
+        return 0
+
+    def _save(self) -> None:
+        if self.last_saved == self.step:  # already saved at this step (or resumed from it)
+            return
+        t = time.time()
+        path = self.save(self.step)
+        self.last_saved = self.step
+        dist.print0(f"checkpoint {path} ({time.time() - t:.1f} s)")
+
+
+def evaluate_lm(engine, task: Task, batches) -> dict[str, float]:
+    """Mean token loss and perplexity over ``batches`` of ``(tensor, real)`` (every rank)."""
+    engine.eval()
+    loss_sum, count = 0.0, 0
+    with torch.no_grad():
+        for batch, real in batches:
+            loss, n = task.loss(engine, batch)  # every rank runs the same number of passes (ZeRO-3)
+            if real:
+                loss_sum += float(loss)
+                count += int(n)
+    loss_sum = dist.all_reduce_sum_float(loss_sum)
+    count = dist.all_reduce_sum_float(float(count))
+    engine.train()
+    mean = loss_sum / max(count, 1.0)
+    return {"loss": mean, "ppl": math.exp(min(mean, 50.0))}
+
+

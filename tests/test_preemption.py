@@ -1,0 +1,168 @@
+"""pipeline.preemption: signal flags, handler restore, and agreement across two real ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from pipeline import dist
+from pipeline.preemption import EXIT_REQUEUE, Preemption
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _wait_until(cond, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)  # handlers run between bytecodes of the main thread
+    return True
+
+
+# ---------------------------------------------------------------------------- one process
+
+
+def test_exit_code():
+    assert EXIT_REQUEUE == 75
+
+
+def test_single_process_sigterm():
+    assert not dist._initialized()
+    with Preemption() as pre:
+        assert not pre.requested_locally() and pre.signal_received is None
+        assert [pre.should_stop() for _ in range(3)] == [False] * 3
+        os.kill(os.getpid(), signal.SIGTERM)  # would kill pytest without our handler
+        assert _wait_until(pre.requested_locally)
+        assert pre.signal_received == signal.SIGTERM
+        assert pre.should_stop() and pre.should_stop()  # latched
+        os.kill(os.getpid(), signal.SIGUSR1)  # a second signal is absorbed, the first is kept
+        time.sleep(0.01)
+        assert pre.signal_received == signal.SIGTERM
+
+
+def test_handlers_restored_on_close():
+    calls = []
+
+    def mine(signum, frame):
+        calls.append(signum)
+
+    old_usr1 = signal.signal(signal.SIGUSR1, mine)
+    old_term = signal.getsignal(signal.SIGTERM)
+    try:
+        pre = Preemption()
+        assert signal.getsignal(signal.SIGUSR1) == pre._handle
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert _wait_until(pre.requested_locally) and calls == []  # ours only sets the flag
+        pre.close()
+        pre.close()  # idempotent
+        assert signal.getsignal(signal.SIGUSR1) is mine
+        assert signal.getsignal(signal.SIGTERM) == old_term
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert _wait_until(lambda: calls == [signal.SIGUSR1])
+    finally:
+        signal.signal(signal.SIGUSR1, old_usr1)
+
+
+def test_custom_signals_and_check_every():
+    with Preemption(signals=(signal.SIGUSR2,), check_every=3) as pre:
+        assert signal.getsignal(signal.SIGTERM) != pre._handle
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert _wait_until(pre.requested_locally)
+        # Calls 1 and 2 do not check; call 3 does; after that it stays True.
+        assert [pre.should_stop() for _ in range(5)] == [False, False, True, True, True]
+    with pytest.raises(ValueError):
+        Preemption(check_every=0)
+
+
+def test_must_be_created_in_main_thread():
+    import threading
+
+    errors = []
+    t = threading.Thread(target=lambda: errors.append(pytest.raises(RuntimeError, Preemption)))
+    t.start()
+    t.join()
+    assert errors and "main thread" in str(errors[0].value)
+
+
+# ---------------------------------------------------------------------------- two real ranks
+
+WORKER = textwrap.dedent(
+    """
+    import json, os, signal, time
+    from pipeline import dist
+    from pipeline.preemption import EXIT_REQUEUE, Preemption
+    out = os.environ["TEST_OUT"]
+    env = dist.init(dist.DistConfig(timeout_s=60))
+    r = env.rank
+    res = {}
+    with Preemption() as pre:
+        # Phase A: no signal, every check agrees on False; also times one check.
+        dist.barrier()
+        n = 500
+        t0 = time.perf_counter()
+        res["no_signal"] = any(pre.should_stop() for _ in range(n))
+        res["check_us"] = (time.perf_counter() - t0) / n * 1e6
+        # Phase B: the test signals rank 1 from outside at some moment; steps keep going.
+        open(f"{out}.armed.{r}", "w").close()
+        step = 0
+        while step < 3000:  # ~30+ s at 10 ms a step: the test fails long before
+            step += 1
+            time.sleep(0.01)  # "training"
+            if pre.should_stop():
+                break
+        res.update(stop_step=step, local=pre.requested_locally(),
+                   signal=pre.signal_received.name if pre.signal_received else None)
+    res["restored"] = signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+    with open(f"{out}.{r}.json", "w") as f:
+        json.dump(res, f)
+    dist.barrier()  # every rank has "saved" before any exits
+    dist.shutdown()
+    raise SystemExit(EXIT_REQUEUE)
+    """
+)
+
+
+@pytest.mark.slow
+def test_two_ranks_agree_when_only_rank1_is_signalled(tmp_path):
+    out = str(tmp_path / "res")
+    port = str(dist.free_port())
+    base = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS and not k.startswith("SLURM_")}
+    procs = []
+    for r in range(2):
+        env = {
+            **base, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TEST_OUT": out,
+            "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+        }  # fmt: skip
+        procs.append(
+            subprocess.Popen([sys.executable, "-c", WORKER], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        )
+    try:
+        armed = _wait_until(lambda: all(os.path.exists(f"{out}.armed.{r}") for r in range(2)), timeout=60)
+        assert armed, "ranks did not reach the step loop"
+        time.sleep(0.2)  # let a few steps pass with no signal
+        os.kill(procs[1].pid, signal.SIGUSR1)  # rank 1 only
+        outputs = [p.communicate(timeout=60)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, text in zip(procs, outputs):
+        assert p.returncode == EXIT_REQUEUE, text[-3000:]
+    res = [json.loads(open(f"{out}.{r}.json").read()) for r in range(2)]
+    print(f"should_stop() on 2 gloo ranks: {res[0]['check_us']:.0f} / {res[1]['check_us']:.0f} us per call")
+    assert res[0]["no_signal"] is False and res[1]["no_signal"] is False
+    assert res[0]["stop_step"] == res[1]["stop_step"] > 5  # same step boundary, after some steps
+    assert (res[0]["local"], res[0]["signal"]) == (False, None)
+    assert (res[1]["local"], res[1]["signal"]) == (True, "SIGUSR1")
+    assert res[0]["restored"] and res[1]["restored"]
+    assert res[0]["check_us"] < 20_000
