@@ -244,8 +244,18 @@ class Measured:
     wall: float  # seconds from start to exit
     peak_rss: int  # bytes, max over samples of the sum over the process tree
     child_maxrss: int  # bytes, ru_maxrss of the direct child (its own peak, exact)
+    cpu: float  # user + system CPU seconds of the child and the descendants it waited for
+    others: float  # cores kept busy meanwhile by other processes of the machine (load from others)
     stdout: str
     stderr: str
+
+
+def _busy_seconds() -> float:
+    """CPU seconds spent busy by the whole machine since boot (all cores)."""
+    import psutil
+
+    t = psutil.cpu_times()
+    return sum(getattr(t, k, 0.0) for k in ("user", "nice", "system", "irq", "softirq", "steal"))
 
 
 def _tree_rss(proc) -> int:
@@ -265,7 +275,12 @@ def _tree_rss(proc) -> int:
 
 
 def run_measured(cmd: list[str], env: dict, logdir: Path) -> Measured:
-    """Run ``cmd``; wall time, peak RSS of its process tree (sampled) and of the child (exact)."""
+    """Run ``cmd``; wall time, CPU time, peak RSS of its process tree (sampled) and of the child.
+
+    The child leads its own process group, which is killed if this process is interrupted.
+    """
+    import signal
+
     import psutil
 
     logdir.mkdir(parents=True, exist_ok=True)
@@ -273,8 +288,8 @@ def run_measured(cmd: list[str], env: dict, logdir: Path) -> Measured:
     peak = [0]
     stop = threading.Event()
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
-        t0 = time.perf_counter()
-        child = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=ROOT)
+        busy0, t0 = _busy_seconds(), time.perf_counter()
+        child = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=ROOT, start_new_session=True)
         ps = psutil.Process(child.pid)
 
         def sample() -> None:
@@ -284,12 +299,18 @@ def run_measured(cmd: list[str], env: dict, logdir: Path) -> Measured:
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        _, status, usage = os.wait4(child.pid, 0)
-        wall = time.perf_counter() - t0
+        try:
+            _, status, usage = os.wait4(child.pid, 0)
+        except BaseException:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+            raise
+        wall, busy = time.perf_counter() - t0, _busy_seconds() - busy0
         child.returncode = os.waitstatus_to_exitcode(status)
         stop.set()
         sampler.join()
-    return Measured(child.returncode, wall, peak[0], usage.ru_maxrss * 1024,
+    cpu = usage.ru_utime + usage.ru_stime
+    return Measured(child.returncode, wall, peak[0], usage.ru_maxrss * 1024, cpu, max(0.0, busy - cpu) / wall,
                     out_path.read_text(errors="replace"), err_path.read_text(errors="replace"))
 
 
@@ -307,16 +328,18 @@ def _last_json(text: str) -> dict:
 # ---------------------------------------------------------------------------- contenders
 
 
-def raw_tokenizer(kind: str, tok_dir: str, corpus: str, threads: int, logdir: Path) -> dict:
-    """(a): the tokenizer's batch API on all documents in memory, in a subprocess."""
+def raw_tokenizer(kind: str, tok_dir: str, corpus: str, threads: int, logdir: Path, chunk_chars: int) -> dict:
+    """(a): the tokenizer's batch API on the documents in memory, in a subprocess."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "raw", "--kind", kind, "--tokenizer", tok_dir,
-           "--corpus", corpus, "--threads", str(threads)]
+           "--corpus", corpus, "--threads", str(threads), "--chunk-chars", str(chunk_chars)]
     m = run_measured(cmd, _env(RAYON_NUM_THREADS=str(threads)), logdir)
     if m.rc != 0:
         raise RuntimeError(f"(a) failed (exit {m.rc}):\n{m.stderr[-3000:]}")
     r = _last_json(m.stdout)
-    return {"seconds": r["seconds"], "tokens": r["tokens"] + r["documents"], "documents": r["documents"],
-            "encode_only_seconds": r["encode_only_seconds"], "peak_rss": m.peak_rss}
+    # + one EOS per document: the stage writes it, at no encoding cost
+    return {"seconds": r["seconds"], "cpu_seconds": r["cpu_seconds"], "tokens": r["tokens"] + r["documents"],
+            "documents": r["documents"], "encode_only_seconds": r["encode_only_seconds"], "peak_rss": m.peak_rss,
+            "others": m.others}
 
 
 def stage(tok_dir: str, corpus: str, threads: int, logdir: Path) -> dict:
@@ -333,10 +356,11 @@ def stage(tok_dir: str, corpus: str, threads: int, logdir: Path) -> dict:
     internal = re.search(r"([\d.]+) s, [\d,]+ tokens/s this run", m.stderr)
     backend = re.search(r"\((\w+) encoder\)", m.stderr)
     shutil.rmtree(out, ignore_errors=True)
-    return {"seconds": m.wall, "tokens": totals["train"]["tokens"] + totals["val"]["tokens"],
+    return {"seconds": m.wall, "cpu_seconds": m.cpu, "tokens": totals["train"]["tokens"] + totals["val"]["tokens"],
             "documents": totals["train"]["documents"] + totals["val"]["documents"],
             "stage_reported_seconds": float(internal.group(1)) if internal else None,
-            "backend": backend.group(1) if backend else None, "peak_rss": m.peak_rss, "child_maxrss": m.child_maxrss}
+            "backend": backend.group(1) if backend else None, "peak_rss": m.peak_rss, "child_maxrss": m.child_maxrss,
+            "others": m.others}
 
 
 def hf_idiom(tok_dir: str, corpus: str, threads: int, logdir: Path) -> dict:
@@ -350,8 +374,17 @@ def hf_idiom(tok_dir: str, corpus: str, threads: int, logdir: Path) -> dict:
     r = _last_json(m.stdout)
     shutil.rmtree(logdir / "out", ignore_errors=True)
     shutil.rmtree(logdir / "cache", ignore_errors=True)
-    return {"seconds": m.wall, "tokens": r["tokens"], "documents": r["documents"], "blocks": r["blocks"],
-            "peak_rss": m.peak_rss, "child_maxrss": m.child_maxrss}
+    return {"seconds": m.wall, "cpu_seconds": m.cpu, "tokens": r["tokens"], "documents": r["documents"],
+            "blocks": r["blocks"], "peak_rss": m.peak_rss, "child_maxrss": m.child_maxrss, "others": m.others}
+
+
+def run_contender(name: str, tok: str, tok_dir: str, corpus: str, threads: int, scratch: Path, chunk_chars: int) -> dict:
+    """One run of contender ``name`` (a, b or c) with tokenizer ``tok`` (directory ``tok_dir``)."""
+    if name == "a":
+        return raw_tokenizer(tok, tok_dir, corpus, threads, scratch / "a", chunk_chars)
+    if name == "b":
+        return stage(tok_dir, corpus, threads, scratch / "b")
+    return hf_idiom(tok_dir, corpus, threads, scratch / "c")
 
 
 # ---------------------------------------------------------------------------- subprocess workers
@@ -362,16 +395,37 @@ def _load_texts(corpus: str) -> list[str]:
         return [json.loads(line)["text"] for line in f]
 
 
-def worker_raw(kind: str, tok_dir: str, corpus: str, threads: int) -> None:
-    """Print ``{"seconds", "encode_only_seconds", "tokens", "documents"}`` of contender (a)."""
+def _chunks(texts: list[str], chars: int) -> list[list[str]]:
+    """Consecutive runs of ``texts`` of at least ``chars`` characters (the last may be shorter)."""
+    out, cur, n = [], [], 0
+    for t in texts:
+        cur.append(t)
+        n += len(t)
+        if n >= chars:
+            out.append(cur)
+            cur, n = [], 0
+    return out + [cur] if cur else out
+
+
+def worker_raw(kind: str, tok_dir: str, corpus: str, threads: int, chunk_chars: int) -> None:
+    """Print ``{"seconds", "cpu_seconds", "encode_only_seconds", "tokens", "documents"}`` of (a).
+
+    The documents are encoded in calls of ``chunk_chars`` characters: one call over a whole
+    60 MB corpus is slower, not faster (the HF backend then holds ~2.6 GB of ``Encoding``
+    objects), and a pipeline must bound its memory anyway.
+    """
     texts = _load_texts(corpus)
+    chunks = _chunks(texts, chunk_chars)
+    tokens, encode_only = 0, 0.0
     if kind == "sentencepiece":
         import sentencepiece as spm
 
         sp = spm.SentencePieceProcessor(model_file=str(Path(tok_dir) / "tokenizer.model"))
         sp.encode(texts[:64], num_threads=threads)  # warm-up
-        t0 = time.perf_counter()
-        ids = sp.encode(texts, num_threads=threads)  # Python lists of ids, ready to use
+        t0, c0 = time.perf_counter(), time.process_time()
+        for chunk in chunks:
+            ids = sp.encode(chunk, num_threads=threads)  # Python lists of ids, ready to use
+            tokens += sum(map(len, ids))
         seconds = encode_only = time.perf_counter() - t0
     else:
         from transformers import AutoTokenizer
@@ -380,13 +434,17 @@ def worker_raw(kind: str, tok_dir: str, corpus: str, threads: int) -> None:
         backend.no_truncation()
         backend.no_padding()
         backend.encode_batch(texts[:64], add_special_tokens=False)  # warm-up, starts the rayon pool
-        t0 = time.perf_counter()
-        encodings = backend.encode_batch(texts, add_special_tokens=False)
-        encode_only = time.perf_counter() - t0
-        ids = [e.ids for e in encodings]  # the ids as Python lists, as SentencePiece returns them
+        t0, c0 = time.perf_counter(), time.process_time()
+        for chunk in chunks:
+            t1 = time.perf_counter()
+            encodings = backend.encode_batch(chunk, add_special_tokens=False)
+            encode_only += time.perf_counter() - t1
+            ids = [e.ids for e in encodings]  # the ids as Python lists, as SentencePiece returns them
+            tokens += sum(map(len, ids))
         seconds = time.perf_counter() - t0
-    print(json.dumps({"seconds": seconds, "encode_only_seconds": encode_only,
-                      "tokens": sum(map(len, ids)), "documents": len(texts)}), flush=True)
+    cpu = time.process_time() - c0  # all threads of this process
+    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "encode_only_seconds": encode_only,
+                      "tokens": tokens, "documents": len(texts)}), flush=True)
 
 
 def worker_hf(tok_dir: str, corpus: str, threads: int, out: str) -> None:
@@ -424,6 +482,11 @@ def _median(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
 
+def _paired(runs_x: list[dict], runs_y: list[dict]) -> list[float]:
+    """Per-repetition ratios of tokens/s (x over y), pairing runs of the same repetition."""
+    return [(x["tokens"] / x["seconds"]) / (y["tokens"] / y["seconds"]) for x, y in zip(runs_x, runs_y)]
+
+
 def summarize(runs: dict) -> dict:
     """Medians per (size, tokenizer, contender) and the ratios of median tokens/s."""
     out: dict = {}
@@ -432,38 +495,60 @@ def summarize(runs: dict) -> dict:
             s = {c: {"tokens": by_c[c][0]["tokens"], "documents": by_c[c][0]["documents"],
                      "median_seconds": _median(by_c[c], "seconds"),
                      "median_tokens_per_s": statistics.median(r["tokens"] / r["seconds"] for r in by_c[c]),
+                     "median_tokens_per_cpu_s": statistics.median(r["tokens"] / r["cpu_seconds"] for r in by_c[c]),
+                     "median_cores_busy": statistics.median(r["cpu_seconds"] / r["seconds"] for r in by_c[c]),
+                     "median_cores_busy_others": _median(by_c[c], "others"),
                      "median_peak_rss_mb": _median(by_c[c], "peak_rss") / 1e6,
                      "max_peak_rss_mb": max(r["peak_rss"] for r in by_c[c]) / 1e6} for c in by_c}
-            tps = {c: s[c]["median_tokens_per_s"] for c in s}
+            tps = {c: s[c]["median_tokens_per_s"] for c in CONTENDERS}
             s["b_over_a"] = tps["b"] / tps["a"]
             s["b_over_c"] = tps["b"] / tps["c"]
             s["c_over_a"] = tps["c"] / tps["a"]
-            s["b_over_a_per_repeat"] = [(rb["tokens"] / rb["seconds"]) / (ra["tokens"] / ra["seconds"])
-                                        for ra, rb in zip(by_c["a"], by_c["b"])]
-            s["b_stage_reported_median_seconds"] = statistics.median(
-                r["stage_reported_seconds"] for r in by_c["b"] if r["stage_reported_seconds"] is not None)
+            s["b_over_a_per_repeat"] = _paired(by_c["b"], by_c["a"])
+            s["b_over_c_per_repeat"] = _paired(by_c["b"], by_c["c"])
+            reported = [r["stage_reported_seconds"] for r in by_c["b"] if r["stage_reported_seconds"] is not None]
+            s["b_stage_reported_median_seconds"] = statistics.median(reported) if reported else None
             s["b_backend"] = by_c["b"][0]["backend"]
             s["a_encode_only_median_seconds"] = _median(by_c["a"], "encode_only_seconds")
-            s["same_tokens"] = len({by_c[c][0]["tokens"] for c in by_c}) == 1
+            s["same_tokens"] = len({by_c[c][0]["tokens"] for c in CONTENDERS}) == 1
             out.setdefault(size, {})[tok] = s
     return out
 
 
+def _range(xs: list[float]) -> str:
+    return f"{min(xs):.2f}-{max(xs):.2f}" if len(xs) > 1 else f"{xs[0]:.2f}"
+
+
 def markdown(summary: dict, meta: dict) -> str:
+    """The results as Markdown: per corpus size, throughput table then efficiency table."""
+    m = lambda x: f"{x / 1e6:.2f} M"  # noqa: E731
     lines = []
     for size, by_tok in summary.items():
         corpus = meta["corpus"][size]
-        lines += [f"**{size} corpus**: {corpus['text_mb']:.1f} MB of text, {corpus['documents']:,} documents, "
-                  f"{meta['threads']} threads, median of {meta['repeats']} interleaved repetitions", "",
+        others = statistics.median(s[c]["median_cores_busy_others"] for s in by_tok.values() for c in CONTENDERS)
+        lines += [f"**{size} corpus**: {corpus['text_mb']:.1f} MB of text, {corpus['documents']:,} documents; "
+                  f"{meta['threads']} threads; medians of {meta['repeats']} interleaved repetitions "
+                  f"(ratios: of the medians, per-repetition range in brackets); other processes kept "
+                  f"{others:.2f} of the machine's {meta['cpus']} cores busy meanwhile (median)", "",
                   "| tokenizer | tokens | (a) raw tok/s | (b) stage tok/s | (c) HF idiom tok/s | b/a | b/c | c/a "
                   "| (b) peak RSS | (c) peak RSS |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for tok, s in by_tok.items():
             lines.append(f"| {tok} ({s['b_backend']} encoder) | {s['b']['tokens']:,} "
-                         f"| {s['a']['median_tokens_per_s'] / 1e6:.2f} M | {s['b']['median_tokens_per_s'] / 1e6:.2f} M "
-                         f"| {s['c']['median_tokens_per_s'] / 1e6:.2f} M | **{s['b_over_a']:.2f}** "
-                         f"| **{s['b_over_c']:.2f}** | {s['c_over_a']:.2f} | **{s['b']['max_peak_rss_mb']:.0f} MB** "
-                         f"| {s['c']['max_peak_rss_mb']:.0f} MB |")
+                         f"| {m(s['a']['median_tokens_per_s'])} | {m(s['b']['median_tokens_per_s'])} "
+                         f"| {m(s['c']['median_tokens_per_s'])} "
+                         f"| **{s['b_over_a']:.2f}** ({_range(s['b_over_a_per_repeat'])}) "
+                         f"| **{s['b_over_c']:.2f}** ({_range(s['b_over_c_per_repeat'])}) | {s['c_over_a']:.2f} "
+                         f"| **{s['b']['max_peak_rss_mb']:.0f} MB** | {s['c']['max_peak_rss_mb']:.0f} MB |")
+        lines += ["", "| tokenizer | (a) tok/CPU-s | (b) tok/CPU-s | (c) tok/CPU-s | cores busy a / b / c "
+                  "| (b) wall s | (b) s reported by the stage (after start-up) |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for tok, s in by_tok.items():
+            reported = s["b_stage_reported_median_seconds"]
+            busy = " / ".join(f"{s[c]['median_cores_busy']:.2f}" for c in CONTENDERS)
+            lines.append(f"| {tok} | {m(s['a']['median_tokens_per_cpu_s'])} | {m(s['b']['median_tokens_per_cpu_s'])} "
+                         f"| {m(s['c']['median_tokens_per_cpu_s'])} | {busy} | {s['b']['median_seconds']:.1f} "
+                         f"| {'-' if reported is None else f'{reported:.1f}'} |")
         lines.append("")
     sp = meta["tokenizers"]["sentencepiece"]
     lines.append(f"SentencePiece BPE {VOCAB} trained by the stage (step=tokenizer, {sp['sample_chars']:,} characters): "
@@ -505,6 +590,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size-mb", type=float, default=60, help="corpus size in MB of text")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="cores for every contender")
     p.add_argument("--sp-sample-chars", type=int, default=20_000_000, help="characters to train the tokenizers on")
+    p.add_argument("--chunk-chars", type=int, default=8_000_000,
+                   help="characters per batch call of the raw tokenizer in (a)")
     p.add_argument("--quick", action="store_true", help="smoke run: 5 MB corpus, 1 repetition, small training sample")
     p.add_argument("--worker", choices=("raw", "hf"), help=argparse.SUPPRESS)
     p.add_argument("--kind", help=argparse.SUPPRESS)
@@ -513,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker == "raw":
-        worker_raw(args.kind, args.tokenizer, args.corpus, args.threads)
+        worker_raw(args.kind, args.tokenizer, args.corpus, args.threads, args.chunk_chars)
         return 0
     if args.worker == "hf":
         worker_hf(args.tokenizer, args.corpus, args.threads, args.out)
@@ -536,14 +623,12 @@ def main(argv: list[str] | None = None) -> int:
     for rep in range(args.repeats):
         for size, c in sizes.items():
             for tok in TOKENIZERS:
-                tdir = toks[tok]["dir"]
-                for name, fn in (("a", lambda: raw_tokenizer(tok, tdir, c["path"], args.threads, scratch / "a")),
-                                 ("b", lambda: stage(tdir, c["path"], args.threads, scratch / "b")),
-                                 ("c", lambda: hf_idiom(tdir, c["path"], args.threads, scratch / "c"))):
-                    r = fn()
+                for name in CONTENDERS:
+                    r = run_contender(name, tok, toks[tok]["dir"], c["path"], args.threads, scratch, args.chunk_chars)
                     runs[size][tok][name].append(r)
                     log(f"repeat {rep + 1}/{args.repeats} {size:7s} {tok:13s} {LABEL[name]:22s} "
                         f"{r['seconds']:7.2f} s {r['tokens'] / r['seconds'] / 1e6:6.2f} M tok/s "
+                        f"{r['cpu_seconds'] / r['seconds']:4.2f} cores (others {r['others']:4.2f}) "
                         f"peak RSS {r['peak_rss'] / 1e6:6.0f} MB")
     shutil.rmtree(scratch, ignore_errors=True)
     summary = summarize(runs)

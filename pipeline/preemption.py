@@ -88,7 +88,6 @@ class Preemption:
         if self._signum is None:
             self._signum = signum
 
-    @property
     def signal_received(self) -> signal.Signals | None:
         """The first stop signal this process received, or None."""
         return None if self._signum is None else signal.Signals(self._signum)

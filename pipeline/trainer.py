@@ -13,6 +13,7 @@ Side concerns live elsewhere: :mod:`pipeline.monitor` (TensorBoard, throughput, 
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from pipeline import dist
 from pipeline.preemption import EXIT_REQUEUE, Preemption
 
 IGNORE_INDEX = -100
+# Test aid: seconds to sleep after each optimizer step, so a test can signal or kill a run mid-way.
+_STEP_DELAY = float(os.environ.get("PIPELINE_TEST_STEP_DELAY", "0"))
 
 
 @dataclass
@@ -196,6 +199,8 @@ class Trainer:
                 result = self.train_step()
                 self.step += 1
                 self.history.append(result.loss)
+                if _STEP_DELAY:
+                    time.sleep(_STEP_DELAY)
                 self.monitor.step_end(self.step, loss=result.loss, lr=result.lr, grad_norm=result.grad_norm,
                                       loss_scale=result.loss_scale, force=self.step == self.max_steps)
                 if self.evaluate and self.eval_every and self.step % self.eval_every == 0 and self.step < self.max_steps:

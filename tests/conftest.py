@@ -56,3 +56,51 @@ def tiny_tokenizer(tmp_path_factory) -> Path:
 def corpus(tmp_path) -> Path:
     """A small JSONL corpus of 300 distinct documents."""
     return write_jsonl(tmp_path / "corpus" / "a.jsonl", [{"text": t} for t in make_docs(300)])
+
+
+TINY_MODEL = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "data.seq_len=32"]
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """A preprocessed dataset (built-in sample, 1500 documents, 512-token tokenizer), made once."""
+    from pipeline.config import load_config
+    from pipeline.preprocess import PreprocessConfig, run
+
+    out = tmp_path_factory.mktemp("data") / "data"
+    cfg = load_config(PreprocessConfig, None, [f"output={out}", "sample_docs=1500", "tokenizer.vocab_size=512", "val_fraction=0.05", "workers=1"])
+    run(cfg)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_model(tmp_path_factory, tiny_dataset) -> Path:
+    """A tiny Llama saved in Hugging Face format with the dataset's tokenizer beside it."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    out = tmp_path_factory.mktemp("hf") / "model"
+    torch.manual_seed(0)
+    conf = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=4, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    AutoModelForCausalLM.from_config(conf).save_pretrained(out)
+    for f in (tiny_dataset / "tokenizer").iterdir():
+        shutil.copy2(f, out / f.name)
+    return out
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_deepspeed(script: str, *args: str, ranks: int = 2, cwd=None, env: dict | None = None, timeout: float = 600):
+    """``deepspeed --num_gpus N launch/<script> ...`` on CPU ranks; returns the CompletedProcess."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
+    cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), str(ROOT / "launch" / script), *args]
+    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)

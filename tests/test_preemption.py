@@ -38,15 +38,15 @@ def test_exit_code():
 def test_single_process_sigterm():
     assert not dist._initialized()
     with Preemption() as pre:
-        assert not pre.requested_locally() and pre.signal_received is None
+        assert not pre.requested_locally() and pre.signal_received() is None
         assert [pre.should_stop() for _ in range(3)] == [False] * 3
         os.kill(os.getpid(), signal.SIGTERM)  # would kill pytest without our handler
         assert _wait_until(pre.requested_locally)
-        assert pre.signal_received == signal.SIGTERM
+        assert pre.signal_received() == signal.SIGTERM
         assert pre.should_stop() and pre.should_stop()  # latched
         os.kill(os.getpid(), signal.SIGUSR1)  # a second signal is absorbed, the first is kept
         time.sleep(0.01)
-        assert pre.signal_received == signal.SIGTERM
+        assert pre.signal_received() == signal.SIGTERM
 
 
 def test_handlers_restored_on_close():
@@ -120,7 +120,7 @@ WORKER = textwrap.dedent(
             if pre.should_stop():
                 break
         res.update(stop_step=step, local=pre.requested_locally(),
-                   signal=pre.signal_received.name if pre.signal_received else None)
+                   signal=pre.signal_received().name if pre.signal_received() else None)
     res["restored"] = signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
     with open(f"{out}.{r}.json", "w") as f:
         json.dump(res, f)
