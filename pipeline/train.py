@@ -18,6 +18,7 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from pipeline import checkpoint, dist
 from pipeline.checkpoint import CheckpointConfig
@@ -48,7 +49,7 @@ class DataConfig:
     """Preprocessed datasets blended by weight (all tokenized with the same tokenizer)."""
     seq_len: int = 256
     """Tokens per training sequence (each sample reads seq_len + 1 tokens)."""
-    verify: str = "fast"
+    verify: Literal["none", "fast", "thorough"] = "fast"
     """Integrity check of the shards at start: none, fast (sizes and offsets) or thorough (sha256)."""
 
     def check(self) -> list[tuple[str, str]]:
@@ -57,8 +58,6 @@ class DataConfig:
             p.append(("datasets", "no data; give at least one preprocessed dataset (data.datasets.0.path=DIR)"))
         if self.seq_len <= 0:
             p.append(("seq_len", f"must be > 0, got {self.seq_len}"))
-        if self.verify not in ("none", "fast", "thorough"):
-            p.append(("verify", f"must be none, fast or thorough, got {self.verify!r}"))
         return p
 
 

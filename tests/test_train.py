@@ -201,3 +201,22 @@ def test_resume_checks(tmp_path: Path, tiny_dataset: Path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step-00000003"
     assert not (tmp_path / "run" / "checkpoints" / "step-00000004.tmp").exists()
+
+
+def test_activation_checkpointing_gives_the_same_losses(tmp_path: Path, tiny_dataset: Path):
+    env = {"OMP_NUM_THREADS": "1"}
+    off = run_script("train.py", *_args(tmp_path / "off", tiny_dataset, "train.max_steps=3"), env=env)
+    on = run_script("train.py", *_args(tmp_path / "on", tiny_dataset, "train.max_steps=3", "model.activation_checkpointing=true"), env=env)
+    assert off.returncode == 0 and on.returncode == 0, off.stderr[-2000:] + on.stderr[-2000:]
+    assert _losses(tmp_path / "on") == pytest.approx(_losses(tmp_path / "off"), abs=1e-5)
+
+
+@pytest.mark.slow
+def test_torchrun_launch(tmp_path: Path, tiny_dataset: Path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = ["torchrun", "--nproc-per-node", "2", "--master-port", str(free_port()), str(ROOT / "launch" / "train.py"),
+           *_args(tmp_path / "run", tiny_dataset, "train.max_steps=2")]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "train: 2 rank(s)" in r.stdout
+    assert json.loads((tmp_path / "run" / "checkpoints" / "step-00000002" / "meta.json").read_text())["world_size"] == 2
