@@ -1,0 +1,157 @@
+"""What every training stage does around its model: the run's DeepSpeed engine and files.
+
+Pre-training and fine-tuning share this sequence (only the model, the data and the loss
+differ)::
+
+    run = Run(cfg, local_rank=..., hidden_size=...)   # resolve DeepSpeed JSON, find resume point
+    run.start()                                        # process group, run directory files
+    engine = run.initialize(model)                     # deepspeed.initialize: AdamW groups, LR schedule
+    step = run.resume(compat)                          # load the checkpoint, refuse an incompatible one
+    monitor = run.monitor(...); save = run.saver(...)  # rank-0 logging; collective checkpoint writer
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pipeline import checkpoint, dist
+from pipeline.config import to_dict, to_yaml
+from pipeline.ds_config import load_ds_json, locate_ds_config, resolve_ds_config, resolve_precision, summarize, zero_stage
+from pipeline.io import atomic_write_json, atomic_write_text
+
+
+def resolved_ds(cfg: Any, world: int, hidden: int | None) -> dict:
+    """The DeepSpeed config of a run (``cfg`` has ``train`` and ``deepspeed`` sections), every "auto" filled."""
+    path = locate_ds_config(cfg.deepspeed.config)
+    t = cfg.train
+    return resolve_ds_config(
+        load_ds_json(str(path)), source=str(path), micro_batch=t.micro_batch_size, grad_accum=t.grad_accum,
+        global_batch=t.global_batch_size, dp_world=world, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
+        weight_decay=t.weight_decay, grad_clip=t.grad_clip, precision=resolve_precision(cfg.deepspeed.precision),
+        hidden_size=hidden, nvme_path=cfg.deepspeed.nvme_path, overrides=cfg.deepspeed.overrides,
+    )
+
+
+def describe_ds(cfg: Any, hidden: int | None) -> str:
+    """``--print-config`` addition: the resolved DeepSpeed JSON for this launch's world size."""
+    world = dist.detect().world_size
+    ds = resolved_ds(cfg, world, hidden)
+    return f"# DeepSpeed config for {world} rank(s): {summarize(ds)}\n{json.dumps(ds, indent=2)}\n"
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def precision_of(ds: dict) -> str:
+    if ds.get("bf16", {}).get("enabled"):
+        return "bf16"
+    return "fp16" if ds.get("fp16", {}).get("enabled") else "fp32"
+
+
+class Run:
+    """One launch of a training stage. ``cfg`` has ``output``, ``train`` (OptimConfig),
+    ``checkpoint``, ``deepspeed``, ``dist`` and ``monitor`` sections.
+
+    The constructor does only cheap checks (DeepSpeed JSON, batch arithmetic, resume
+    point), so user errors surface before the process group or the model exist.
+    """
+
+    def __init__(self, cfg: Any, *, local_rank: int | None, hidden_size: int | None):
+        self.cfg = cfg
+        self.local_rank = local_rank
+        self.env = dist.detect(local_rank_arg=local_rank)
+        self.ds = resolved_ds(cfg, self.env.world_size, hidden_size)
+        self.out = Path(cfg.output)
+        self.root = self.out / "checkpoints"
+        self.resume_from = checkpoint.find_resume(cfg.checkpoint.resume, self.root)
+        self.micro = self.ds["train_micro_batch_size_per_gpu"]
+        self.accum = self.ds["gradient_accumulation_steps"]
+        self.precision = precision_of(self.ds)
+        self.engine = None
+        self.compat: dict = {}
+
+    @property
+    def rank(self) -> int:
+        return self.env.rank
+
+    @property
+    def world(self) -> int:
+        return self.env.world_size
+
+    def start(self) -> None:
+        """Start the process group and write the resolved config and DeepSpeed JSON (rank 0)."""
+        self.env = dist.init(self.cfg.dist, self.local_rank)
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.out / "config.yaml", to_yaml(self.cfg))
+            atomic_write_json(self.out / "ds_config.json", self.ds)
+        seed_everything(self.cfg.train.seed)
+
+    def initialize(self, model):
+        """``deepspeed.initialize`` with AdamW groups (no decay on biases/norms) and the LR schedule."""
+        import deepspeed
+        import torch
+
+        from pipeline.model import param_groups
+        from pipeline.trainer import lr_lambda
+
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            model_parameters=param_groups(model, self.cfg.train.weight_decay),
+            config=self.ds,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.cfg.train)),
+        )
+        return self.engine
+
+    def resume(self, compat: dict) -> int:
+        """Load ``resume_from`` if any (refusing an incompatible one); returns the start step.
+
+        Args:
+            compat: what must match a checkpoint to resume from it (architecture,
+                tokenizer_fingerprint, world_size, zero_stage, model_summary).
+        """
+        self.compat = {**compat, "world_size": self.world, "zero_stage": zero_stage(self.ds)}
+        if self.resume_from is None:
+            return 0
+        meta = checkpoint.read_meta(self.resume_from)
+        checkpoint.check_compatible(self.resume_from, meta, self.compat)
+        checkpoint.load(self.engine, self.resume_from)
+        dist.print0(f"resumed from {self.resume_from} at step {meta['step']}")
+        return int(meta["step"])
+
+    def monitor(self, *, flops_per_token: float, seq_len: int, hparams: dict):
+        from pipeline.monitor import Monitor, peak_flops
+
+        device = next(self.engine.module.parameters()).device
+        peak = peak_flops(device, self.precision)[0] if self.rank == 0 else 0.0  # only rank 0 reports
+        samples = self.micro * self.accum * self.world
+        mon = Monitor(
+            self.cfg.monitor, self.out / "tensorboard", enabled=self.rank == 0, world_size=self.world,
+            flops_per_token=flops_per_token, peak_flops_per_device=peak, tokens_per_step=samples * seq_len,
+            samples_per_step=samples, device=device,
+        )
+        mon.log_hparams({**to_dict(self.cfg), **hparams, "world_size": self.world, "precision": self.precision})
+        return mon
+
+    def saver(self, *, hf_files: Callable[[], dict[str, Path]], meta: dict) -> Callable[[int], Path]:
+        """A collective ``save(step)``; ``hf_files()`` (rank 0) names what goes into ``hf/``."""
+        samples = self.micro * self.accum * self.world
+        files = {"config.yaml": to_yaml(self.cfg), "ds_config.json": json.dumps(self.ds, indent=2) + "\n"}
+
+        def save(step: int) -> Path:
+            full = {**self.compat, **meta, "consumed_samples": step * samples, "global_batch": samples, "precision": self.precision}
+            hf = hf_files() if self.rank == 0 else {}
+            return checkpoint.save(self.engine, self.root, step, full, files, hf, self.cfg.checkpoint.keep_last)
+
+        return save
