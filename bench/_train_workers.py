@@ -39,8 +39,9 @@ _RANK = int(os.environ.get("RANK", "0"))
 
 def say(*parts) -> None:
     """One ``BENCH`` line from rank 0, flushed (the benchmark timestamps its arrival)."""
-    if _RANK == 0:
-        print("BENCH", *parts, flush=True)
+    if _RANK == 0:  # one write() per line: the ranks share the pipe (python -u writes print's pieces apart)
+        sys.stdout.write(" ".join(["BENCH", *map(str, parts)]) + "\n")
+        sys.stdout.flush()
 
 
 def mark(name: str) -> None:

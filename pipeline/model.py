@@ -140,18 +140,25 @@ def check_tokenizer_match(model_path: str, conf, data_tokenizer: dict, data_dir:
         )
 
 
-def build_model(cfg: ModelConfig, conf, ds_config: dict, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """Construct (ZeRO-3: partitioned) and return the causal LM."""
-    from transformers import AutoModelForCausalLM
+def build_model(cfg: ModelConfig, conf, ds_config: dict, dtype: torch.dtype = torch.float32, head: str = "causal_lm") -> torch.nn.Module:
+    """Construct (ZeRO-3: partitioned) and return the model.
+
+    Args:
+        head: ``causal_lm`` or ``classification`` (``AutoModelForSequenceClassification``;
+            a head missing from ``cfg.path`` is initialised, also under ZeRO-3).
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.integrations import HfDeepSpeedConfig
 
     if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
         _KEEPALIVE.append(HfDeepSpeedConfig(ds_config))  # switches transformers to zero.Init
+    auto = AutoModelForSequenceClassification if head == "classification" else AutoModelForCausalLM
     kwargs = {"attn_implementation": cfg.attn_implementation, "dtype": dtype}
     if cfg.path:
-        model = AutoModelForCausalLM.from_pretrained(cfg.path, config=conf, **kwargs)
+        model = auto.from_pretrained(cfg.path, config=conf, **kwargs)
     else:
-        model = AutoModelForCausalLM.from_config(conf, **kwargs)
+        model = auto.from_config(conf, **kwargs)
+    model.config.architectures = [type(model).__name__]  # export and evaluate pick the class from it
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False

@@ -130,7 +130,7 @@ def run(cfg: TrainConfig, local_rank: int | None = None) -> int:
     conf_dir = run_.out / ".hf_config"
 
     def hf_files() -> dict[str, Path]:
-        conf.save_pretrained(conf_dir)
+        engine.module.config.save_pretrained(conf_dir)
         return {"config.json": conf_dir / "config.json", "tokenizer": Path(tok_dir)}
 
     save = run_.saver(hf_files=hf_files, meta={"version": VERSION, "seq_len": cfg.data.seq_len, "n_params": n_params})

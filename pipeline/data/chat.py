@@ -172,9 +172,9 @@ def end_of_turn_text(tokenizer: Any, template: str) -> str:
 
 
 # ---------------------------------------------------------------------------- examples
-_SHAPE = ('expected {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]} with at least '
-          'one assistant message (system only first), or {"prompt": "...", "response": "...", "system": "..." '
-          '(optional)}')
+_SHAPE = ('expected {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]} (an optional '
+          'system message first, then a user message, at least one assistant message), or '
+          '{"prompt": "...", "response": "...", "system": "..." (optional)}')
 
 
 def _kind(v: Any) -> str:
@@ -186,7 +186,8 @@ def normalize_example(obj: Any, where: str) -> list[dict]:
     """A JSON record as a list of ``{"role", "content"}`` messages.
 
     Accepted shapes: ``{"messages": [{"role", "content"}, ...]}`` (roles system/user/
-    assistant, at least one assistant message, a system message only first; other keys of
+    assistant, a user message first (after an optional system message), at least one
+    assistant message, a system message only first; other keys of
     the record and of the messages are ignored) and ``{"prompt", "response"}`` with an
     optional ``"system"`` (all strings).
 
@@ -220,6 +221,10 @@ def normalize_example(obj: Any, where: str) -> list[dict]:
             out.append({"role": role, "content": content})
         if not any(m["role"] == "assistant" for m in out):
             raise bad("no assistant message (nothing to train on)")
+        first = 1 if out[0]["role"] == "system" else 0
+        if out[first]["role"] != "user":
+            raise bad(f"messages[{first}] is an assistant message; the conversation must start with a user "
+                      f"message (after an optional system message)")
         return out
     if "prompt" in obj or "response" in obj:
         for key in ("prompt", "response"):

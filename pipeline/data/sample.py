@@ -85,3 +85,37 @@ def write_sample(path: str | os.PathLike, num_docs: int = 20000, seed: int = 123
     lines = [json.dumps({"text": t}, ensure_ascii=False) for t in generate(num_docs, seed)]
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
+
+
+_QUESTIONS = [
+    ("Which river is {town} on?", "{river}"),
+    ("Who founded {town}?", "{founder}"),
+    ("What color is the flag of {town}?", "{color}"),
+    ("What is the main trade of {town}?", "{trade}"),
+    ("What is the symbol of {town}?", "{animal}"),
+]
+
+
+def generate_qa(num: int = 2000, seed: int = 1234, towns: int = 400, split: str = "train"):
+    """Question/answer pairs about the sample world, with exactly checkable answers.
+
+    ``split="train"`` and ``"test"`` use disjoint halves of the towns, so a test question
+    is never seen during fine-tuning (its fact was seen during pre-training).
+    """
+    world = _world(seed, towns)
+    half = world[: towns // 2] if split == "train" else world[towns // 2:]
+    rng = random.Random(seed + (2 if split == "train" else 3))
+    for _ in range(num):
+        fact = rng.choice(half)
+        q, a = rng.choice(_QUESTIONS)
+        yield {"prompt": q.format(**fact), "response": a.format(**fact)}
+
+
+def write_qa(path: str | os.PathLike, num: int = 2000, seed: int = 1234, split: str = "train") -> Path:
+    """Write :func:`generate_qa` as JSON Lines (prompt/response) atomically; reuse it if present."""
+    path = Path(path)
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in generate_qa(num, seed, split=split)))
+    return path

@@ -496,3 +496,68 @@ class Validation:
 
         for b, real in self.plan:
             yield torch.from_numpy(self.samples.batch(self.batch_indices(b))), real
+
+
+class ExampleLoader:
+    """Endless, deterministic, resumable iterator of this rank's micro-batches over a list
+    of examples (fine-tuning data held in memory): each epoch is a keyed permutation of the
+    examples, and optimizer steps are laid out over ranks like :func:`rank_indices`.
+
+    Args:
+        items: the examples (the same list on every rank).
+        collate: turns a list of examples into a batch.
+        name: part of the shuffle key, so two kinds of data never share an order.
+    """
+
+    def __init__(self, items: list, rank: int, world: int, micro_batch: int, grad_accum: int, seed: int, start_step: int = 0, *,
+                 collate, name: str = "examples"):
+        if not items:
+            raise UserError("no training example left (every example was dropped or bad); check the training data")
+        self.items, self.rank, self.world = items, int(rank), int(world)
+        self.micro_batch, self.grad_accum, self.seed, self.name = int(micro_batch), int(grad_accum), int(seed), name
+        self.collate = collate
+        self.step, self.micro_step = int(start_step), 0
+        self._perm: tuple[int, FeistelPermutation] | None = None
+
+    def index(self, g: int) -> int:
+        """Index into ``items`` of global example ``g`` (epoch ``g // n``, shuffled within it)."""
+        epoch, p = divmod(int(g), len(self.items))
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, FeistelPermutation(len(self.items), self.name, self.seed, epoch))
+        return int(self._perm[1](p))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        ids = rank_indices(self.step, self.micro_step, self.rank, self.world, self.micro_batch, self.grad_accum)
+        batch = self.collate([self.items[self.index(g)] for g in ids])
+        self.micro_step += 1
+        if self.micro_step == self.grad_accum:
+            self.step, self.micro_step = self.step + 1, 0
+        return batch
+
+
+class FixedBatches:
+    """A fixed list of validation micro-batches split evenly over ranks, in order.
+
+    Rank ``r`` runs batches ``r, r + world, ...``; every rank makes the same number of
+    forward passes (ZeRO-3 needs that), a rank short of one repeats a batch flagged not
+    real. Iterating yields ``(batch, real)``.
+    """
+
+    def __init__(self, items: list, rank: int, world: int, micro_batch: int, *, collate, num_batches: int = 0):
+        batches = [items[i:i + micro_batch] for i in range(0, len(items), micro_batch)]
+        if num_batches > 0:
+            batches = batches[:num_batches]
+        self.batches, self.collate = batches, collate
+        per_rank = -(-len(batches) // world)
+        self.plan = [(b if b < len(batches) else rank % max(1, len(batches)), b < len(batches))
+                     for b in (rank + k * world for k in range(per_rank))]
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __iter__(self):
+        for b, real in self.plan:
+            yield self.collate(self.batches[b]), real

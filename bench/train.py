@@ -1,0 +1,481 @@
+"""Benchmark of the training stage against a bare DeepSpeed loop, the HF Trainer and plain DDP.
+
+    python bench/train.py [--workdir bench/.work/train] [--repeats 3] [--steps 30] [--warmup 5] [--quick]
+
+On one model (a tiny Llama: 4 layers, hidden 256, 4 heads, seq 256), one preprocessed dataset
+(made by ``launch/preprocess.py`` from the built-in sample), one DeepSpeed JSON
+(``ds_configs/zero3_offload.json`` resolved by :func:`pipeline.train.resolved_ds`, so every
+contender gets the very same dict), fp32, AdamW (lr 1e-3, betas 0.9/0.95, eps 1e-8, weight decay
+0.1, clip 1.0), micro-batch 4, no accumulation, two CPU ranks with ``OMP_NUM_THREADS=1`` each:
+
+* (a) ``ds``: a bare loop -- ``HfDeepSpeedConfig`` + ``from_config`` (ZeRO-3 ``zero.Init``),
+  ``deepspeed.initialize``, then ``forward / engine.backward / engine.step`` -- launched with
+  ``deepspeed --num_gpus 2``. The limit for any DeepSpeed pipeline.
+* (b) ``stage``: ``launch/train.py`` through ``deepspeed --num_gpus 2`` with ``monitor.log_every=1``.
+* (c) ``hf``: ``transformers.Trainer`` with ``TrainingArguments(deepspeed=<the same dict>)``,
+  launched with ``deepspeed --num_gpus 2`` (accelerate's state built on gloo first).
+* (d) ``ddp``: ``torchrun --nproc-per-node 2``, gloo, ``DistributedDataParallel`` and
+  ``torch.optim.AdamW``; no DeepSpeed. The compute floor.
+
+Data: every contender reads the same token sequences in the same order per rank and step
+(sample ``8t + 4r + i`` of the stage's blended, shuffled stream at step ``t`` on rank ``r``):
+(a) and (d) through :class:`pipeline.data.sampler.RankLoader` (memmap reads on a read-ahead
+thread, like the stage), (c) through a map-style dataset over
+:class:`~pipeline.data.sampler.BlendedSamples` with the Trainer's sequential sampler (accelerate
+shards its batches round-robin, which gives the same samples per rank), (b) reads its own.
+
+Timing, the same for all: the benchmark starts the launcher and timestamps (``time.time()``)
+every stdout line when it arrives. Rank 0 of (a), (c), (d) prints ``BENCH step N`` at the end
+of every optimizer step; (b) prints ``step N | ...`` (its monitor, every step). Throughput is
+``tokens per step x measured steps / (arrival of the last step - arrival of step <warmup>)``;
+time to first step is ``arrival of step 1 - launch``. The stage's data wait comes from its
+TensorBoard scalars (``perf/data_wait_s`` / ``perf/step_time_s``, the values behind the
+console's "(data x%)"). The contenders run interleaved (the order rotates every repetition)
+and the report gives medians and ratios of medians. The load other processes put on the
+machine during each run is recorded (``others``: busy cores not used by the run's process tree).
+
+Results: a Markdown table on stdout and ``<workdir>/results.json``; logs under ``<workdir>/logs``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKERS = ROOT / "bench" / "_train_workers.py"
+CONTENDERS = ("a", "b", "c", "d")
+LABEL = {"a": "(a) bare DeepSpeed loop", "b": "(b) stage launch/train.py", "c": "(c) HF Trainer + DeepSpeed",
+         "d": "(d) plain DDP (no DeepSpeed)"}
+MODE = {"a": "ds", "c": "hf", "d": "ddp"}
+RANKS = 2
+GOAL_B_OVER_A, GOAL_B_OVER_C, GOAL_TTFS, GOAL_DATA_WAIT = 0.97, 1.0, 1.1, 0.01
+STEP_LINE = re.compile(r"(?:^|\s)step (\d+) \| loss ([-\d.naninf]+) .*?\| ([\d,]+) tok/s .*?\| step ([\d.]+)s(?: \(data ([\d.]+)%\))?")
+
+FULL = dict(hidden=256, layers=4, heads=4, seq_len=256, micro=4, vocab=2048, sample_docs=20000)
+QUICK = dict(hidden=64, layers=2, heads=4, seq_len=64, micro=4, vocab=2048, sample_docs=20000)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------- setup
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_TEST_")}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    return env
+
+
+def make_dataset(workdir: Path, m: dict) -> Path:
+    """The preprocessed dataset, made (once) by the stage's own preprocess."""
+    out = workdir / f"data-{m['sample_docs']}-v{m['vocab']}"
+    if (out / "manifest.json").exists():
+        return out
+    log(f"preprocessing the built-in sample ({m['sample_docs']} documents, vocab {m['vocab']}) into {out}")
+    cmd = [sys.executable, str(ROOT / "launch" / "preprocess.py"), f"output={out}", f"sample_docs={m['sample_docs']}",
+           f"tokenizer.vocab_size={m['vocab']}"]
+    r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"preprocess failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+    return out
+
+
+def stage_overrides(m: dict, data: Path, output: Path, max_steps: int, warmup: int) -> list[str]:
+    """The stage's key=value arguments; the same recipe is resolved here for the other contenders."""
+    return [
+        f"output={output}", f"data.datasets.0.path={data}", f"data.seq_len={m['seq_len']}",
+        "model.model_type=llama", f"model.hidden_size={m['hidden']}", f"model.num_layers={m['layers']}",
+        f"model.num_heads={m['heads']}", f"train.micro_batch_size={m['micro']}", "train.grad_accum=1",
+        f"train.max_steps={max_steps}", f"train.warmup_steps={warmup}", "train.eval_batches=0", "checkpoint.every=0",
+        "monitor.log_every=1", "deepspeed.config=ds_configs/zero3_offload.json", "deepspeed.precision=fp32",
+    ]
+
+
+def prepare(workdir: Path, data_root: Path, m: dict, max_steps: int, warmup: int) -> dict:
+    """Dataset (under ``data_root``), model config, resolved DeepSpeed JSON and the workers' spec (under ``workdir``)."""
+    sys.path.insert(0, str(ROOT))
+    from pipeline.config import load_config
+    from pipeline.data.shards import read_manifest
+    from pipeline.model import architecture_fingerprint, hf_config
+    from pipeline.train import TrainConfig
+
+    try:  # where the stage resolves its DeepSpeed JSON (moved to pipeline.engine in faa4a00)
+        from pipeline.engine import resolved_ds
+    except ImportError:
+        from pipeline.train import resolved_ds
+
+    data = make_dataset(data_root, m)
+    cfg = load_config(TrainConfig, None, stage_overrides(m, data, workdir / "unused", max_steps, warmup))
+    tok = read_manifest(data)["tokenizer"]
+    conf = hf_config(cfg.model, tok["vocab_size"], cfg.data.seq_len, tok)
+    ds = resolved_ds(cfg, RANKS, conf.hidden_size)
+    model_dir = workdir / "model"
+    conf.save_pretrained(model_dir)
+    (workdir / "ds_config.json").write_text(json.dumps(ds, indent=2) + "\n")
+    t = cfg.train
+    spec = {
+        "data": str(data), "model_dir": str(model_dir), "ds_config": str(workdir / "ds_config.json"),
+        "seq_len": cfg.data.seq_len, "micro_batch": t.micro_batch_size, "max_steps": max_steps, "seed": t.seed,
+        "lr": t.lr, "betas": [t.beta1, t.beta2], "eps": t.eps, "weight_decay": t.weight_decay, "grad_clip": t.grad_clip,
+        "warmup_steps": t.warmup_steps, "min_lr_ratio": t.min_lr_ratio, "workdir": str(workdir / "hf-output"),
+    }
+    (workdir / "spec.json").write_text(json.dumps(spec, indent=2) + "\n")
+    return {"data": data, "ds": ds, "spec": spec, "fingerprint": architecture_fingerprint(conf), "tokenizer": tok,
+            "tokens_per_step": t.micro_batch_size * RANKS * cfg.data.seq_len, "n_layers": conf.num_hidden_layers,
+            "vocab": conf.vocab_size, "intermediate": conf.intermediate_size}
+
+
+# ---------------------------------------------------------------------------- one run
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _busy_seconds() -> float:
+    import psutil
+
+    t = psutil.cpu_times()
+    return sum(getattr(t, k, 0.0) for k in ("user", "nice", "system", "irq", "softirq", "steal"))
+
+
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def command(c: str, workdir: Path, m: dict, data: Path, max_steps: int, warmup: int, out: Path) -> list[str]:
+    port = str(_free_port())
+    if c == "b":
+        return ["deepspeed", "--num_gpus", str(RANKS), "--master_port", port, str(ROOT / "launch" / "train.py"),
+                *stage_overrides(m, data, out, max_steps, warmup)]
+    spec = workdir / "spec.json"
+    if max_steps != json.loads(spec.read_text())["max_steps"]:  # the warm-up run: fewer steps
+        s = json.loads(spec.read_text()) | {"max_steps": max_steps}
+        spec = workdir / f"spec-{max_steps}.json"
+        spec.write_text(json.dumps(s))
+    worker = [str(WORKERS), "--mode", MODE[c], "--spec", str(spec)]
+    if c == "d":
+        return ["torchrun", "--nnodes", "1", "--nproc-per-node", str(RANKS), "--master-addr", "127.0.0.1",
+                "--master-port", port, *worker]
+    return ["deepspeed", "--num_gpus", str(RANKS), "--master_port", port, *worker]
+
+
+def launch(cmd: list[str], log_path: Path, timeout: float) -> dict:
+    """Run ``cmd``; every stdout/stderr line with its arrival time (``time.time()``)."""
+    lines: list[tuple[float, str]] = []
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    busy0, cpu0 = _busy_seconds(), _children_cpu()
+    t_launch = time.time()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+    def read() -> None:
+        for raw in iter(proc.stdout.readline, b""):
+            lines.append((time.time(), raw.decode("utf-8", "replace").rstrip("\n")))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the group this run leads (start_new_session)
+        rc = proc.wait()
+        lines.append((time.time(), f"BENCH-TIMEOUT after {timeout} s"))
+    t_end = time.time()
+    reader.join(timeout=10)
+    busy, cpu = _busy_seconds() - busy0, _children_cpu() - cpu0
+    with open(log_path, "w") as f:
+        f.write(f"# {' '.join(cmd)}\n# launched at {t_launch:.6f}; rc {rc}\n")
+        f.writelines(f"{t - t_launch:9.3f} {text}\n" for t, text in lines)
+    wall = t_end - t_launch
+    return {"rc": rc, "t_launch": t_launch, "wall_s": wall, "lines": lines, "cpu_s": cpu,
+            "others_cores": max(0.0, (busy - cpu) / wall) if wall > 0 else 0.0}
+
+
+def _tensorboard_wait(out: Path, first: int, last: int) -> dict | None:
+    """Data wait / step time of steps ``first..last`` from the stage's TensorBoard scalars."""
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:
+        return None
+    ea = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    ea.Reload()
+    tags = ea.Tags().get("scalars", [])
+    if "perf/data_wait_s" not in tags or "perf/step_time_s" not in tags:
+        return None
+    wait = {e.step: e.value for e in ea.Scalars("perf/data_wait_s")}
+    step = {e.step: e.value for e in ea.Scalars("perf/step_time_s")}
+    keep = [s for s in range(first, last + 1) if s in wait and s in step]
+    if not keep:
+        return None
+    w, t = sum(wait[s] for s in keep), sum(step[s] for s in keep)
+    return {"data_wait_frac": w / t, "monitor_step_s_mean": t / len(keep), "steps": len(keep)}
+
+
+def run_one(c: str, workdir: Path, m: dict, prep: dict, max_steps: int, warmup: int, tag: str, timeout: float) -> dict:
+    """Launch contender ``c`` once and measure it (see the module doc)."""
+    out = workdir / "runs" / f"{c}-{tag}"
+    shutil.rmtree(out, ignore_errors=True)  # the stage would resume from an old checkpoint
+    cmd = command(c, workdir, m, prep["data"], max_steps, warmup, out)
+    log(f"{LABEL[c]} [{tag}] ...")
+    r = launch(cmd, workdir / "logs" / f"{c}-{tag}.log", timeout)
+    t0 = r["t_launch"]
+    steps: dict[int, dict] = {}
+    marks: dict[str, float] = {}
+    info: dict = {}
+    for ts, text in r.pop("lines"):
+        if c == "b":
+            mt = STEP_LINE.search(text)  # search: another rank's output may precede it on the line
+            if mt:
+                steps[int(mt.group(1))] = {"arrival": ts, "loss": float(mt.group(2)), "monitor_step_s": float(mt.group(4)),
+                                           "data_pct": float(mt.group(5)) if mt.group(5) else None}
+            elif "train: " in text and "rank(s)" in text:
+                marks.setdefault("dist", ts - t0)  # printed right after the process group is up
+            continue
+        if "BENCH " not in text:
+            continue
+        parts = text[text.index("BENCH "):].split()
+        if len(parts) < 3:
+            continue
+        if parts[1] == "step" and len(parts) >= 7:
+            steps[int(parts[2])] = {"arrival": ts, "printed": float(parts[3]), "loss": float(parts[4]),
+                                    "wait_s": float(parts[5]), "step_s": float(parts[6])}
+        elif parts[1] == "mark" and len(parts) >= 4:
+            marks[parts[2]] = float(parts[3]) - t0
+        elif parts[1] == "info":
+            info.update(json.loads(text[text.index("BENCH "):].split(" ", 2)[2]))
+    res = {"contender": c, "tag": tag, "rc": r["rc"], "wall_s": r["wall_s"], "others_cores": r["others_cores"],
+           "cpu_s": r["cpu_s"], "steps_seen": len(steps), "marks_s": marks, "info": info,
+           "losses": [steps[s]["loss"] for s in sorted(steps)]}
+    ok = r["rc"] == 0 and all(s in steps for s in range(1, max_steps + 1))
+    res["ok"] = ok
+    if not ok:
+        log(f"  FAILED (rc {r['rc']}, {len(steps)}/{max_steps} steps); see {workdir / 'logs' / f'{c}-{tag}.log'}")
+        return res
+    tps = prep["tokens_per_step"]
+    measured = max_steps - warmup
+    span = steps[max_steps]["arrival"] - steps[warmup]["arrival"]
+    res.update(tokens_per_s=tps * measured / span, first_step_s=steps[1]["arrival"] - t0,
+               step_s=[steps[s]["arrival"] - steps[s - 1]["arrival"] for s in range(warmup + 1, max_steps + 1)])
+    if c == "b":
+        tb = _tensorboard_wait(out, warmup + 1, max_steps)
+        if tb is not None:
+            res.update(data_wait_frac=tb["data_wait_frac"], monitor_step_s_mean=tb["monitor_step_s_mean"])
+        else:  # the console's rounded "(data x%)"
+            pct = [steps[s]["data_pct"] or 0.0 for s in range(warmup + 1, max_steps + 1)]
+            sec = [steps[s]["monitor_step_s"] for s in range(warmup + 1, max_steps + 1)]
+            res["data_wait_frac"] = sum(p / 100 * t for p, t in zip(pct, sec)) / sum(sec)
+        res["ds_config_identical"] = json.loads((out / "ds_config.json").read_text()) == prep["ds"]
+        res["model_identical"] = _stage_fingerprint(out) == prep["fingerprint"]
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)  # ~50 MB per run, not needed
+    else:
+        keep = range(warmup + 1, max_steps + 1)
+        res["data_wait_frac"] = sum(steps[s]["wait_s"] for s in keep) / sum(steps[s]["step_s"] for s in keep)
+        # cross-check: the same throughput from rank 0's own clock
+        res["tokens_per_s_inproc"] = tps * measured / (steps[max_steps]["printed"] - steps[warmup]["printed"])
+    log(f"  {res['tokens_per_s']:,.0f} tok/s, first step after {res['first_step_s']:.1f} s, "
+        f"data wait {100 * res['data_wait_frac']:.2f}%, others {r['others_cores']:.2f} cores")
+    return res
+
+
+def _stage_fingerprint(out: Path) -> str | None:
+    from transformers import AutoConfig
+
+    from pipeline.model import architecture_fingerprint
+
+    conf_dir = out / ".hf_config"
+    return architecture_fingerprint(AutoConfig.from_pretrained(conf_dir)) if (conf_dir / "config.json").exists() else None
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def machine() -> dict:
+    import psutil
+
+    cpu = "unknown"
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.lower().startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    versions = {}
+    for mod in ("torch", "deepspeed", "transformers", "accelerate"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - a report field only
+            versions[mod] = "?"
+    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "os": platform.platform(), "python": platform.python_version(), **versions}
+
+
+def _med(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+def summarize(runs: list[dict], tokens_per_step: int) -> dict:
+    """Medians over the repetitions, ratios, goals. ``tokens_per_s_median_step`` (tokens per step over
+    the median step time of a run) is less sensitive to bursts of load from other processes."""
+    s: dict = {}
+    for c in CONTENDERS:
+        ok = [r for r in runs if r["contender"] == c and r.get("ok")]
+        if not ok:
+            continue
+        tok = [r["tokens_per_s"] for r in ok]
+        tok_med = [tokens_per_step / statistics.median(r["step_s"]) for r in ok]
+        ttfs = [r["first_step_s"] for r in ok]
+        marks = {k: _med([r["marks_s"][k] for r in ok if k in r["marks_s"]]) for k in ("start", "imports", "dist", "ready")}
+        s[c] = {"runs": len(ok), "tokens_per_s": _med(tok), "tokens_per_s_min": min(tok), "tokens_per_s_max": max(tok),
+                "tokens_per_s_median_step": _med(tok_med),
+                "first_step_s": _med(ttfs), "first_step_s_min": min(ttfs), "first_step_s_max": max(ttfs),
+                "data_wait_frac": _med([r["data_wait_frac"] for r in ok]),
+                "marks_s": {k: v for k, v in marks.items() if v is not None},
+                "others_cores": _med([r["others_cores"] for r in ok])}
+    ratios: dict = {}
+    for num, den in (("b", "a"), ("b", "c"), ("c", "a"), ("d", "a")):
+        if num in s and den in s:
+            paired = [x["tokens_per_s"] / y["tokens_per_s"] for x in runs for y in runs
+                      if x["contender"] == num and y["contender"] == den and x.get("ok") and y.get("ok") and x["tag"] == y["tag"]]
+            ratios[f"{num}/{den}"] = {"of_medians": s[num]["tokens_per_s"] / s[den]["tokens_per_s"],
+                                      "paired_median": _med(paired),
+                                      "median_step": s[num]["tokens_per_s_median_step"] / s[den]["tokens_per_s_median_step"]}
+    if "a" in s and "b" in s:
+        ratios["first_step b/a"] = {"of_medians": s["b"]["first_step_s"] / s["a"]["first_step_s"]}
+    goals = {}
+    if "b/a" in ratios:
+        goals["b/a >= 0.97"] = ratios["b/a"]["of_medians"] >= GOAL_B_OVER_A
+    if "b/c" in ratios:
+        goals["b/c >= 1.0"] = ratios["b/c"]["of_medians"] >= GOAL_B_OVER_C
+    if "first_step b/a" in ratios:
+        goals["first step (b) <= 1.1 x (a)"] = ratios["first_step b/a"]["of_medians"] <= GOAL_TTFS
+    if "b" in s:
+        goals["data wait (b) < 1%"] = s["b"]["data_wait_frac"] < GOAL_DATA_WAIT
+    return {"contenders": s, "ratios": ratios, "goals": goals}
+
+
+def markdown(summary: dict, meta: dict) -> str:
+    s, ratios = summary["contenders"], summary["ratios"]
+    base = s.get("a", {}).get("tokens_per_s")
+    rows = ["| contender | tokens/s (median; min-max) | vs (a) | tokens/s from the median step | first step after, s "
+            "(median; min-max) | data wait | others' load, cores |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for c in meta["contenders"]:
+        if c not in s:
+            rows.append(f"| {LABEL[c]} | failed (see results.json) | | | | | |")
+            continue
+        x = s[c]
+        rel = f"{x['tokens_per_s'] / base:.3f}" if base else "-"
+        rows.append(f"| {LABEL[c]} | {x['tokens_per_s']:,.0f} ({x['tokens_per_s_min']:,.0f}-{x['tokens_per_s_max']:,.0f}) "
+                    f"| {rel} | {x['tokens_per_s_median_step']:,.0f} | {x['first_step_s']:.1f} ({x['first_step_s_min']:.1f}-{x['first_step_s_max']:.1f}) "
+                    f"| {100 * x['data_wait_frac']:.2f}% | {x['others_cores']:.2f} |")
+    out = ["\n".join(rows), ""]
+    brk = ["| contender | launcher + interpreter | imports | process group | model + initialize | first step |",
+           "|---|---:|---:|---:|---:|---:|"]
+    for c in CONTENDERS:
+        if c not in s:
+            continue
+        mk, first = s[c]["marks_s"], s[c]["first_step_s"]
+        pts = [mk.get("start"), mk.get("imports"), mk.get("dist"), mk.get("ready"), first]
+
+        def d(i: int) -> str:
+            a = 0.0 if i == 0 else pts[i - 1]
+            return "-" if pts[i] is None or a is None else f"{pts[i] - a:.1f}"
+
+        if c == "b":  # only "process group up" (its "train:" line) and step 1 are visible from outside
+            cells = ["-", "-", f"{pts[2]:.1f} (all three)" if pts[2] is not None else "-", "-",
+                     f"{first - pts[2]:.1f} (model, initialize, step 1)" if pts[2] is not None else "-"]
+        else:
+            cells = [d(0), d(1), d(2), d(3), d(4)]
+        brk.append(f"| {LABEL[c]} | " + " | ".join(cells) + " |")
+    out += ["Time to first step, split (medians, seconds from launch; each cell is the time since the previous one):",
+            "", "\n".join(brk), ""]
+    rr = ["| ratio | of medians | median of paired runs | of median step times |", "|---|---:|---:|---:|"]
+    for k, v in ratios.items():
+        paired = f"{v['paired_median']:.3f}" if v.get("paired_median") is not None else "-"
+        med = f"{v['median_step']:.3f}" if v.get("median_step") is not None else "-"
+        rr.append(f"| {k} | {v['of_medians']:.3f} | {paired} | {med} |")
+    out += ["\n".join(rr), ""]
+    out += ["| goal | met |", "|---|---|"] + [f"| {k} | {'yes' if v else '**no**'} |" for k, v in summary["goals"].items()]
+    return "\n".join(out) + "\n"
+
+
+def other_benchmarks() -> list[str]:
+    r = subprocess.run(["pgrep", "-af", "bench/preprocess.py"], capture_output=True, text=True)
+    return [l for l in r.stdout.splitlines() if l.strip() and str(os.getpid()) != l.split()[0]]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench/train.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", default=str(ROOT / "bench" / ".work" / "train"), help="cache, runs, logs and results")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repetitions (medians are reported)")
+    p.add_argument("--steps", type=int, default=30, help="measured optimizer steps per run")
+    p.add_argument("--warmup", type=int, default=5, help="optimizer steps before the measured ones")
+    p.add_argument("--only", default="abcd", help="contenders to run, e.g. 'ab' (default: abcd)")
+    p.add_argument("--timeout", type=float, default=900, help="seconds before a run is killed")
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny model, 6 steps (2 + 4 measured), 1 repetition")
+    p.add_argument("--report", action="store_true", help="only print the report of the last results.json again")
+    ns = p.parse_args(argv)
+    m = dict(QUICK if ns.quick else FULL)
+    if ns.quick:
+        ns.repeats, ns.steps, ns.warmup = 1, 4, 2
+    contenders = [c for c in CONTENDERS if c in ns.only]
+    workdir = Path(ns.workdir).resolve() / ("quick" if ns.quick else "full")
+    workdir.mkdir(parents=True, exist_ok=True)
+    if ns.report:
+        res = json.loads((workdir / "results.json").read_text())
+        res["meta"].setdefault("contenders", sorted({r["contender"] for r in res["runs"]}))
+        res["summary"] = summarize(res["runs"], res["meta"]["tokens_per_step"])
+        (workdir / "results.json").write_text(json.dumps(res, indent=2) + "\n")
+        print(markdown(res["summary"], res["meta"]))
+        return 0
+    busy = other_benchmarks()
+    if busy and not ns.quick:
+        log(f"warning: another benchmark is running ({busy[0]}); numbers will be distorted")
+    max_steps = ns.warmup + ns.steps
+    prep = prepare(workdir, Path(ns.workdir).resolve(), m, max_steps, ns.warmup)
+    t_start = time.time()
+    runs: list[dict] = []
+    if not ns.quick:  # compile/load DeepSpeed's cached ops and warm the page cache; not measured
+        run_one("a", workdir, m, prep, 2, 1, "warmup", ns.timeout)
+    for rep in range(ns.repeats):
+        order = contenders[rep % len(contenders):] + contenders[:rep % len(contenders)]
+        for c in order:
+            runs.append(run_one(c, workdir, m, prep, max_steps, ns.warmup, f"r{rep + 1}", ns.timeout))
+    summary = summarize(runs, prep["tokens_per_step"])
+    meta = {
+        "command": "python bench/train.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": machine(), "other_benchmarks_at_start": busy, "other_benchmarks_at_end": other_benchmarks(),
+        "model": {"type": "llama", "hidden": m["hidden"], "layers": m["layers"], "heads": m["heads"],
+                  "intermediate": prep["intermediate"], "vocab": prep["vocab"], "seq_len": m["seq_len"],
+                  "micro_batch": m["micro"], "grad_accum": 1, "ranks": RANKS, "omp_threads_per_rank": 1},
+        "data": str(prep["data"]), "ds_config": prep["ds"], "tokens_per_step": prep["tokens_per_step"],
+        "steps": {"warmup": ns.warmup, "measured": ns.steps}, "repeats": ns.repeats,
+        "elapsed_s": time.time() - t_start, "contenders": contenders,
+    }
+    (workdir / "results.json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": runs}, indent=2) + "\n")
+    print(markdown(summary, meta))
+    log(f"results: {workdir / 'results.json'}; logs: {workdir / 'logs'}")
+    return 0 if all(r.get("ok") for r in runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,20 @@
+"""Evaluate a model (and optionally compare it with another): perplexity, classification or generation.
+
+    python launch/evaluate.py --config FILE [key=value ...]
+    python launch/evaluate.py model=outputs/sample/pretrain data=outputs/sample/data task=perplexity
+    deepspeed --num_gpus 2 launch/evaluate.py ... zero3=true      (a model that needs ZeRO-3 to fit)
+
+Writes <output>/report.json, report.md, predictions.jsonl or generations.jsonl and
+tensorboard/<model name>/. Exit codes: 0 done, 2 bad config, data or model path.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pipeline.cli import run_stage  # noqa: E402
+from pipeline.evaluate import EvalConfig, run  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(run_stage(EvalConfig, lambda cfg, ns: run(cfg, ns.local_rank) and 0, prog="launch/evaluate.py", description=__doc__))

@@ -1,0 +1,105 @@
+"""The fine-tuning stage: SFT and classification, from a Hugging Face directory or a pipeline checkpoint."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY_MODEL, run_deepspeed, run_script, write_jsonl
+
+pytestmark = pytest.mark.integration
+ENV = {"OMP_NUM_THREADS": "1"}
+
+
+def _qa(tmp: Path, n: int = 240) -> Path:
+    from pipeline.data.sample import generate_qa
+
+    return write_jsonl(tmp / "qa.jsonl", list(generate_qa(n)))
+
+
+def _cls(tmp: Path, n: int = 400) -> Path:
+    rng = random.Random(0)
+    warm, cold = ["red", "golden", "yellow"], ["blue", "silver", "white"]
+    rows = []
+    for i in range(n):
+        label = rng.choice(["warm", "cold"])
+        color = rng.choice(warm if label == "warm" else cold)
+        rows.append({"text": f"The flag of town {i} is {color} and {rng.choice(['old', 'new', 'big'])}.", "label": label})
+    return write_jsonl(tmp / "cls.jsonl", rows)
+
+
+def _common(out: Path, model: Path, *extra: str) -> list[str]:
+    return [f"output={out}", f"model.path={model}", "train.micro_batch_size=4", "train.warmup_steps=2", "monitor.log_every=1",
+            "checkpoint.every=0", "train.eval_every=0", "train.eval_batches=2", *extra]
+
+
+def test_sft_trains_and_saves_template(tmp_path: Path, tiny_hf_model: Path):
+    data = _qa(tmp_path)
+    r = run_script("finetune.py", *_common(tmp_path / "run", tiny_hf_model, "task=sft", f"sft.train={data}", "sft.seq_len=64",
+                                           "train.max_steps=6", "train.lr=3e-3"), env=ENV)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpt = tmp_path / "run" / "checkpoints" / "step-00000006"
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert meta["task"] == "sft" and meta["eos_token_ids"][0] == 2 and meta["data"]["train"]["examples"] > 200
+    tok_conf = json.loads((ckpt / "hf" / "tokenizer" / "tokenizer_config.json").read_text())
+    template = tok_conf.get("chat_template") or (ckpt / "hf" / "tokenizer" / "chat_template.jinja").read_text()
+    assert "<|assistant|>" in template
+    losses = json.loads((tmp_path / "run" / "losses.json").read_text())["losses"]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    assert "eval step 6 | loss" in r.stdout
+
+
+def test_inspect_marks_trained_tokens(tmp_path: Path, tiny_hf_model: Path):
+    data = write_jsonl(tmp_path / "one.jsonl", [{"prompt": "Who founded Kalo?", "response": "Ren Tor"}])
+    r = run_script("finetune.py", "--inspect", "1", *_common(tmp_path / "run", tiny_hf_model, f"sft.train={data}", "sft.val_fraction=0"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Who founded Kalo?" in r.stdout and "[[" in r.stdout
+    trained = "".join(part.split("]]")[0] for part in r.stdout.split("[[")[1:])
+    assert "Ren Tor" in trained and "Who founded" not in trained and "</s>" in trained
+    assert not (tmp_path / "run").exists()
+
+
+def test_classification_learns_above_chance(tmp_path: Path, tiny_hf_model: Path):
+    data = _cls(tmp_path)
+    r = run_script("finetune.py", *_common(tmp_path / "run", tiny_hf_model, "task=classification", f"classification.train={data}",
+                                           "classification.max_length=32", "train.max_steps=40", "train.lr=3e-3",
+                                           "train.eval_batches=0", "deepspeed.config=ds_configs/zero1.json",
+                                           "classification.class_weights=balanced"), env=ENV)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [line for line in r.stdout.splitlines() if line.startswith("eval step 40")]
+    assert lines, r.stdout[-2000:]
+    acc = float(lines[-1].split("accuracy ")[1].split()[0])
+    assert acc > 0.8, lines
+    conf = json.loads((tmp_path / "run" / "checkpoints" / "step-00000040" / "hf" / "config.json").read_text())
+    assert conf["id2label"] == {"0": "cold", "1": "warm"} and conf["architectures"][0].endswith("ForSequenceClassification")
+
+
+@pytest.mark.slow
+def test_sft_from_pipeline_checkpoint_two_ranks_zero3(tmp_path: Path, tiny_dataset: Path):
+    pre = run_deepspeed("train.py", f"output={tmp_path / 'pre'}", f"data.datasets.0.path={tiny_dataset}", *TINY_MODEL,
+                        "train.micro_batch_size=2", "train.max_steps=2", "train.eval_batches=0")
+    assert pre.returncode == 0, pre.stdout[-3000:]
+    data = _qa(tmp_path)
+    r = run_deepspeed("finetune.py", *_common(tmp_path / "ft", tmp_path / "pre", f"sft.train={data}", "sft.seq_len=32",
+                                              "train.max_steps=3", "train.micro_batch_size=2"))
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert (tmp_path / "ft" / "init_model" / "config.json").exists()
+    assert json.loads((tmp_path / "ft" / "checkpoints" / "step-00000003" / "meta.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["task=sft"], "sft.train: is empty"),
+    (["task=classification", "classification.train=nowhere.jsonl"], "no file matches"),
+    (["sft.train=BAD"], "BAD_FILE:2"),
+    (["model.path=/nonexistent", "sft.train=BAD"], "neither a Hugging Face model directory"),
+])
+def test_finetune_user_errors(tmp_path: Path, tiny_hf_model: Path, extra, message):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": 3}\n')
+    extra = [e.replace("BAD", str(bad)) for e in extra]
+    r = run_script("finetune.py", *_common(tmp_path / "run", tiny_hf_model), *extra, env=ENV)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert message.replace("BAD_FILE", str(bad)) in r.stderr and "Traceback" not in r.stderr
