@@ -21,10 +21,12 @@ DOCS = Path(__file__).resolve().parents[1] / "docs" / "config"
 
 
 def stages() -> dict[str, type]:
+    from pipeline.evaluate import EvalConfig
+    from pipeline.finetune import FinetuneConfig
     from pipeline.preprocess import PreprocessConfig
     from pipeline.train import TrainConfig
 
-    return {"preprocess": PreprocessConfig, "pretrain": TrainConfig}
+    return {"preprocess": PreprocessConfig, "pretrain": TrainConfig, "finetune": FinetuneConfig, "evaluate": EvalConfig}
 
 
 def render(stage: str, cls: type) -> str:

@@ -346,7 +346,7 @@ def test_loader_determinism_ranks_and_epochs():
     for s in range(9):
         assert not set(r0[s]) & set(r1[s]) and r0[s] + r1[s] == one[s]
     ld = sft.SFTLoader(rows, 1, 2, 2, 1, seed=5, **kw)
-    assert ld.indices(3, 0) == [ld.row_index(g) for g in rank_indices(3, 0, 1, 2, 2, 1)]
+    assert ld.indices(3, 0) == [ld.index(g) for g in rank_indices(3, 0, 1, 2, 2, 1)]
 
 
 def test_loader_resume_and_val_batches():
@@ -357,7 +357,7 @@ def test_loader_resume_and_val_batches():
     for _ in range(5):  # two steps and a half
         next(ld)
     state = ld.state_dict()
-    assert state == {"consumed_samples": 12, "step": 2, "rows": 10}
+    assert state == {"consumed_samples": 12, "step": 2, "items": 10}
     new = sft.SFTLoader(rows, 0, 1, 3, 2, seed=1, **kw)
     new.load_state_dict(json.loads(json.dumps(state)))
     assert [_rows_of(next(new)) for _ in range(6)] == seq[4:10]  # the unfinished step is read again
@@ -366,8 +366,8 @@ def test_loader_resume_and_val_batches():
     for x in (r0, r1):
         x.load_state_dict(state)
     assert _rows_of(next(r0)) + _rows_of(next(r1)) == seq[4] + seq[5]
-    with pytest.raises(UserError, match="11 packed rows"):
-        new.load_state_dict({**state, "rows": 11})
+    with pytest.raises(UserError, match="over 11 examples"):
+        new.load_state_dict({**state, "items": 11})
     with pytest.raises(UserError, match="no training example"):
         sft.SFTLoader([], 0, 1, 1, 1, seed=0, **kw)
 

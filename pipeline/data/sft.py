@@ -54,13 +54,14 @@ import hashlib
 import json
 import sys
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
 import numpy as np
 
 from pipeline.data import chat
-from pipeline.data.sampler import FeistelPermutation, rank_indices
+from pipeline.data.sampler import ExampleLoader, FixedBatches
 from pipeline.errors import UserError
 
 KEY = "sft"  # this config's key in the fine-tune stage config, named in error messages
@@ -416,16 +417,12 @@ def collate(rows: list[list[Example]], seq_len: int, pad_id: int, packed: bool =
 
 
 # ---------------------------------------------------------------------------- loading order
-class SFTLoader:
-    """Endless iterator of this rank's collated micro-batches, deterministic and resumable.
+class SFTLoader(ExampleLoader):
+    """Endless iterator of this rank's collated micro-batches of packed rows, deterministic
+    and resumable (:class:`pipeline.data.sampler.ExampleLoader` over the rows).
 
     Args:
         rows: packed rows (the same list on every rank).
-        rank, world: this rank and the data-parallel world size.
-        micro_batch: rows per micro-batch; grad_accum: micro-batches per optimizer step.
-        seed: the order depends only on (rows, seed).
-        start_step: first optimizer step (its global batch starts at ``start_step * G`` rows,
-            ``G = micro_batch * grad_accum * world``, unless ``consumed_samples`` is given).
         seq_len, pad_id, packed, dtype: passed to :func:`collate`.
     """
 
@@ -434,102 +431,22 @@ class SFTLoader:
                  consumed_samples: int | None = None):
         if not rows:
             raise UserError("no training example left after tokenization (every example was dropped or bad); "
-                            f"check {KEY}.train, {KEY}.seq_len and {KEY}.overlong")
-        self.rows, self.rank, self.world = rows, int(rank), int(world)
-        self.micro_batch, self.grad_accum, self.seed = int(micro_batch), int(grad_accum), int(seed)
-        self.global_batch = self.micro_batch * self.grad_accum * self.world
-        rank_indices(0, 0, self.rank, self.world, self.micro_batch, self.grad_accum)  # validates the layout
-        self.seq_len, self.pad_id, self.packed, self.dtype = int(seq_len), int(pad_id), packed, dtype
-        self._perms: dict[int, FeistelPermutation] = {}
-        self._seek(start_step, start_step * self.global_batch if consumed_samples is None else consumed_samples)
-
-    def _seek(self, step: int, consumed: int) -> None:  # to the start of ``step``
-        self.step, self.consumed_samples, self.micro_step = int(step), int(consumed), 0
-
-    def row_index(self, g: int) -> int:
-        """Index in ``rows`` of global row ``g`` (epoch ``g // n``, shuffled within the epoch)."""
-        epoch, p = divmod(int(g), len(self.rows))
-        perm = self._perms.get(epoch)
-        if perm is None:
-            if len(self._perms) > 4:
-                self._perms.clear()
-            perm = self._perms[epoch] = FeistelPermutation(len(self.rows), "sft", self.seed, epoch)
-        return int(perm(p))
-
-    def indices(self, step: int, micro_step: int) -> list[int]:
-        """Row indices this rank reads at ``micro_step`` of optimizer ``step`` (from the state's origin)."""
-        base = self.consumed_samples - self.step * self.global_batch  # nonzero after a resume with another layout
-        return [self.row_index(base + g) for g in rank_indices(step, micro_step, self.rank, self.world,
-                                                                self.micro_batch, self.grad_accum)]
-
-    @property
-    def epoch(self) -> float:
-        """Epochs of the rows completed by the start of the current step."""
-        return self.consumed_samples / len(self.rows)
-
-    def __iter__(self) -> Iterator[dict]:
-        return self
-
-    def __next__(self) -> dict:
-        batch = collate([self.rows[i] for i in self.indices(self.step, self.micro_step)], self.seq_len, self.pad_id,
-                        self.packed, self.dtype)
-        self.micro_step += 1
-        if self.micro_step == self.grad_accum:
-            self._seek(self.step + 1, self.consumed_samples + self.global_batch)
-        return batch
-
-    def state_dict(self) -> dict[str, int]:
-        """``{"consumed_samples", "step", "rows"}`` at the start of the current (unfinished) step."""
-        return {"consumed_samples": self.consumed_samples, "step": self.step, "rows": len(self.rows)}
-
-    def close(self) -> None:
-        """Nothing to stop (no read-ahead thread); for symmetry with :class:`~pipeline.data.sampler.RankLoader`."""
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continue from a :meth:`state_dict` (the same rows; any world/accumulation layout).
-
-        Raises:
-            UserError: the state was saved with a different number of rows (other data or seq_len).
-        """
-        if "rows" in state and int(state["rows"]) != len(self.rows):
-            raise UserError(f"the checkpoint's data order was made over {state['rows']} packed rows, the data now "
-                            f"gives {len(self.rows)}; resume with the same {KEY}.train/seq_len/packing, or start a new run")
-        self._seek(int(state["step"]), int(state["consumed_samples"]))
+                            "check data.train, data.seq_len and data.overlong")
+        super().__init__(rows, rank, world, micro_batch, grad_accum, seed, start_step, name="sft",
+                         collate=partial(collate, seq_len=seq_len, pad_id=pad_id, packed=packed, dtype=dtype),
+                         consumed_samples=consumed_samples)
+        self.rows = rows
 
 
-class ValBatches:
-    """A fixed set of validation micro-batches, split evenly across ranks.
-
-    Rows are shuffled once with ``seed`` (fixed, not the training seed) and cut into
-    micro-batches of ``micro_batch`` rows (the last may be smaller); ``num_batches > 0``
-    keeps the first that many. Rank ``r`` evaluates batches ``r, r + world, ...``; every rank
-    makes the same number of passes, a rank short of one repeats a batch flagged not real
-    (count the loss of real batches only). Iterating yields ``(batch dict, real)``.
-    """
+class ValBatches(FixedBatches):
+    """A fixed set of validation micro-batches of packed rows, split evenly across ranks
+    (:class:`pipeline.data.sampler.FixedBatches`, shuffled once with ``seed``)."""
 
     def __init__(self, rows: list[list[Example]], rank: int, world: int, micro_batch: int, *, seq_len: int, pad_id: int,
                  packed: bool = True, dtype: Any = None, num_batches: int = 0, seed: int = 0):
-        if not (0 <= rank < world) or micro_batch < 1:
-            raise ValueError(f"need 0 <= rank < world and micro_batch >= 1; got rank={rank} world={world} "
-                             f"micro_batch={micro_batch}")
-        order = FeistelPermutation(len(rows), "sft-val", seed)(np.arange(len(rows))).tolist() if rows else []
-        batches = [order[i:i + micro_batch] for i in range(0, len(order), micro_batch)]
-        if num_batches > 0:
-            batches = batches[:num_batches]
-        self.rows, self.batches = rows, batches
-        self.seq_len, self.pad_id, self.packed, self.dtype = int(seq_len), int(pad_id), packed, dtype
-        per_rank = -(-len(batches) // world)
-        #: (batch index, real) per forward pass of this rank
-        self.plan = [(b if b < len(batches) else rank % max(1, len(batches)), b < len(batches))
-                     for b in (rank + k * world for k in range(per_rank))]
-
-    def __len__(self) -> int:
-        return len(self.plan)
-
-    def __iter__(self) -> Iterator[tuple[dict, bool]]:
-        for b, real in self.plan:
-            rows = [self.rows[i] for i in self.batches[b]]
-            yield collate(rows, self.seq_len, self.pad_id, self.packed, self.dtype), real
+        super().__init__(rows, rank, world, micro_batch, num_batches=num_batches, seed=seed, name="sft-val",
+                         collate=partial(collate, seq_len=seq_len, pad_id=pad_id, packed=packed, dtype=dtype))
+        self.rows = rows
 
 
 # ---------------------------------------------------------------------------- all together
