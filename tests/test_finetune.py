@@ -103,3 +103,26 @@ def test_finetune_user_errors(tmp_path: Path, tiny_hf_model: Path, extra, messag
     r = run_script("finetune.py", *_common(tmp_path / "run", tiny_hf_model), *extra, env=ENV)
     assert r.returncode == 2, r.stderr[-2000:]
     assert message.replace("BAD_FILE", str(bad)) in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sft_learns_to_answer_far_above_the_base_model(tmp_path: Path, tiny_hf_model: Path):
+    """A small made-up chat set: after fine-tuning, greedy answers match the references."""
+    rng = random.Random(3)
+    facts = [(f"What is the code word for town {t}?", rng.choice(["amber", "basalt", "cobalt", "dune", "ember", "fjord"]))
+             for t in ("Kalo", "Mira", "Tor", "Vel", "Dun", "Esh", "Fa", "Gor")]
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in facts]
+    train = write_jsonl(tmp_path / "chat.jsonl", rows * 8)
+    held = write_jsonl(tmp_path / "held.jsonl", [{"prompt": q, "response": a} for q, a in facts])
+    r = run_script("finetune.py", *_common(tmp_path / "ft", tiny_hf_model, f"sft.train={train}", "sft.val_fraction=0",
+                                           "sft.seq_len=64", "train.max_steps=60", "train.lr=5e-3", "train.eval_batches=0",
+                                           "deepspeed.config=ds_configs/zero1.json"), env=ENV)
+    assert r.returncode == 0, r.stderr[-3000:]
+    e = run_script("evaluate.py", f"model={tmp_path / 'ft'}", f"compare_to={tiny_hf_model}", "task=generation", f"data={held}",
+                   f"output={tmp_path / 'eval'}", "max_new_tokens=8", env=ENV)
+    assert e.returncode == 0, e.stderr[-3000:]
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    scores = {m["name"]: m["metrics"]["exact_match"] for m in report["models"]}
+    tuned, base = scores[report["models"][0]["name"]], scores[report["models"][1]["name"]]
+    assert tuned >= 0.75 and base == 0.0, scores
+    gens = [json.loads(line) for line in (tmp_path / "eval" / "generations.jsonl").read_text().splitlines()]
+    assert len(gens) == 16 and all({"prompt", "reference", "generation", "exact"} <= set(g) for g in gens)
