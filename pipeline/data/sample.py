@@ -119,3 +119,26 @@ def write_qa(path: str | os.PathLike, num: int = 2000, seed: int = 1234, split: 
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in generate_qa(num, seed, split=split)))
     return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipeline.data.sample DIR``: write the sample fine-tuning files into DIR.
+
+    ``qa_train.jsonl`` (questions about the first half of the towns) and ``qa_test.jsonl``
+    (the other half: never seen in fine-tuning), both prompt/response JSON Lines.
+    """
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m pipeline.data.sample", description=main.__doc__)
+    p.add_argument("dir", nargs="?", default="outputs/sample")
+    p.add_argument("--train", type=int, default=2000, help="training questions")
+    p.add_argument("--test", type=int, default=200, help="held-out questions")
+    p.add_argument("--seed", type=int, default=1234)
+    a = p.parse_args(argv)
+    for name, n, split in (("qa_train.jsonl", a.train, "train"), ("qa_test.jsonl", a.test, "test")):
+        print(write_qa(Path(a.dir) / name, n, a.seed, split))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
