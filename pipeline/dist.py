@@ -515,27 +515,34 @@ def barrier() -> None:
         tdist.barrier()
 
 
-def _all_reduce(value, dtype_name: str, op_name: str):
+def _all_reduce(values: list, dtype_name: str, op_name: str) -> list:
     import torch
     import torch.distributed as tdist
 
-    t = torch.tensor([value], dtype=getattr(torch, dtype_name), device=_device())
+    t = torch.tensor(values, dtype=getattr(torch, dtype_name), device=_device())
     tdist.all_reduce(t, op=getattr(tdist.ReduceOp, op_name))
-    return t.item()
+    return t.tolist()
 
 
 def all_reduce_max_int(value: int) -> int:
     """Maximum of ``value`` over all ranks (``value`` itself without a process group)."""
     if not _initialized():
         return int(value)
-    return int(_all_reduce(int(value), "int64", "MAX"))
+    return int(_all_reduce([int(value)], "int64", "MAX")[0])
 
 
 def all_reduce_sum_float(value: float) -> float:
     """Sum of ``value`` over all ranks, in float64 (``value`` itself without a process group)."""
     if not _initialized():
         return float(value)
-    return float(_all_reduce(float(value), "float64", "SUM"))
+    return float(_all_reduce([float(value)], "float64", "SUM")[0])
+
+
+def all_reduce_sum_floats(values: list[float]) -> list[float]:
+    """Element-wise sums over all ranks in one collective (``values`` without a process group)."""
+    if not _initialized():
+        return [float(v) for v in values]
+    return [float(v) for v in _all_reduce([float(v) for v in values], "float64", "SUM")]
 
 
 def shutdown() -> None:

@@ -94,12 +94,20 @@ class ClassificationTask:
     def targets(self, batch: dict) -> int:
         return int(batch["labels"].numel())
 
+    def tokens(self, batch: dict) -> int:
+        return int(batch["attention_mask"].sum())  # real tokens, not padding
+
+    @staticmethod
+    def inputs(batch: dict, device) -> dict:
+        """Model inputs (with BERT-style ``token_type_ids`` when present) on ``device``."""
+        return {k: v.to(device) for k, v in batch.items() if k != "labels"}
+
     def loss(self, model, batch: dict):
         import torch
         import torch.nn.functional as F
 
         device = next(iter(model.parameters())).device
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+        logits = model(**self.inputs(batch, device)).logits
         weight = torch.tensor(self.weights, dtype=torch.float32, device=device) if self.weights else None
         labels = batch["labels"].to(device)
         return F.cross_entropy(logits.float(), labels, weight=weight, reduction="sum"), labels.new_tensor(labels.numel())
@@ -114,7 +122,7 @@ def evaluate_classification(engine, task: ClassificationTask, batches) -> dict[s
     device = next(iter(engine.parameters())).device
     with torch.no_grad():
         for batch, real in batches:
-            logits = engine(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+            logits = engine(**task.inputs(batch, device)).logits
             if real:
                 labels = batch["labels"].to(device)
                 loss_sum += float(torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum"))
@@ -232,8 +240,8 @@ def inspect(cfg: FinetuneConfig, n: int) -> int:
 
         print(render(tok, data.sft.train, n))
     else:
-        for ids, y in data.train_items[:n]:
-            print(f"[{data.label_names[y]}] {tok.decode(ids)}")
+        for it in data.train_items[:n]:
+            print(f"[{data.label_names[it['label']]}] {tok.decode(it['input_ids'])}")
     print(data.describe())
     return 0
 
@@ -286,7 +294,7 @@ def run(cfg: FinetuneConfig, local_rank: int | None = None) -> int:
         evaluate = (lambda eng: evaluate_lm(eng, task, val)) if val is not None else None
     else:
         evaluate = (lambda eng: evaluate_classification(eng, task, val)) if val is not None else None
-    monitor = run_.monitor(flops_per_token=flops_per_token(conf, data.seq_len, n_params), seq_len=data.seq_len,
+    monitor = run_.monitor(flops_per_token=flops_per_token(conf, data.seq_len, n_params, lm_head=cfg.task == "sft"), seq_len=data.seq_len,
                            hparams={"n_params": n_params})
     hf_dir, tok_dir = run_.out / ".hf_config", run_.out / ".tokenizer"
 

@@ -103,7 +103,7 @@ def _model_shape(hf_config: Any) -> dict[str, Any]:
         "gated": model_type not in _PLAIN_MLP, "tied": bool(getattr(hf_config, "tie_word_embeddings", True))}
 
 
-def flops_per_token(hf_config: Any, seq_len: int, n_params: int | None = None) -> float:
+def flops_per_token(hf_config: Any, seq_len: int, n_params: int | None = None, lm_head: bool = True) -> float:
     """Training FLOPs per token (forward + backward), PaLM/Megatron accounting.
 
     ``6 * (N_non_embedding + V*h) + 12 * L * H * Q * s`` where
@@ -129,6 +129,7 @@ def flops_per_token(hf_config: Any, seq_len: int, n_params: int | None = None) -
             ``hidden_size``/``n_embd``, ``vocab_size``, ``num_attention_heads``/``n_head``, ``head_dim``,
             ``num_key_value_heads``, ``intermediate_size``/``n_inner``, ``tie_word_embeddings``, ``model_type``.
         seq_len: tokens per training sequence.
+        lm_head: False for a model without the vocabulary projection (a sequence classifier).
         n_params: total parameter count of the real model (:func:`count_params`); when given,
             ``N_non_embedding`` is derived from it (exact, includes norms and biases). Otherwise it is
             estimated from the config: attention projections (grouped K/V) and a gated (3 matrices)
@@ -148,7 +149,10 @@ def flops_per_token(hf_config: Any, seq_len: int, n_params: int | None = None) -
         non_embedding = int(n_params) - embedding
         if non_embedding <= 0:
             raise ValueError(f"n_params={n_params} is not larger than the embeddings ({embedding}); wrong model or config?")
-    return float(6 * (non_embedding + V * h) + 12 * L * attn_width * int(seq_len))
+    head = V * h if lm_head else 0  # a sequence classifier has no vocabulary projection
+    if not lm_head and n_params is not None:
+        non_embedding += V * h * (0 if s["tied"] else 1)  # its n_params hold no output matrix to subtract
+    return float(6 * (non_embedding + head) + 12 * L * attn_width * int(seq_len))
 
 
 # ---------------------------------------------------------------------------- peak FLOP/s
@@ -408,7 +412,7 @@ class Monitor:
         self._reset()
 
     def _reset(self) -> None:
-        self._n, self._loss_sum, self._time_sum = 0, 0.0, 0.0
+        self._n, self._loss_sum, self._time_sum, self._tokens = 0, 0.0, 0.0, 0
         self._gn_sum, self._gn_n = 0.0, 0
         self._wait_sum, self._wait_n = 0.0, 0
         self._lr: float | None = None
@@ -444,14 +448,14 @@ class Monitor:
     # ------------------------------------------------------------------ logging
 
     def step_end(self, step: int, *, loss: float, lr: float, grad_norm: float | None, loss_scale: float | None = None,
-                 extra: dict[str, float] | None = None, force: bool = False) -> str | None:
+                 extra: dict[str, float] | None = None, force: bool = False, tokens: int | None = None) -> str | None:
         """Record one finished optimizer step; every ``log_every`` steps write and return a line.
 
         The step's time runs from :meth:`step_start` (or, when that was not called, from the
         previous ``step_end``) to now and includes the data wait. The interval's time is the sum
         of its step times, so eval or checkpoint pauses between a ``step_end`` and the next
-        ``step_start`` do not lower the throughput. Tokens/s = ``tokens_per_step * steps /
-        interval time``; TFLOP/s per device = ``flops_per_token * tokens/s / world_size``;
+        ``step_start`` do not lower the throughput. Tokens/s = tokens of the interval's steps /
+        interval time; TFLOP/s per device = ``flops_per_token * tokens/s / world_size``;
         MFU = that / peak.
 
         Args:
@@ -464,6 +468,8 @@ class Monitor:
             extra: more scalars, averaged over the interval, written as ``train/<key>`` (keys
                 containing ``/`` as they are) and shown at the end of the line.
             force: write a line now even off the ``log_every`` grid.
+            tokens: input tokens this step processed over all ranks, when it varies (padded
+                batches of varying length); default ``tokens_per_step``.
 
         Returns:
             The console line when one was written, else ``None``.
@@ -477,6 +483,7 @@ class Monitor:
             self._wait_sum, self._wait_n = self._wait_sum + self._wait, self._wait_n + 1
         self._t_start, self._wait, self._t_last_end = None, None, now
         self._n, self._loss_sum, self._lr = self._n + 1, self._loss_sum + float(loss), float(lr)
+        self._tokens += self.tokens_per_step if tokens is None else int(tokens)
         if grad_norm is not None:
             self._gn_sum, self._gn_n = self._gn_sum + float(grad_norm), self._gn_n + 1
         if loss_scale is not None:
@@ -499,7 +506,7 @@ class Monitor:
         for k, vals in self._extra.items():
             scalars[k if "/" in k else f"train/{k}"] = sum(vals) / len(vals)
         if t > 0:
-            tok_s = self.tokens_per_step * n / t
+            tok_s = self._tokens / t
             smp_s = self.samples_per_step * n / t
             tflops = self.flops_per_token * tok_s / self.world_size / 1e12
             scalars.update({"perf/tokens_per_s": tok_s, "perf/samples_per_s": smp_s, "perf/step_time_s": t / n,
@@ -534,13 +541,12 @@ class Monitor:
     def eval(self, step: int, metrics: dict[str, float]) -> str | None:
         """Write evaluation metrics as ``eval/<key>`` and return/print one line.
 
-        ``ppl`` = exp(``loss``) is added when ``loss`` is given and ``ppl`` is not.
+        Only the given metrics are written (a language model's evaluation passes its ``ppl``;
+        a classifier's loss has no perplexity).
         """
         if not self.enabled:
             return None
         metrics = {k: float(v) for k, v in metrics.items()}
-        if "loss" in metrics and "ppl" not in metrics:
-            metrics["ppl"] = math.exp(min(metrics["loss"], 700.0)) if math.isfinite(metrics["loss"]) else math.nan
         parts = [f"eval step {step}"]
         for k, v in metrics.items():
             parts.append(f"{k} {v:.4f}" if k == "loss" else f"{k} {_fmt_g(v)}")

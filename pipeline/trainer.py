@@ -109,6 +109,10 @@ class Task(Protocol):
 
     def targets(self, batch: Any) -> int: ...
 
+    def tokens(self, batch: Any) -> int:
+        """Input tokens the model processes for ``batch`` (for throughput)."""
+        ...
+
 
 class CausalLMTask:
     """Next-token prediction on ``{"input_ids", "labels", optional "attention_mask"/"position_ids"}``
@@ -122,6 +126,9 @@ class CausalLMTask:
 
     def targets(self, batch) -> int:
         return int((self._fields(batch)["labels"] != IGNORE_INDEX).sum())
+
+    def tokens(self, batch) -> int:
+        return int(self._fields(batch)["input_ids"].numel())
 
     def loss(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
         b = self._fields(batch)
@@ -139,7 +146,7 @@ class StepResult:
     lr: float
     grad_norm: float | None
     loss_scale: float | None
-    tokens: int
+    tokens: int  # input tokens processed over all ranks
 
 
 class Trainer:
@@ -168,8 +175,7 @@ class Trainer:
         engine.train()
         window = [next(self.batches) for _ in range(self.grad_accum)]
         self.monitor.data_ready()
-        local = sum(task.targets(b) for b in window)
-        total = dist.all_reduce_sum_float(float(local))
+        total, tokens = dist.all_reduce_sum_floats([sum(task.targets(b) for b in window), sum(task.tokens(b) for b in window)])
         if total <= 0:
             raise RuntimeError("a training window without any target token (every label masked)")
         scale = self.grad_accum * self.world / total
@@ -188,7 +194,7 @@ class Trainer:
             lr=engine.get_lr()[0],
             grad_norm=float(gnorm) if gnorm is not None else None,
             loss_scale=float(scale_attr) if scale_attr is not None else None,
-            tokens=int(total),
+            tokens=int(tokens),
         )
 
     def fit(self) -> int:
@@ -202,7 +208,7 @@ class Trainer:
                 if _STEP_DELAY:
                     time.sleep(_STEP_DELAY)
                 self.monitor.step_end(self.step, loss=result.loss, lr=result.lr, grad_norm=result.grad_norm,
-                                      loss_scale=result.loss_scale, force=self.step == self.max_steps)
+                                      loss_scale=result.loss_scale, force=self.step == self.max_steps, tokens=result.tokens)
                 if self.evaluate and self.eval_every and self.step % self.eval_every == 0 and self.step < self.max_steps:
                     self.monitor.eval(self.step, self.evaluate(self.engine))
                 if self.save_every and self.step % self.save_every == 0 and self.step < self.max_steps:

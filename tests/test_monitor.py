@@ -135,7 +135,7 @@ def test_monitor_writes_tensorboard_and_lines(tmp_path):
     m = _monitor(tmp_path, lines=lines)
     m.log_hparams({"optim": {"lr": 3e-4, "betas": [0.9, 0.95]}, "seq_len": 128, "note": None})
     out = _run_steps(m, 25)
-    assert m.eval(25, {"loss": 2.0}) == "eval step 25 | loss 2.0000 | ppl 7.389"
+    assert m.eval(25, {"loss": 2.0, "ppl": math.exp(2.0)}) == "eval step 25 | loss 2.0000 | ppl 7.389"
     m.scalar("custom/x", 1.5, 25)
     m.close()
     m.close()  # idempotent

@@ -129,8 +129,10 @@ def label_names(cfg: ClassificationDataConfig, train: list[Example]) -> list[str
     return list(cfg.labels) if cfg.labels else sorted({ex.label for ex in train}, key=lambda s: (len(s), s) if s.isdigit() else (0, s))
 
 
-def encode(tokenizer, examples: list[Example], names: list[str], max_length: int, where: str) -> list[tuple[list[int], int]]:
-    """``(token ids, label id)`` per example; an unknown label is a user error naming it."""
+def encode(tokenizer, examples: list[Example], names: list[str], max_length: int, where: str) -> list[dict]:
+    """One item per example: ``input_ids``, ``token_type_ids`` when the tokenizer makes them
+    (BERT-style segment ids for text pairs), and ``label`` (an id); an unknown label is a user
+    error naming it."""
     index = {n: i for i, n in enumerate(names)}
     unknown = sorted({ex.label for ex in examples} - set(index))
     if unknown:
@@ -138,25 +140,34 @@ def encode(tokenizer, examples: list[Example], names: list[str], max_length: int
     texts = [ex.text for ex in examples]
     pairs = [ex.pair for ex in examples] if examples and examples[0].pair is not None else None
     enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)
-    return [(ids, index[ex.label]) for ids, ex in zip(enc["input_ids"], examples)]
+    types = enc.get("token_type_ids")
+    return [{"input_ids": ids, "label": index[ex.label], **({"token_type_ids": types[i]} if types is not None else {})}
+            for i, (ids, ex) in enumerate(zip(enc["input_ids"], examples))]
 
 
-def class_weights(encoded: list[tuple[list[int], int]], num_labels: int, mode: str) -> list[float] | None:
+def class_weights(items: list[dict], num_labels: int, mode: str) -> list[float] | None:
     if mode == "none":
         return None
-    counts = np.bincount([y for _, y in encoded], minlength=num_labels).astype(np.float64)
+    counts = np.bincount([it["label"] for it in items], minlength=num_labels).astype(np.float64)
     counts[counts == 0] = 1.0
     return (counts.sum() / (num_labels * counts)).tolist()
 
 
-def collate(items: list[tuple[list[int], int]], pad_id: int) -> dict:
-    """Right-pad to the longest example: ``input_ids``/``attention_mask`` (B, T), ``labels`` (B,)."""
+def collate(items: list[dict], pad_id: int) -> dict:
+    """Right-pad to the longest example: ``input_ids``/``attention_mask`` (and
+    ``token_type_ids``) (B, T), ``labels`` (B,)."""
     import torch
 
-    longest = max(len(ids) for ids, _ in items)
-    input_ids = torch.full((len(items), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(items), longest), dtype=torch.long)
-    for i, (ids, _) in enumerate(items):
-        input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        mask[i, : len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": torch.tensor([y for _, y in items], dtype=torch.long)}
+    longest = max(len(it["input_ids"]) for it in items)
+    out = {"input_ids": torch.full((len(items), longest), pad_id, dtype=torch.long),
+           "attention_mask": torch.zeros((len(items), longest), dtype=torch.long)}
+    if "token_type_ids" in items[0]:
+        out["token_type_ids"] = torch.zeros((len(items), longest), dtype=torch.long)
+    for i, it in enumerate(items):
+        n = len(it["input_ids"])
+        out["input_ids"][i, :n] = torch.tensor(it["input_ids"], dtype=torch.long)
+        out["attention_mask"][i, :n] = 1
+        if "token_type_ids" in out:
+            out["token_type_ids"][i, :n] = torch.tensor(it["token_type_ids"], dtype=torch.long)
+    out["labels"] = torch.tensor([it["label"] for it in items], dtype=torch.long)
+    return out
