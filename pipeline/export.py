@@ -571,7 +571,7 @@ def export(checkpoint: str | os.PathLike, output: str | os.PathLike, *, max_shar
                 else " (non-finite logits: the checkpoint's weights hold NaN/inf)")
             raise ExportVerificationError(
                 f"export verification failed: max |Δlogit| = {diff:.6g} > tolerance {tol:.6g} (the {dtype} export of {step} "
-                f"reloaded with transformers vs the checkpoint's consolidated fp32 weights){hint}; nothing was written to {out}")
+                f"reloaded with transformers vs the checkpoint's consolidated fp32 weights){hint}; nothing was published to {out}")
         summary = {
             "source_checkpoint": str(step.resolve()), "step": meta.get("step"), "tag": step.name,
             "zero_stage": meta.get("zero_stage"), "world_size": meta.get("world_size"),

@@ -1,0 +1,321 @@
+"""The export stage: ZeRO checkpoints -> verified Hugging Face directories, loaders, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY_MODEL, free_port, run_deepspeed, run_script
+from pipeline.errors import UserError
+from pipeline.export import consolidate, export, is_pipeline_checkpoint, load_model, resolve_checkpoint, stop_token_ids
+from pipeline.io import sha256_file
+
+pytestmark = pytest.mark.integration
+
+ENV = {"OMP_NUM_THREADS": "1"}
+STEP = "step-00000002"
+
+
+def _train_args(out: Path, data: Path, *extra: str) -> list[str]:
+    return [f"output={out}", f"data.datasets.0.path={data}", *TINY_MODEL, "train.micro_batch_size=2", "train.warmup_steps=2",
+            "train.eval_batches=2", "train.eval_every=0", "monitor.log_every=1", "checkpoint.every=0", "train.lr=3e-3",
+            "train.max_steps=2", *extra]
+
+
+def _quiet(*_args) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def z3_run(tmp_path_factory, tiny_dataset: Path) -> Path:
+    """A run directory trained 2 steps on 2 CPU ranks with the default ZeRO-3 + offload config."""
+    out = tmp_path_factory.mktemp("z3") / "run"
+    r = run_deepspeed("train.py", *_train_args(out, tiny_dataset))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def z3_export(z3_run: Path) -> tuple[Path, subprocess.CompletedProcess]:
+    """``launch/export.py`` of the ZeRO-3 run directory, with shards of at most 100 kB."""
+    out = z3_run.parent / "exported"
+    r = run_script("export.py", "--checkpoint", str(z3_run), "--output", str(out), "--max-shard-size", "100KB", env=ENV)
+    return out, r
+
+
+def _reference(step: Path, head: str = "causal"):
+    """The checkpoint's own model, built without pipeline.export's loader: a model from
+    hf/config.json and ``load_state_dict`` of the consolidated fp32 weights (strict)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    conf = AutoConfig.from_pretrained(step / "hf")
+    auto = AutoModelForSequenceClassification if head == "cls" else AutoModelForCausalLM
+    model = auto.from_config(conf)
+    model.load_state_dict(consolidate(step), strict=True)
+    return model.eval()
+
+
+def _logits(model, seed: int = 1, vocab: int = 512) -> torch.Tensor:
+    ids = torch.randint(4, vocab, (3, 16), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+def _eval_loss(model, data: Path) -> float:
+    """The training stage's validation loss, recomputed on the same fixed val batches."""
+    from pipeline.data.sampler import Validation
+    from pipeline.trainer import CausalLMTask
+
+    total = count = 0.0
+    with torch.no_grad():
+        for batch, real in Validation([(str(data), 1.0)], 32, 2, 2, rank=0, world=1, verify="none"):
+            loss, n = CausalLMTask().loss(model, batch)
+            total, count = total + float(loss), count + int(n)
+    return total / count
+
+
+def test_zero3_two_ranks_export_loads_and_equals_the_checkpoint(z3_run: Path, z3_export, tiny_dataset: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, r = z3_export
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "max |Δlogit| = 0" in r.stdout and "Traceback" not in r.stderr
+    step = z3_run / "checkpoints" / STEP
+    # sharded safetensors + index
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(shards) >= 3 and set(index["weight_map"].values()) == set(shards)
+    assert not (out / "model.safetensors").exists()
+    # transformers loads it; its logits are the consolidated checkpoint's
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert (_logits(model) - _logits(_reference(step))).abs().max() <= 1e-5
+    # ... and the training engine's: the final validation loss it logged, recomputed
+    ea = EventAccumulator(str(z3_run / "tensorboard"))
+    ea.Reload()
+    logged = ea.Scalars("eval/loss")[-1]
+    assert logged.step == 2
+    assert _eval_loss(model, tiny_dataset) == pytest.approx(logged.value, abs=1e-5)
+    # tokenizer, generation config, config
+    tok = AutoTokenizer.from_pretrained(out)
+    assert len(tok) == 512 and (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (1, 2, 3)
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert (gen["bos_token_id"], gen["eos_token_id"], gen["pad_token_id"]) == (1, 2, 3)
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["dtype"] == conf["torch_dtype"] == "float32" and conf["use_cache"] is True
+    assert conf["architectures"] == ["LlamaForCausalLM"]
+    # provenance
+    meta = json.loads((out / "export_meta.json").read_text())
+    assert meta["source_checkpoint"] == str(step.resolve()) and meta["step"] == 2
+    assert (meta["zero_stage"], meta["world_size"], meta["dtype"]) == (3, 2, "fp32")
+    assert meta["max_abs_logit_diff"] <= 1e-4 and meta["tolerance"] == 1e-4
+    assert meta["files"] == {p.name: sha256_file(p) for p in out.iterdir() if p.name != "export_meta.json"}
+    assert not list(out.parent.glob("exported.*"))  # no temporary directory left
+
+
+def test_zero1_single_rank_tied_embeddings_fp32_and_bf16(tmp_path: Path, tiny_dataset: Path):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    r = run_script("train.py", *_train_args(tmp_path / "run", tiny_dataset, "deepspeed.config=ds_configs/zero1.json",
+                                            "model.tie_word_embeddings=true"), env=ENV)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpts = tmp_path / "run" / "checkpoints"
+    state = consolidate(ckpts)
+    assert state["lm_head.weight"] is state["model.embed_tokens.weight"]  # one tensor, as in training
+    ref = _logits(_reference(ckpts / STEP))
+
+    summary = export(ckpts, tmp_path / "fp32", log=_quiet)  # dtype auto: trained in fp32 on CPU
+    assert (summary["zero_stage"], summary["world_size"], summary["dtype"]) == (1, 1, "fp32")
+    with safe_open(tmp_path / "fp32" / "model.safetensors", "pt") as f:
+        assert "model.embed_tokens.weight" in f.keys() and "lm_head.weight" not in f.keys()  # written once
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "fp32")
+    assert model.lm_head.weight is model.get_input_embeddings().weight  # tied again on load
+    assert (_logits(model) - ref).abs().max() <= 1e-5
+
+    summary = export(ckpts / STEP, tmp_path / "bf16", dtype="bf16", log=_quiet)
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    with safe_open(tmp_path / "bf16" / "model.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    assert 0 < summary["max_abs_logit_diff"] <= summary["tolerance"] and summary["tolerance"] >= 2 ** -4
+    bf16 = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float32)
+    assert (_logits(bf16) - ref).abs().max() <= summary["tolerance"]
+
+
+def test_verification_failure_publishes_nothing_and_keeps_the_old_export(z3_run: Path, z3_export):
+    out, first = z3_export
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = {p.name: sha256_file(p) for p in out.iterdir()}
+    r = run_script("export.py", "--checkpoint", str(z3_run / "checkpoints" / STEP), "--output", str(out), "--overwrite",
+                   env={**ENV, "PIPELINE_TEST_CORRUPT_EXPORT": "1"})
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "export verification failed: max |Δlogit| = " in r.stderr and "> tolerance 0.0001" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert {p.name: sha256_file(p) for p in out.iterdir()} == before
+    assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith("exported")) == ["exported"]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "does not exist"),
+    ("empty dir", "is not a checkpoint of this pipeline (no meta.json)"),
+    ("hf dir", "looks like a Hugging Face model directory"),
+    ("no optimizer shards", "incomplete (missing *_optim_states.pt)"),
+    ("run without checkpoint", "without a complete checkpoint"),
+    ("output exists", "already exists; pass --overwrite"),
+    ("output holds the checkpoint", "holds the checkpoint"),
+    ("bad shard size", "is not a size"),
+])
+def test_user_errors(tmp_path: Path, z3_run: Path, tiny_hf_model: Path, case: str, message: str):
+    step = z3_run / "checkpoints" / STEP
+    checkpoint, out, kwargs = step, tmp_path / "out", {}
+    if case == "missing":
+        checkpoint = tmp_path / "nowhere"
+    elif case == "empty dir":
+        checkpoint = tmp_path / "empty"
+        checkpoint.mkdir()
+    elif case == "hf dir":
+        checkpoint = tiny_hf_model
+    elif case == "no optimizer shards":
+        checkpoint = tmp_path / STEP
+        shutil.copytree(step, checkpoint, ignore=shutil.ignore_patterns("*_optim_states.pt"))
+    elif case == "run without checkpoint":
+        checkpoint = tmp_path / "run"
+        (checkpoint / "checkpoints").mkdir(parents=True)
+    elif case == "output exists":
+        out.mkdir()
+    elif case == "output holds the checkpoint":
+        out, kwargs = z3_run, {"overwrite": True}
+    else:
+        kwargs = {"max_shard_size": "lots"}
+    with pytest.raises(UserError, match=re.escape(message)):
+        export(checkpoint, out, log=_quiet, **kwargs)
+    assert out.exists() == (case in ("output exists", "output holds the checkpoint"))
+
+
+def test_user_error_exits_2_with_one_message(tmp_path: Path):
+    r = run_script("export.py", "--checkpoint", str(tmp_path / "nowhere"), "--output", str(tmp_path / "out"))
+    assert r.returncode == 2 and r.stderr.startswith("error: checkpoint") and "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_load_model_from_hf_dir_and_from_checkpoint(tmp_path: Path, tiny_hf_model: Path, z3_run: Path, z3_export):
+    model, tok = load_model(tiny_hf_model)
+    assert type(model).__name__ == "LlamaForCausalLM" and not model.training and tok.eos_token_id == 2
+    step = z3_run / "checkpoints" / STEP
+    for p in (z3_run, z3_run / "checkpoints", step):
+        assert is_pipeline_checkpoint(p) and resolve_checkpoint(p) == step
+    assert not is_pipeline_checkpoint(tiny_hf_model) and not is_pipeline_checkpoint(tmp_path / "nowhere")
+    from_ckpt, tok2 = load_model(z3_run)
+    assert not from_ckpt.training and from_ckpt.config.use_cache and len(tok2) == 512
+    from_export, _ = load_model(z3_export[0])
+    assert torch.equal(_logits(from_ckpt), _logits(from_export))
+    half, _ = load_model(step, dtype="bf16")
+    assert next(half.parameters()).dtype == torch.bfloat16
+    with pytest.raises(UserError, match="not a Hugging Face model directory"):
+        load_model(tmp_path)
+
+
+def test_chat_template_and_recorded_stop_tokens(tmp_path: Path, z3_run: Path, tiny_dataset: Path):
+    from transformers import AutoTokenizer
+
+    from pipeline.data.chat import BUILTIN_TEMPLATE
+
+    # a step directory copied elsewhere is exportable on its own; give it what fine-tuning records
+    step = tmp_path / STEP
+    shutil.copytree(z3_run / "checkpoints" / STEP, step)
+    tok_conf = step / "hf" / "tokenizer" / "tokenizer_config.json"
+    tok_conf.write_text(json.dumps({**json.loads(tok_conf.read_text()), "chat_template": BUILTIN_TEMPLATE}))
+    meta = json.loads((step / "meta.json").read_text())
+    (step / "meta.json").write_text(json.dumps({**meta, "eos_token_ids": [2, 3]}))
+    export(step, tmp_path / "chat", log=_quiet)
+    assert json.loads((tmp_path / "chat" / "generation_config.json").read_text())["eos_token_id"] == [2, 3]
+    assert AutoTokenizer.from_pretrained(tmp_path / "chat").chat_template == BUILTIN_TEMPLATE
+
+    # without the meta.json key: the template's end-of-turn token, then EOS
+    tok = AutoTokenizer.from_pretrained(tiny_dataset / "tokenizer")
+    no_eos = SimpleNamespace(eos_token_id=None)
+    assert stop_token_ids(tok, no_eos, {}) == [2]
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    assert stop_token_ids(tok, no_eos, {}) == [tok.convert_tokens_to_ids("<|im_end|>"), 2]
+    assert stop_token_ids(tok, no_eos, {"eos_token_ids": [7, 2]}) == [7, 2]
+
+
+_ENGINE_CHECKPOINT = r"""
+# A checkpoint in this pipeline's layout written by a 1-rank DeepSpeed engine after one step, for
+# what launch/train.py cannot make on CPU: a sequence classifier, a bf16 run.
+import json, os, shutil, sys
+from pathlib import Path
+import torch, deepspeed
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+out, tok_dir, port, head, stage, precision = sys.argv[1:]
+out, stage = Path(out), int(stage)
+os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+deepspeed.init_distributed(dist_backend="gloo")
+torch.manual_seed(0)
+cls = LlamaForSequenceClassification if head == "cls" else LlamaForCausalLM
+conf = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=4, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=3,
+                   num_labels=3, architectures=[cls.__name__])
+model = cls(conf)
+ds = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
+      "bf16": {"enabled": precision == "bf16"}}
+engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2), config=ds)
+ids = torch.randint(4, 512, (2, 8))
+loss = engine(input_ids=ids, labels=torch.tensor([0, 2]) if head == "cls" else ids).loss
+engine.backward(loss)
+engine.step()
+step = out / "checkpoints" / "step-00000001"
+engine.save_checkpoint(str(out / "checkpoints"), tag=step.name, save_latest=False)
+conf.save_pretrained(step / "hf")
+shutil.copytree(tok_dir, step / "hf" / "tokenizer")
+meta = {"step": 1, "zero_stage": stage, "world_size": 1, "precision": precision}
+if head == "cls":
+    meta["labels"] = ["neg", "neutral", "pos"]
+(step / "meta.json").write_text(json.dumps(meta))
+(out / "checkpoints" / "latest").write_text(step.name)
+"""
+
+
+def _engine_checkpoint(run: Path, tokenizer: Path, head: str, stage: int, precision: str) -> Path:
+    r = subprocess.run([sys.executable, "-c", _ENGINE_CHECKPOINT, str(run), str(tokenizer), str(free_port()), head, str(stage),
+                        precision], env={**os.environ, "PYTHONPATH": str(ROOT), **ENV}, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return run / "checkpoints" / "step-00000001"
+
+
+def test_bf16_trained_zero2_classifier_keeps_its_labels_and_fp32_master_weights(tmp_path: Path, tiny_dataset: Path):
+    from transformers import AutoModelForSequenceClassification
+
+    step = _engine_checkpoint(tmp_path / "cls", tiny_dataset / "tokenizer", "cls", 2, "bf16")
+    master = consolidate(step)["model.layers.0.mlp.up_proj.weight"]
+    assert master.dtype == torch.float32 and (master.bfloat16().float() != master).any()  # not the bf16 working copy
+    ref = _logits(_reference(step, head="cls"))
+
+    summary = export(tmp_path / "cls", tmp_path / "bf16", log=_quiet)  # dtype auto: bf16, as trained
+    assert (summary["zero_stage"], summary["dtype"], summary["architecture"]) == (2, "bf16", "LlamaForSequenceClassification")
+    assert 0 < summary["max_abs_logit_diff"] <= summary["tolerance"]
+    conf = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert conf["dtype"] == "bfloat16" and conf["id2label"] == {"0": "neg", "1": "neutral", "2": "pos"}
+    assert conf["label2id"]["pos"] == 2 and not (tmp_path / "bf16" / "generation_config.json").exists()
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "bf16", dtype=torch.float32)
+    assert (_logits(model) - ref).abs().max() <= summary["tolerance"]
+
+    export(step, tmp_path / "fp32", dtype="fp32", log=_quiet)
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "fp32").eval()
+    assert model.config.id2label[1] == "neutral" and (_logits(model) - ref).abs().max() <= 1e-5
+    loaded, _ = load_model(step)
+    assert type(loaded).__name__ == "LlamaForSequenceClassification" and loaded.config.id2label[2] == "pos"
