@@ -114,7 +114,7 @@ def test_every_shipped_yaml_loads():
     from pipeline.docgen import stages as stage_configs
 
     stages = {**stage_configs(), "continue_train": stage_configs()["pretrain"]}
-    files = sorted((ROOT / "configs").rglob("*.yaml"))
+    files = sorted((ROOT / "configs").rglob("*.yaml")) + sorted((ROOT / "examples").rglob("*.yaml"))
     assert files, "no shipped configs found"
     for f in files:
         stage = f.stem
