@@ -1,0 +1,297 @@
+"""The Slurm launchers (slurm/*.sh) submitted with sbatch to a real Slurm on this host.
+
+The cluster (tests/slurm_cluster.py): two emulated nodes n1, n2 with 2 CPUs and 2 fake GPUs
+each (no CUDA device: the pipeline picks gloo). The tests skip, with the reason, where Slurm
+cannot be installed. Jobs run the project's own scripts with a tiny model; every wait is
+bounded, and a test cancels its jobs when it ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, TINY_MODEL, write_jsonl
+from slurm_cluster import SlurmCluster, Unavailable, start_for_tests
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.integration]
+
+RECIPE = "configs/sample/pretrain.yaml"
+ONE_NODE = ["--nodes=1", "--gpus-per-node=2", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=15"]
+TWO_NODES = ["--nodes=2", "--gpus-per-node=0", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=15"]
+STEPS = 12
+
+
+@pytest.fixture(scope="session")
+def slurm() -> SlurmCluster:
+    try:
+        cluster = start_for_tests(nodes=2, cpus=2, gpus=2)
+    except Unavailable as e:
+        pytest.skip(f"no local Slurm: {e}")
+    yield cluster
+    cluster.down()
+    shutil.rmtree(cluster.root, ignore_errors=True)
+
+
+class Jobs:
+    """Submit the project's scripts from a working directory (logs/ there); cancel leftovers."""
+
+    def __init__(self, cluster: SlurmCluster, cwd: Path):
+        self.cluster, self.cwd, self.ids = cluster, cwd, []
+        (cwd / "logs").mkdir(parents=True, exist_ok=True)
+        self.env = {"PIPELINE_PYTHON": sys.executable, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+
+    def submit(self, script: str, sbatch_opts: list[str], *args: str, env: dict | None = None) -> int:
+        """``sbatch OPTS slurm/SCRIPT ARGS`` from the working directory; returns the job id."""
+        env = {**self.env, **(env or {})}
+        job = self.cluster.sbatch(*sbatch_opts, str(ROOT / "slurm" / script), *args, cwd=self.cwd, env=env)
+        self.ids.append(job)
+        return job
+
+    def pipeline(self, *args: str) -> dict[str, int]:
+        proc = self.cluster.run([str(ROOT / "slurm" / "pipeline.sh"), *args], cwd=self.cwd, env={**self.cluster.env, **self.env})
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        jobs = dict(line.split() for line in proc.stdout.splitlines())
+        self.ids += [int(j) for j in jobs.values()]
+        return {stage: int(j) for stage, j in jobs.items()}
+
+    def log(self, name: str, job: int) -> str:
+        path = self.cwd / "logs" / f"{name}-{job}.out"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def wait_log(self, name: str, job: int, text: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.log(name, job):
+                return
+            info = self.cluster.job(job)
+            if info.get("JobState") in ("FAILED", "CANCELLED", "COMPLETED", "TIMEOUT"):
+                break
+            time.sleep(0.3)
+        raise AssertionError(f"'{text}' did not appear in the log of job {job}:\n{self.log(name, job)[-4000:]}")
+
+    def done(self, name: str, job: int, timeout: float, state: str = "COMPLETED") -> dict[str, str]:
+        info = self.cluster.wait_done(job, timeout)
+        assert info["JobState"] == state, \
+            f"job {job} ended {info['JobState']} ({info.get('Reason')}):\n{self.log(name, job)[-5000:]}"
+        return info
+
+    def cancel_all(self) -> None:
+        if self.ids:
+            self.cluster.run(["scancel", *map(str, self.ids)])
+
+
+@pytest.fixture
+def jobs(slurm: SlurmCluster, tmp_path: Path):
+    j = Jobs(slurm, tmp_path)
+    yield j
+    j.cancel_all()
+
+
+def _train(out: Path, data: Path, *extra: str) -> list[str]:
+    """The recipe, then overrides for a tiny model (as tests/test_train.py)."""
+    return [RECIPE, f"output={out}", f"data.datasets.0.path={data}", *TINY_MODEL, "train.micro_batch_size=2",
+            "train.warmup_steps=2", "train.eval_batches=2", "train.eval_every=0", "monitor.log_every=1", "checkpoint.every=0",
+            "train.lr=3e-3", *extra]
+
+
+def _losses(out: Path) -> dict:
+    return json.loads((out / "losses.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def reference(slurm: SlurmCluster, tmp_path_factory, tiny_dataset: Path) -> tuple[Path, str]:
+    """An uninterrupted pretrain job: one node, two tasks, ZeRO-3 + offload, STEPS steps."""
+    j = Jobs(slurm, tmp_path_factory.mktemp("reference"))
+    try:
+        job = j.submit("pretrain.sh", ONE_NODE, *_train(j.cwd / "run", tiny_dataset, f"train.max_steps={STEPS}"))
+        j.done("pretrain", job, timeout=240)
+    finally:
+        j.cancel_all()
+    return j.cwd / "run", j.log("pretrain", job)
+
+
+def test_scripts_are_valid_bash():
+    for script in sorted((ROOT / "slurm").glob("*.sh")):
+        proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert proc.returncode == 0, f"{script.name}: {proc.stderr}"
+
+
+def test_pretrain_one_node_two_tasks_zero3(reference):
+    run, log = reference
+    assert "pipeline: pretrain: job" in log and "1 node(s) x 2 task(s), 2 GPU(s) per node" in log  # one task per GPU
+    assert "train: 2 rank(s), ZeRO-3" in log and "pipeline: pretrain finished" in log
+    ckpt = run / "checkpoints"
+    assert (ckpt / "latest").read_text() == f"step-{STEPS:08d}"
+    meta = json.loads((ckpt / f"step-{STEPS:08d}" / "meta.json").read_text())
+    assert meta["world_size"] == 2 and meta["zero_stage"] == 3
+    assert len(_losses(run)["losses"]) == STEPS
+
+
+def test_two_nodes_one_task_each_then_resume(jobs: Jobs, tiny_dataset: Path):
+    out = jobs.cwd / "run"
+    first = jobs.submit("pretrain.sh", TWO_NODES, *_train(out, tiny_dataset, "train.max_steps=4"))
+    info = jobs.done("pretrain", first, timeout=240)
+    log = jobs.log("pretrain", first)
+    assert info["NodeList"] == "n[1-2]" and "2 node(s) x 1 task(s)" in log and "rendezvous n1:" in log
+    assert "train: 2 rank(s)" in log
+    assert (out / "checkpoints" / "latest").read_text() == "step-00000004"
+    second = jobs.submit("pretrain.sh", TWO_NODES, *_train(out, tiny_dataset, "train.max_steps=6"))
+    jobs.done("pretrain", second, timeout=240)
+    assert "resumed from" in jobs.log("pretrain", second) and "at step 4" in jobs.log("pretrain", second)
+    assert _losses(out)["start_step"] == 4 and len(_losses(out)["losses"]) == 2
+    assert (out / "checkpoints" / "latest").read_text() == "step-00000006"
+
+
+def test_preemption_checkpoints_requeues_and_ends_like_an_uninterrupted_run(jobs: Jobs, slurm: SlurmCluster, reference,
+                                                                           tiny_dataset: Path):
+    ref_run, _ = reference
+    out = jobs.cwd / "run"
+    job = jobs.submit("pretrain.sh", ONE_NODE, *_train(out, tiny_dataset, f"train.max_steps={STEPS}"),
+                      env={"PIPELINE_TEST_STEP_DELAY": "0.5"})
+    jobs.wait_log("pretrain", job, "\nstep 3 |", timeout=180)
+    # What --signal=B:USR1@300 does before the time limit, now: the batch shell traps it and
+    # forwards it through srun to every rank.
+    sig = slurm.run(["scancel", "--batch", "--signal=USR1", str(job)])
+    assert sig.returncode == 0, sig.stderr
+    slurm.wait(job, lambda i: i.get("Restarts") == "1" and i["JobState"] == "PENDING", 120, "the requeue")
+    slurm.scontrol("update", f"JobId={job}", "StartTime=now")  # skip the ~120 s delay of a requeued job
+    info = jobs.done("pretrain", job, timeout=240)
+    assert info["Restarts"] == "1"
+    log = jobs.log("pretrain", job)  # --open-mode=append: both runs are in it
+    assert "batch shell got SIGUSR1" in log and "stop requested (SIGUSR1)" in log
+    assert f"requeueing job {job}" in log and f"job {job} run 2" in log and "resumed from" in log
+    resumed = _losses(out)
+    stopped_at = resumed["start_step"]
+    assert 3 <= stopped_at < STEPS and (out / "checkpoints" / f"step-{stopped_at:08d}").is_dir()
+    full = _losses(ref_run)["losses"]
+    assert resumed["losses"] == pytest.approx(full[stopped_at:], abs=1e-6)
+    assert resumed["losses"][-1] == pytest.approx(full[-1], abs=1e-6)
+    assert (out / "checkpoints" / "latest").read_text() == f"step-{STEPS:08d}"
+
+
+def test_time_limit_warning_signal_requeues(jobs: Jobs, slurm: SlurmCluster, tiny_dataset: Path):
+    # The header's mechanism itself, --signal=B:USR1@T, on a 2-minute job: Slurm sends USR1
+    # once fewer than T seconds are left (it checks periodically: often at once here, maybe
+    # while the ranks are still importing, who then ignore it until the script repeats it).
+    opts = [o for o in ONE_NODE if not o.startswith("--time")] + ["--time=2", "--signal=B:USR1@105"]
+    job = jobs.submit("pretrain.sh", opts, *_train(jobs.cwd / "run", tiny_dataset, "train.max_steps=1000"),
+                      env={"PIPELINE_TEST_STEP_DELAY": "0.5"})
+    slurm.wait(job, lambda i: i.get("Restarts") == "1", 150, "the requeue")
+    log = jobs.log("pretrain", job)
+    assert "batch shell got SIGUSR1" in log and "stop requested (SIGUSR1)" in log and f"requeueing job {job}" in log, log[-3000:]
+    assert "FAILED" not in log
+
+
+def _rank_pid(job: int, rank: int) -> int | None:
+    """The python process of one rank of a job (emulated nodes: all on this host)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            env = set((proc / "environ").read_bytes().split(b"\0"))
+        except OSError:
+            continue
+        if b"python" in argv[0] and any(a.endswith(b"launch/train.py") for a in argv) and \
+                f"SLURM_JOB_ID={job}".encode() in env and f"SLURM_PROCID={rank}".encode() in env:
+            return int(proc.name)
+    return None
+
+
+def test_a_dead_rank_fails_the_job_at_once_naming_it(jobs: Jobs, tiny_dataset: Path):
+    job = jobs.submit("pretrain.sh", TWO_NODES,
+                      *_train(jobs.cwd / "run", tiny_dataset, "train.max_steps=500", "dist.timeout_s=300"),
+                      env={"PIPELINE_TEST_STEP_DELAY": "0.3"})
+    jobs.wait_log("pretrain", job, "\nstep 2 |", timeout=180)
+    pid = _rank_pid(job, 1)
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)  # as the OOM killer would
+    killed = time.monotonic()
+    jobs.done("pretrain", job, timeout=60, state="FAILED")
+    assert time.monotonic() - killed < 60  # far below dist.timeout_s: the step was stopped, not timed out
+    log = jobs.log("pretrain", job)
+    assert "pipeline: rank 1 of 2 (node n2, local rank 0) was killed by signal 9 (KILL)" in log
+    assert "pipeline: pretrain FAILED" in log
+
+
+def _recipes(base: Path, preprocess_source: str = "builtin:sample") -> Path:
+    """Tiny recipes for every stage, wired output -> input (absolute paths)."""
+    from pipeline.data.sample import generate_qa
+
+    r = base / "recipes"
+    r.mkdir()
+    qa = write_jsonl(base / "qa.jsonl", list(generate_qa(120)))
+    (r / "preprocess.yaml").write_text(f"sources: [{{path: '{preprocess_source}', name: sample}}]\noutput: {base}/data\n"
+                                       "sample_docs: 800\ntokenizer: {vocab_size: 512}\nval_fraction: 0.05\n")
+    common = ("train: {micro_batch_size: 2, max_steps: 4, warmup_steps: 2, eval_every: 0, eval_batches: 2, lr: 3.0e-3}\n"
+              "checkpoint: {every: 0}\nmonitor: {log_every: 1}\n")
+    (r / "pretrain.yaml").write_text(f"output: {base}/pretrain\nmodel: {{hidden_size: 64, num_layers: 2, num_heads: 4}}\n"
+                                     f"data: {{datasets: [{{path: {base}/data}}], seq_len: 32}}\n" + common)
+    (r / "finetune.yaml").write_text(f"output: {base}/finetune\ntask: sft\nmodel: {{path: {base}/pretrain}}\n"
+                                     f"sft: {{train: {qa}, seq_len: 32}}\n" + common)
+    (r / "evaluate.yaml").write_text(f"output: {base}/eval\nmodel: {base}/finetune\ndata: {base}/data\ntask: perplexity\n"
+                                     "seq_len: 32\nmax_batches: 2\n")
+    return r
+
+
+CHAIN_SBATCH = ["--sbatch", "--gpus-per-node=0 --cpus-per-task=1 --time=15", "--sbatch-preprocess", "--ntasks-per-node=2",
+                "--sbatch-pretrain", "--ntasks-per-node=2", "--sbatch-finetune", "--ntasks-per-node=2"]
+
+
+def test_pipeline_chain_runs_every_stage_and_the_export_loads(jobs: Jobs, slurm: SlurmCluster):
+    recipes = _recipes(jobs.cwd)
+    chain = jobs.pipeline(*CHAIN_SBATCH, str(recipes))
+    assert list(chain) == ["preprocess", "pretrain", "finetune", "evaluate", "export"]
+    assert slurm.job(chain["export"])["Dependency"] == f"afterok:{chain['evaluate']}(unfulfilled)"
+    for stage, job in chain.items():
+        jobs.done(stage, job, timeout=300)
+    assert "preprocess step 3/3: merge" in jobs.log("preprocess", chain["preprocess"])  # 2 tasks: tokenizer, shards, merge
+    assert json.loads((jobs.cwd / "eval" / "report.json").read_text())
+    export = jobs.cwd / "finetune" / "export"
+    assert (export / "export_meta.json").exists()
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(export)
+    tok = AutoTokenizer.from_pretrained(export)
+    ids = torch.tensor([tok("Hello there.")["input_ids"]])
+    assert torch.isfinite(model(ids).logits).all() and model.config.vocab_size == 512
+
+
+def test_a_failing_stage_stops_the_chain(jobs: Jobs, slurm: SlurmCluster):
+    recipes = _recipes(jobs.cwd, preprocess_source=str(jobs.cwd / "missing.jsonl"))
+    chain = jobs.pipeline(*CHAIN_SBATCH, "--stages", "preprocess,pretrain,export", str(recipes))
+    jobs.done("preprocess", chain["preprocess"], timeout=120, state="FAILED")
+    for stage in ("pretrain", "export"):
+        info = slurm.wait_done(chain[stage], 60)
+        assert info["JobState"] == "CANCELLED" and info["Reason"] == "DependencyNeverSatisfied", info
+        assert not jobs.log(stage, chain[stage])  # never ran
+    log = jobs.log("preprocess", chain["preprocess"])
+    assert "missing.jsonl" in log and "pipeline: preprocess (tokenizer) FAILED: srun exited with code 2" in log
+    assert not (jobs.cwd / "pretrain").exists()
+
+
+def test_pipeline_script_refuses_bad_arguments(slurm: SlurmCluster, tmp_path: Path):
+    run = lambda *a: slurm.run([str(ROOT / "slurm" / "pipeline.sh"), *a], cwd=tmp_path)  # noqa: E731
+    assert "give the recipe directory" in run().stderr
+    assert "unknown stage 'train'" in run("--stages", "train", str(tmp_path)).stderr
+    assert "no stage recipe" in run(str(tmp_path)).stderr
+    (tmp_path / "pretrain.yaml").write_text("model: {hidden_size: 64}\n")
+    dry = run("--dry-run", "--sbatch", "-p debug", str(tmp_path))
+    assert "the pretrain recipe sets no output" in dry.stderr
+    dry = run("--dry-run", "--pretrain", "output=/x/run", str(tmp_path))
+    lines = dry.stdout.splitlines()
+    assert dry.returncode == 0 and len(lines) == 2, dry.stderr
+    assert lines[0].endswith(f"slurm/pretrain.sh {tmp_path}/pretrain.yaml output=/x/run")
+    assert "--dependency=afterok:<pretrain>" in lines[1]
+    assert lines[1].endswith("slurm/export.sh --checkpoint /x/run --output /x/run/export")
