@@ -1,6 +1,8 @@
 """Benchmark of the training stage against a bare DeepSpeed loop, the HF Trainer and plain DDP.
 
     python bench/train.py [--workdir bench/.work/train] [--repeats 3] [--steps 30] [--warmup 5] [--quick]
+                          [--only abcd] [--quiet-wait 240] [--bench-wait 2400] [--max-others 0.6] [--retries 2]
+                          [--nice 0] [--report]
 
 On one model (a tiny Llama: 4 layers, hidden 256, 4 heads, seq 256), one preprocessed dataset
 (made by ``launch/preprocess.py`` from the built-in sample), one DeepSpeed JSON
@@ -32,7 +34,11 @@ time to first step is ``arrival of step 1 - launch``. The stage's data wait come
 TensorBoard scalars (``perf/data_wait_s`` / ``perf/step_time_s``, the values behind the
 console's "(data x%)"). The contenders run interleaved (the order rotates every repetition)
 and the report gives medians and ratios of medians. The load other processes put on the
-machine during each run is recorded (``others``: busy cores not used by the run's process tree).
+machine during each run is recorded (``others``: busy cores not used by the run's process tree);
+before each run the benchmark waits while ``bench/preprocess.py`` runs (``--bench-wait``, up to
+40 min) and then (``--quiet-wait``, up to 240 s) until other processes keep under 0.25 cores
+busy; a run during which others kept more than ``--max-others`` cores busy is repeated up to
+``--retries`` times (the discarded attempts stay in ``results.json``).
 
 Results: a Markdown table on stdout and ``<workdir>/results.json``; logs under ``<workdir>/logs``.
 """
@@ -163,6 +169,23 @@ def _children_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def wait_quiet(max_wait: float, threshold: float = 0.25, window: float = 3.0) -> dict:
+    """Wait (at most ``max_wait`` s) until other processes keep at most ``threshold`` cores busy.
+
+    Other work on a 2-core machine moves every number; starting each run in a quiet moment
+    (measured over ``window`` s while this process sleeps) removes most of that. Returns the last
+    measured load and the seconds waited.
+    """
+    t0 = time.time()
+    while True:
+        b0 = _busy_seconds()
+        time.sleep(window)
+        load = (_busy_seconds() - b0) / window
+        if load <= threshold or time.time() - t0 >= max_wait:
+            return {"load_before": load, "waited_s": time.time() - t0}
+        time.sleep(2.0)
+
+
 def command(c: str, workdir: Path, m: dict, data: Path, max_steps: int, warmup: int, out: Path) -> list[str]:
     port = str(_free_port())
     if c == "b":
@@ -180,9 +203,38 @@ def command(c: str, workdir: Path, m: dict, data: Path, max_steps: int, warmup: 
     return ["deepspeed", "--num_gpus", str(RANKS), "--master_port", port, *worker]
 
 
-def launch(cmd: list[str], log_path: Path, timeout: float) -> dict:
-    """Run ``cmd``; every stdout/stderr line with its arrival time (``time.time()``)."""
+def _tree_cpu(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` and all its live descendants (all threads)."""
+    import psutil
+
+    total = 0.0
+    try:
+        procs = [psutil.Process(pid)] + psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return float("nan")
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
+def step_of(c: str, text: str) -> int | None:
+    """The optimizer step a stdout line reports the end of, if any."""
+    if c == "b":
+        mt = STEP_LINE.search(text)
+        return int(mt.group(1)) if mt else None
+    i = text.find("BENCH step ")
+    return int(text[i:].split()[2]) if i >= 0 else None
+
+
+def launch(cmd: list[str], log_path: Path, timeout: float, step_fn=None, cpu_at: tuple[int, ...] = ()) -> dict:
+    """Run ``cmd``; every stdout/stderr line with its arrival time (``time.time()``), and the CPU
+    time of the process tree when the lines of steps ``cpu_at`` arrive (``step_fn(line)`` -> step)."""
     lines: list[tuple[float, str]] = []
+    cpu_snap: dict[int, float] = {}
     log_path.parent.mkdir(parents=True, exist_ok=True)
     busy0, cpu0 = _busy_seconds(), _children_cpu()
     t_launch = time.time()
@@ -192,6 +244,10 @@ def launch(cmd: list[str], log_path: Path, timeout: float) -> dict:
     def read() -> None:
         for raw in iter(proc.stdout.readline, b""):
             lines.append((time.time(), raw.decode("utf-8", "replace").rstrip("\n")))
+            if step_fn is not None and cpu_at:
+                n = step_fn(lines[-1][1])
+                if n in cpu_at:
+                    cpu_snap[n] = _tree_cpu(proc.pid)
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
@@ -208,7 +264,7 @@ def launch(cmd: list[str], log_path: Path, timeout: float) -> dict:
         f.write(f"# {' '.join(cmd)}\n# launched at {t_launch:.6f}; rc {rc}\n")
         f.writelines(f"{t - t_launch:9.3f} {text}\n" for t, text in lines)
     wall = t_end - t_launch
-    return {"rc": rc, "t_launch": t_launch, "wall_s": wall, "lines": lines, "cpu_s": cpu,
+    return {"rc": rc, "t_launch": t_launch, "wall_s": wall, "lines": lines, "cpu_s": cpu, "cpu_snap": cpu_snap,
             "others_cores": max(0.0, (busy - cpu) / wall) if wall > 0 else 0.0}
 
 
@@ -232,13 +288,30 @@ def _tensorboard_wait(out: Path, first: int, last: int) -> dict | None:
     return {"data_wait_frac": w / t, "monitor_step_s_mean": t / len(keep), "steps": len(keep)}
 
 
-def run_one(c: str, workdir: Path, m: dict, prep: dict, max_steps: int, warmup: int, tag: str, timeout: float) -> dict:
+def wait_other_benchmarks(max_wait: float) -> float:
+    """Wait (polling every 30 s, at most ``max_wait`` s) while another benchmark runs; seconds waited."""
+    t0 = time.time()
+    while other_benchmarks() and time.time() - t0 < max_wait:
+        time.sleep(30)
+    return time.time() - t0
+
+
+def run_one(c: str, workdir: Path, m: dict, prep: dict, max_steps: int, warmup: int, tag: str, ns: argparse.Namespace) -> dict:
     """Launch contender ``c`` once and measure it (see the module doc)."""
+    waited = wait_other_benchmarks(ns.bench_wait) if ns.bench_wait > 0 else 0.0
+    if waited > 1:
+        log(f"waited {waited:.0f} s for another benchmark to finish")
+    quiet = wait_quiet(ns.quiet_wait) if ns.quiet_wait > 0 else {}
+    busy_before = other_benchmarks()
     out = workdir / "runs" / f"{c}-{tag}"
     shutil.rmtree(out, ignore_errors=True)  # the stage would resume from an old checkpoint
     cmd = command(c, workdir, m, prep["data"], max_steps, warmup, out)
-    log(f"{LABEL[c]} [{tag}] ...")
-    r = launch(cmd, workdir / "logs" / f"{c}-{tag}.log", timeout)
+    log(f"{LABEL[c]} [{tag}] ..." + (f" (waited {quiet['waited_s']:.0f} s for a quiet machine: others "
+                                     f"{quiet['load_before']:.2f} cores)" if quiet else ""))
+    if ns.nice:
+        cmd = ["nice", "-n", str(ns.nice), *cmd]
+    r = launch(cmd, workdir / "logs" / f"{c}-{tag}.log", ns.timeout, lambda text: step_of(c, text), (warmup, max_steps))
+    other_bench = bool(busy_before or other_benchmarks())
     t0 = r["t_launch"]
     steps: dict[int, dict] = {}
     marks: dict[str, float] = {}
@@ -265,7 +338,8 @@ def run_one(c: str, workdir: Path, m: dict, prep: dict, max_steps: int, warmup: 
         elif parts[1] == "info":
             info.update(json.loads(text[text.index("BENCH "):].split(" ", 2)[2]))
     res = {"contender": c, "tag": tag, "rc": r["rc"], "wall_s": r["wall_s"], "others_cores": r["others_cores"],
-           "cpu_s": r["cpu_s"], "steps_seen": len(steps), "marks_s": marks, "info": info,
+           "cpu_s": r["cpu_s"], "quiet": quiet, "other_benchmark": other_bench,
+           "disturbed": other_bench or r["others_cores"] > ns.max_others, "steps_seen": len(steps), "marks_s": marks, "info": info,
            "losses": [steps[s]["loss"] for s in sorted(steps)]}
     ok = r["rc"] == 0 and all(s in steps for s in range(1, max_steps + 1))
     res["ok"] = ok
@@ -277,6 +351,9 @@ def run_one(c: str, workdir: Path, m: dict, prep: dict, max_steps: int, warmup: 
     span = steps[max_steps]["arrival"] - steps[warmup]["arrival"]
     res.update(tokens_per_s=tps * measured / span, first_step_s=steps[1]["arrival"] - t0,
                step_s=[steps[s]["arrival"] - steps[s - 1]["arrival"] for s in range(warmup + 1, max_steps + 1)])
+    snap = r["cpu_snap"]
+    if warmup in snap and max_steps in snap:  # CPU seconds (all ranks, all threads) per measured step
+        res["cpu_s_per_step"] = (snap[max_steps] - snap[warmup]) / measured
     if c == "b":
         tb = _tensorboard_wait(out, warmup + 1, max_steps)
         if tb is not None:
@@ -293,7 +370,8 @@ def run_one(c: str, workdir: Path, m: dict, prep: dict, max_steps: int, warmup: 
         res["data_wait_frac"] = sum(steps[s]["wait_s"] for s in keep) / sum(steps[s]["step_s"] for s in keep)
         # cross-check: the same throughput from rank 0's own clock
         res["tokens_per_s_inproc"] = tps * measured / (steps[max_steps]["printed"] - steps[warmup]["printed"])
-    log(f"  {res['tokens_per_s']:,.0f} tok/s, first step after {res['first_step_s']:.1f} s, "
+    log(f"  {res['tokens_per_s']:,.0f} tok/s, {res.get('cpu_s_per_step', float('nan')):.3f} CPU s/step, "
+        f"first step after {res['first_step_s']:.1f} s, "
         f"data wait {100 * res['data_wait_frac']:.2f}%, others {r['others_cores']:.2f} cores")
     return res
 
@@ -346,6 +424,7 @@ def summarize(runs: list[dict], tokens_per_step: int) -> dict:
         marks = {k: _med([r["marks_s"][k] for r in ok if k in r["marks_s"]]) for k in ("start", "imports", "dist", "ready")}
         s[c] = {"runs": len(ok), "tokens_per_s": _med(tok), "tokens_per_s_min": min(tok), "tokens_per_s_max": max(tok),
                 "tokens_per_s_median_step": _med(tok_med),
+                "cpu_s_per_step": _med([r["cpu_s_per_step"] for r in ok if r.get("cpu_s_per_step") is not None]),
                 "first_step_s": _med(ttfs), "first_step_s_min": min(ttfs), "first_step_s_max": max(ttfs),
                 "data_wait_frac": _med([r["data_wait_frac"] for r in ok]),
                 "marks_s": {k: v for k, v in marks.items() if v is not None},
@@ -357,7 +436,9 @@ def summarize(runs: list[dict], tokens_per_step: int) -> dict:
                       if x["contender"] == num and y["contender"] == den and x.get("ok") and y.get("ok") and x["tag"] == y["tag"]]
             ratios[f"{num}/{den}"] = {"of_medians": s[num]["tokens_per_s"] / s[den]["tokens_per_s"],
                                       "paired_median": _med(paired),
-                                      "median_step": s[num]["tokens_per_s_median_step"] / s[den]["tokens_per_s_median_step"]}
+                                      "median_step": s[num]["tokens_per_s_median_step"] / s[den]["tokens_per_s_median_step"],
+                                      "cpu_per_step": (s[den]["cpu_s_per_step"] / s[num]["cpu_s_per_step"]
+                                                       if s[num]["cpu_s_per_step"] and s[den]["cpu_s_per_step"] else None)}
     if "a" in s and "b" in s:
         ratios["first_step b/a"] = {"of_medians": s["b"]["first_step_s"] / s["a"]["first_step_s"]}
     goals = {}
@@ -372,19 +453,23 @@ def summarize(runs: list[dict], tokens_per_step: int) -> dict:
     return {"contenders": s, "ratios": ratios, "goals": goals}
 
 
+def _f3(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
 def markdown(summary: dict, meta: dict) -> str:
     s, ratios = summary["contenders"], summary["ratios"]
     base = s.get("a", {}).get("tokens_per_s")
-    rows = ["| contender | tokens/s (median; min-max) | vs (a) | tokens/s from the median step | first step after, s "
-            "(median; min-max) | data wait | others' load, cores |", "|---|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| contender | tokens/s (median; min-max) | vs (a) | tokens/s from the median step | CPU s per step (all ranks) "
+            "| first step after, s (median; min-max) | data wait | others' load, cores |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for c in meta["contenders"]:
         if c not in s:
-            rows.append(f"| {LABEL[c]} | failed (see results.json) | | | | | |")
+            rows.append(f"| {LABEL[c]} | failed (see results.json) | | | | | | |")
             continue
         x = s[c]
         rel = f"{x['tokens_per_s'] / base:.3f}" if base else "-"
         rows.append(f"| {LABEL[c]} | {x['tokens_per_s']:,.0f} ({x['tokens_per_s_min']:,.0f}-{x['tokens_per_s_max']:,.0f}) "
-                    f"| {rel} | {x['tokens_per_s_median_step']:,.0f} | {x['first_step_s']:.1f} ({x['first_step_s_min']:.1f}-{x['first_step_s_max']:.1f}) "
+                    f"| {rel} | {x['tokens_per_s_median_step']:,.0f} | {_f3(x.get('cpu_s_per_step'))} | {x['first_step_s']:.1f} ({x['first_step_s_min']:.1f}-{x['first_step_s_max']:.1f}) "
                     f"| {100 * x['data_wait_frac']:.2f}% | {x['others_cores']:.2f} |")
     out = ["\n".join(rows), ""]
     brk = ["| contender | launcher + interpreter | imports | process group | model + initialize | first step |",
@@ -407,12 +492,15 @@ def markdown(summary: dict, meta: dict) -> str:
         brk.append(f"| {LABEL[c]} | " + " | ".join(cells) + " |")
     out += ["Time to first step, split (medians, seconds from launch; each cell is the time since the previous one):",
             "", "\n".join(brk), ""]
-    rr = ["| ratio | of medians | median of paired runs | of median step times |", "|---|---:|---:|---:|"]
+    rr = ["| ratio (tokens/s) | of medians | median of paired runs | of median step times | of CPU s per step (inverse) |",
+          "|---|---:|---:|---:|---:|"]
     for k, v in ratios.items():
-        paired = f"{v['paired_median']:.3f}" if v.get("paired_median") is not None else "-"
-        med = f"{v['median_step']:.3f}" if v.get("median_step") is not None else "-"
-        rr.append(f"| {k} | {v['of_medians']:.3f} | {paired} | {med} |")
+        rr.append(f"| {k} | {v['of_medians']:.3f} | {_f3(v.get('paired_median'))} | {_f3(v.get('median_step'))} "
+                  f"| {_f3(v.get('cpu_per_step'))} |")
     out += ["\n".join(rr), ""]
+    if meta.get("disturbed_kept"):
+        out += [f"{meta['disturbed_kept']} of the runs above were disturbed (others kept more than "
+                f"{meta.get('max_others')} cores busy or another benchmark ran) even after {meta.get('retries')} retries.", ""]
     out += ["| goal | met |", "|---|---|"] + [f"| {k} | {'yes' if v else '**no**'} |" for k, v in summary["goals"].items()]
     return "\n".join(out) + "\n"
 
@@ -432,11 +520,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default="abcd", help="contenders to run, e.g. 'ab' (default: abcd)")
     p.add_argument("--timeout", type=float, default=900, help="seconds before a run is killed")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny model, 6 steps (2 + 4 measured), 1 repetition")
+    p.add_argument("--quiet-wait", type=float, default=None,
+                   help="before each run, wait up to this many seconds for other processes to use < 0.25 cores "
+                        "(default 240; 0 with --quick)")
+    p.add_argument("--bench-wait", type=float, default=None,
+                   help="before each run, wait up to this many seconds while bench/preprocess.py runs (default 2400; 0 with --quick)")
+    p.add_argument("--max-others", type=float, default=0.6,
+                   help="a run during which other processes kept more cores busy than this is repeated (see --retries)")
+    p.add_argument("--retries", type=int, default=None, help="repeats of a disturbed run (default 2; 0 with --quick)")
+    p.add_argument("--nice", type=int, default=0, help="run every contender under `nice -n N` (e.g. -10 as root)")
     p.add_argument("--report", action="store_true", help="only print the report of the last results.json again")
     ns = p.parse_args(argv)
     m = dict(QUICK if ns.quick else FULL)
     if ns.quick:
         ns.repeats, ns.steps, ns.warmup = 1, 4, 2
+    if ns.quiet_wait is None:
+        ns.quiet_wait = 0.0 if ns.quick else 240.0
+    if ns.bench_wait is None:
+        ns.bench_wait = 0.0 if ns.quick else 2400.0
+    if ns.retries is None:
+        ns.retries = 0 if ns.quick else 2
     contenders = [c for c in CONTENDERS if c in ns.only]
     workdir = Path(ns.workdir).resolve() / ("quick" if ns.quick else "full")
     workdir.mkdir(parents=True, exist_ok=True)
@@ -455,11 +558,19 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
     runs: list[dict] = []
     if not ns.quick:  # compile/load DeepSpeed's cached ops and warm the page cache; not measured
-        run_one("a", workdir, m, prep, 2, 1, "warmup", ns.timeout)
+        run_one("a", workdir, m, prep, 2, 1, "warmup", ns)
+    discarded: list[dict] = []
     for rep in range(ns.repeats):
         order = contenders[rep % len(contenders):] + contenders[:rep % len(contenders)]
         for c in order:
-            runs.append(run_one(c, workdir, m, prep, max_steps, ns.warmup, f"r{rep + 1}", ns.timeout))
+            for attempt in range(ns.retries + 1):
+                res = run_one(c, workdir, m, prep, max_steps, ns.warmup, f"r{rep + 1}", ns)
+                res["attempt"] = attempt
+                if res["ok"] and not res["disturbed"] or attempt == ns.retries:
+                    break
+                log(f"  disturbed (others {res['others_cores']:.2f} cores, other benchmark: {res['other_benchmark']}); again")
+                discarded.append(res)
+            runs.append(res)
     summary = summarize(runs, prep["tokens_per_step"])
     meta = {
         "command": "python bench/train.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -468,10 +579,12 @@ def main(argv: list[str] | None = None) -> int:
                   "intermediate": prep["intermediate"], "vocab": prep["vocab"], "seq_len": m["seq_len"],
                   "micro_batch": m["micro"], "grad_accum": 1, "ranks": RANKS, "omp_threads_per_rank": 1},
         "data": str(prep["data"]), "ds_config": prep["ds"], "tokens_per_step": prep["tokens_per_step"],
-        "steps": {"warmup": ns.warmup, "measured": ns.steps}, "repeats": ns.repeats,
+        "steps": {"warmup": ns.warmup, "measured": ns.steps}, "repeats": ns.repeats, "quiet_wait_s": ns.quiet_wait,
         "elapsed_s": time.time() - t_start, "contenders": contenders,
+        "nice": ns.nice, "max_others": ns.max_others, "retries": ns.retries, "disturbed_kept": sum(bool(r.get("disturbed")) for r in runs),
     }
-    (workdir / "results.json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": runs}, indent=2) + "\n")
+    (workdir / "results.json").write_text(
+        json.dumps({"meta": meta, "summary": summary, "runs": runs, "discarded_runs": discarded}, indent=2) + "\n")
     print(markdown(summary, meta))
     log(f"results: {workdir / 'results.json'}; logs: {workdir / 'logs'}")
     return 0 if all(r.get("ok") for r in runs) else 1
