@@ -17,7 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.errors import UserError  # noqa: E402
+from pipeline.cli import report_errors  # noqa: E402
 from pipeline.export import ExportVerificationError, export  # noqa: E402
 
 
@@ -35,18 +35,8 @@ def main(argv=None) -> int:
                         "x max(1, max |reference logit|))")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output, once the new one is verified")
     ns = p.parse_args(argv)
-    try:
-        export(ns.checkpoint, ns.output, max_shard_size=ns.max_shard_size, dtype=ns.dtype, tolerance=ns.tolerance,
-               overwrite=ns.overwrite)
-        return 0
-    except (UserError, ExportVerificationError) as e:
-        sys.stdout.flush()
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-
+    return report_errors(lambda: export(ns.checkpoint, ns.output, max_shard_size=ns.max_shard_size, dtype=ns.dtype,
+                                        tolerance=ns.tolerance, overwrite=ns.overwrite) and 0, ExportVerificationError)
 
 if __name__ == "__main__":
     sys.exit(main())

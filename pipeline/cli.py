@@ -59,7 +59,8 @@ def run_stage(
     Args:
         describe: optional extra text for ``--print-config`` (e.g. a resolved DeepSpeed JSON).
     """
-    try:
+
+    def body() -> int:
         cfg, ns = parse_args(cfg_cls, argv, prog, description, extra)
         if ns.print_config:
             sys.stdout.write(to_yaml(cfg))
@@ -67,7 +68,16 @@ def run_stage(
                 sys.stdout.write(describe(cfg))
             return 0
         return int(main(cfg, ns) or 0)
-    except UserError as e:
+
+    return report_errors(body)
+
+
+def report_errors(body: Callable[[], int | None], *also: type[Exception]) -> int:
+    """Run ``body`` and turn a user error (or one of ``also``, each with an ``exit_code``)
+    into one ``error: ...`` line on stderr and its exit code; bugs keep their traceback."""
+    try:
+        return int(body() or 0)
+    except (UserError, *also) as e:
         sys.stdout.flush()
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
