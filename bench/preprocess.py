@@ -1,6 +1,6 @@
 """Benchmark of the preprocess stage against its limit and against the Hugging Face idiom.
 
-    python bench/preprocess.py [--workdir DIR] [--repeats 3] [--size-mb 60] [--threads 2] [--quick]
+    python bench/preprocess.py [--workdir DIR] [--repeats 3] [--size-mb 60] [--threads 2] [--nice -10] [--quick]
 
 On one corpus (distinct real-text documents gathered from files installed on this machine, see
 :func:`build_corpus`) and for two tokenizers -- a SentencePiece BPE model trained by the stage
@@ -23,11 +23,14 @@ repetition the contenders are interleaved (a, b, c for one tokenizer, then the o
 other load on the machine hits all of them alike, and the report gives medians and ratios of
 medians, never absolute times against a constant. The machine may be shared: every run records
 how many cores other processes kept busy meanwhile, a run disturbed beyond ``--max-others`` is
-repeated (:func:`measure`), and ``--nice -10`` (root) favours the benchmark's runs. Peak RSS is the sum of the RSS of the
-subprocess tree, sampled every 50 ms with psutil (and ``ru_maxrss`` of the direct child as a
-cross-check). Tokens are counted alike for all contenders: document tokens plus one EOS per
-document (for (b) the manifest's total; the corpus is cleaned beforehand exactly as the stage
-cleans it, so all three encode the same texts -- checked).
+repeated (:func:`measure`), and ``--nice -10`` (root) favours the benchmark's runs.
+
+Peak RSS is the sum of the RSS of the subprocess tree, sampled every 50 ms with psutil (and
+``ru_maxrss`` of the direct child as a cross-check); CPU time comes from ``wait4``. Tokens are
+counted alike for all contenders: document tokens plus one EOS per document (for (b) the
+manifest's total). The corpus is cleaned beforehand exactly as the stage cleans, so all three
+encode the same texts; the totals are checked (raw SentencePiece may differ by a few tokens on
+documents that contain the text of a special token, which Hugging Face splits off).
 
 Results: a Markdown table on stdout and ``<workdir>/results.json``.
 """
@@ -76,7 +79,7 @@ def log(msg: str) -> None:
 
 
 def _candidate_files() -> list[Path]:
-    """Text files installed on this machine, sorted: prose first, then Python sources and docs."""
+    """Text files installed on this machine, sorted by path: Debian prose, Python sources and docs."""
     found: set[Path] = set()
     for d in (Path("/usr/share/common-licenses"), Path("/usr/share/doc")):
         if d.is_dir():  # Debian licenses, copyright files, READMEs, changelogs: English prose
@@ -173,7 +176,7 @@ def _write_jsonl(path: Path, docs: list[str]) -> dict:
 
 
 def _sample_texts(corpus: Path, chars: int) -> list[str]:
-    """The first ``chars`` characters of the corpus's documents (the stage samples the same way)."""
+    """The first ``chars`` characters of the corpus's documents (like the stage's training sample)."""
     out, left = [], chars
     with open(corpus, encoding="utf-8") as f:
         for line in f:
@@ -319,9 +322,11 @@ def run_measured(cmd: list[str], env: dict, logdir: Path) -> Measured:
         sampler.start()
         try:
             _, status, usage = os.wait4(child.pid, 0)
-        except BaseException:
-            os.killpg(child.pid, signal.SIGKILL)
-            child.wait()
+        except BaseException:  # interrupted: take the run down with us
+            try:
+                os.killpg(child.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             raise
         wall, busy = time.perf_counter() - t0, _busy_seconds() - busy0
         child.returncode = os.waitstatus_to_exitcode(status)
@@ -605,7 +610,7 @@ def markdown(summary: dict, meta: dict) -> str:
                          f"| **{s['b_over_c']:.2f}** ({_range(s['b_over_c_per_repeat'])}) | {s['c_over_a']:.2f} "
                          f"| **{s['b']['max_peak_rss_mb']:.0f} MB** | {s['c']['max_peak_rss_mb']:.0f} MB |")
         lines += ["", "| tokenizer | (a) tok/CPU-s | (b) tok/CPU-s | (c) tok/CPU-s | cores busy a / b / c "
-                  "| (b) wall s | (b) s reported by the stage (after start-up) |",
+                  "| (b) wall s | (b) s timed by the stage itself (Preprocessor.run) |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
         for tok, s in by_tok.items():
             reported = s["b_stage_reported_median_seconds"]
