@@ -17,13 +17,21 @@ from pipeline.config import help_text, load_config, to_yaml
 from pipeline.errors import UserError
 
 
+class _StageParser(argparse.ArgumentParser):
+    """Builds the list of config keys only when help is printed: it parses the config
+    classes' source for their field docstrings, which every launch need not pay for."""
+
+    def __init__(self, *args, cfg_cls: type, **kwargs):
+        self._cfg_cls = cfg_cls
+        super().__init__(*args, **kwargs)
+
+    def format_help(self) -> str:
+        self.epilog = "config keys (set in the YAML file or as key=value overrides):\n" + help_text(self._cfg_cls)
+        return super().format_help()
+
+
 def build_parser(prog: str, description: str, cfg_cls: type) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description=description,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config keys (set in the YAML file or as key=value overrides):\n" + help_text(cfg_cls),
-    )
+    parser = _StageParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter, cfg_cls=cfg_cls)
     parser.add_argument("--config", metavar="FILE", help="YAML recipe; key=value overrides apply on top")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     # The DeepSpeed launcher passes --local_rank=N; the rank is read from the environment.
