@@ -23,6 +23,8 @@ import shutil
 import sys
 import threading
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
@@ -43,6 +45,8 @@ from pipeline.progress import progress_bar
 BUILTIN_PREFIX = "builtin:"
 # Test aid: seconds to sleep after each encoded batch, so a test can kill a run mid-way.
 _BATCH_DELAY = float(os.environ.get("PIPELINE_TEST_BATCH_DELAY", "0"))
+_IN_FLIGHT = 3  # batches handed to the encoder ahead of the one being written (bounded memory)
+_ENCODE_CALLS = int(os.environ.get("PIPELINE_ENCODE_CALLS", "1"))  # concurrent encode calls (each on all threads)
 
 
 @dataclass
@@ -267,17 +271,20 @@ class Preprocessor:
         """Load the configured tokenizer, or train one on a bounded sample; copy it into the output."""
         cfg = self.cfg
         dest = self.work / "tokenizer"
+        handle = None
         if not dest.exists():
             src_dir = cfg.tokenizer.path or (str(self.tokenizer_dir) if self.tokenizer_dir else "")
             if src_dir:
-                load_tokenizer(src_dir)  # validate before copying
+                handle = load_tokenizer(src_dir)  # validate before copying; loaded once (0.2-0.5 s)
                 tmp = self.work / ".tokenizer.tmp"
                 shutil.rmtree(tmp, ignore_errors=True)
                 shutil.copytree(src_dir, tmp)
                 os.replace(tmp, dest)
+                handle.path = dest  # the copy is what the output records and later stages read
             else:
                 train_tokenizer(cfg, sources, dest, _threads(cfg))
-        handle = load_tokenizer(dest)
+        if handle is None:
+            handle = load_tokenizer(dest)
         handle.set_threads(_threads(cfg))
         return handle
 
@@ -292,57 +299,76 @@ class Preprocessor:
         dtype = dtype_for_vocab(handle.vocab_size, cfg.dtype)
         seen = SeenHashes()
         segments = self._load_segments(seen)
-        verified = False
+        self._verified, self._new_tokens, self._t0 = False, 0, t0
         bar = progress_bar(desc="preprocess", unit="doc")
-        new_tokens = 0
-        for src, name, files in sources:
-            done = segments.get(name, [])
-            if done and done[-1]["final"]:
-                continue
-            k = len(done)
-            start = tuple(done[-1]["cursor"]) if done else (0, 0)
-            stats = dict(done[-1]["stats"]) if done else {}
-            q: queue.Queue = queue.Queue(maxsize=2)
-            reader = _Reader(cfg, src, files, start, stats, seen, self.task, q)
-            reader.start()
-            writers = self._writers(name, k, dtype)
-            keys: list[np.ndarray] = []
-            try:
-                while True:
+        # The encoder thread(s) call the tokenizer's native batch API, which releases the GIL and
+        # runs on all the cores; leaving the block waits for any call still running.
+        with ThreadPoolExecutor(max_workers=_ENCODE_CALLS, thread_name_prefix="encode") as encoder:
+            for src, name, files in sources:
+                done = segments.get(name, [])
+                if not (done and done[-1]["final"]):
+                    self._source(src, name, files, done, handle, dtype, seen, encoder, bar)
+        bar.close()
+        segments = self._load_segments(None)
+        return self._finish(sources, handle, dtype, segments, time.time() - t0, self._new_tokens)
+
+    def _source(self, src, name, files, done: list[dict], handle, dtype, seen, encoder, bar) -> None:
+        """Encode and write one source from its last committed segment on."""
+        cfg = self.cfg
+        k = len(done)
+        start = tuple(done[-1]["cursor"]) if done else (0, 0)
+        stats = dict(done[-1]["stats"]) if done else {}
+        q: queue.Queue = queue.Queue(maxsize=2)
+        reader = _Reader(cfg, src, files, start, stats, seen, self.task, q)
+        reader.start()
+        writers = self._writers(name, k, dtype)
+        keys: list[np.ndarray] = []
+        # Double buffering: up to _IN_FLIGHT batches are handed to the encoder ahead of the one
+        # being written, so the cores keep encoding batch k+1 (native code, GIL released) while
+        # this thread splits, hashes and writes batch k. Batches are still written in input
+        # order, so the output does not depend on the timing.
+        pending: deque[tuple[Batch, Future | None]] = deque()
+        last_read = False
+        try:
+            while True:
+                while not last_read and len(pending) < _IN_FLIGHT:
                     batch = q.get()
                     if batch is None:
                         raise reader.error  # type: ignore[misc]
-                    if batch.texts:
-                        if not verified:
-                            handle.verify_native(batch.texts[:256])
-                            verified = True
-                        flat, lengths = _encode(handle, batch.texts, handle.eos_id, dtype)
-                        tok_val = np.repeat(batch.val, lengths)
-                        writers["train"].add_documents(flat[~tok_val], lengths[~batch.val])
-                        writers["val"].add_documents(flat[tok_val], lengths[batch.val])
-                        keys.append(np.array(batch.keys, dtype=np.uint64))
-                        new_tokens += len(flat)
-                        bar.update(len(batch.texts))
-                        bar.set_postfix_str(f"{new_tokens / max(time.time() - t0, 1e-9):,.0f} tok/s", refresh=False)
-                        if _BATCH_DELAY:
-                            time.sleep(_BATCH_DELAY)
-                    if batch.cursor is None or writers["train"].tokens >= cfg.shard_tokens:
-                        self._commit(name, k, writers, keys, batch)
-                        if batch.cursor is None:
-                            break
-                        k += 1
-                        writers, keys = self._writers(name, k, dtype), []
-            except BaseException:
-                reader.stop.set()
-                for w in writers.values():
-                    w.abort()
-                raise
-            finally:
-                reader.stop.set()
-                reader.join()
-        bar.close()
-        segments = self._load_segments(None)
-        return self._finish(sources, handle, dtype, segments, time.time() - t0, new_tokens)
+                    if batch.texts and not self._verified:
+                        handle.verify_native(batch.texts)
+                        self._verified = True
+                    fut = encoder.submit(_encode, handle, batch.texts, handle.eos_id, dtype) if batch.texts else None
+                    pending.append((batch, fut))
+                    last_read = batch.cursor is None
+                batch, fut = pending.popleft()
+                if fut is not None:
+                    flat, lengths = fut.result()
+                    tok_val = np.repeat(batch.val, lengths)
+                    writers["train"].add_documents(flat[~tok_val], lengths[~batch.val])
+                    writers["val"].add_documents(flat[tok_val], lengths[batch.val])
+                    keys.append(np.array(batch.keys, dtype=np.uint64))
+                    self._new_tokens += len(flat)
+                    bar.update(len(batch.texts))
+                    bar.set_postfix_str(f"{self._new_tokens / max(time.time() - self._t0, 1e-9):,.0f} tok/s", refresh=False)
+                    if _BATCH_DELAY:
+                        time.sleep(_BATCH_DELAY)
+                if batch.cursor is None or writers["train"].tokens >= cfg.shard_tokens:
+                    self._commit(name, k, writers, keys, batch)
+                    if batch.cursor is None:
+                        return
+                    k += 1
+                    writers, keys = self._writers(name, k, dtype), []
+        except BaseException:
+            for _, f in pending:
+                if f is not None:
+                    f.cancel()
+            for w in writers.values():
+                w.abort()
+            raise
+        finally:
+            reader.stop.set()
+            reader.join()
 
     def _writers(self, name: str, k: int, dtype) -> dict[str, ShardWriter]:
         return {
