@@ -23,6 +23,7 @@ import os
 import random
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,10 +33,13 @@ import torch
 
 from pipeline import dist
 from pipeline.errors import UserError
-from pipeline.io import atomic_write_json, atomic_write_text, fsync_dir
+from pipeline.io import atomic_write_json, atomic_write_text, disk_full_error, fsync_dir, is_disk_full
 
 LATEST = "latest"
 _TAG = re.compile(r"^step-(\d{8})$")
+# Test aid: "STEP" makes every rank stop for good inside the save of that step, after
+# DeepSpeed's files are written and before meta.json and the rename, so a test can kill it there.
+_TEST_PAUSE_AT = int(os.environ.get("PIPELINE_TEST_PAUSE_IN_SAVE", "0") or 0)
 
 
 @dataclass
@@ -92,23 +96,36 @@ def save(engine, root: Path, step: int, meta: dict, files: dict[str, str], hf_fi
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(root / tmp_tag, ignore_errors=True)
     dist.barrier()
-    engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False)  # ends with a barrier
     tmp = root / tmp_tag
-    (tmp / "rng").mkdir(parents=True, exist_ok=True)
-    rng_path = tmp / "rng" / f"rank-{rank:05d}.pt"
-    torch.save(_rng_state(), str(rng_path) + ".part")
-    os.replace(str(rng_path) + ".part", rng_path)
-    if rank == 0:
-        for name, text in files.items():
-            atomic_write_text(tmp / name, text)
-        hf = tmp / "hf"
-        hf.mkdir(exist_ok=True)
-        for name, src in hf_files.items():
-            if Path(src).is_dir():
-                shutil.copytree(src, hf / name, dirs_exist_ok=True)
-            else:
-                shutil.copy2(src, hf / name)
-        atomic_write_json(tmp / "meta.json", {**meta, "step": step, "tag": tag})
+    try:
+        engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False)  # ends with a barrier
+        if step == _TEST_PAUSE_AT:
+            print(f"test: pausing inside the save of {tag}", flush=True)
+            time.sleep(3600)
+        (tmp / "rng").mkdir(parents=True, exist_ok=True)
+        rng_path = tmp / "rng" / f"rank-{rank:05d}.pt"
+        torch.save(_rng_state(), str(rng_path) + ".part")
+        os.replace(str(rng_path) + ".part", rng_path)
+        if rank == 0:
+            for name, text in files.items():
+                atomic_write_text(tmp / name, text)
+            hf = tmp / "hf"
+            hf.mkdir(exist_ok=True)
+            for name, src in hf_files.items():
+                if Path(src).is_dir():
+                    shutil.copytree(src, hf / name, dirs_exist_ok=True)
+                else:
+                    shutil.copy2(src, hf / name)
+            atomic_write_json(tmp / "meta.json", {**meta, "step": step, "tag": tag})
+    except (OSError, RuntimeError) as e:
+        # The partial directory is never loaded (no rename); free its space, and say plainly
+        # when the disk is full (torch.save reports that as a bare RuntimeError). The other
+        # ranks wait in a barrier: the launcher stops them when this rank exits.
+        full = is_disk_full(e, root)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise disk_full_error(tmp, f"checkpoint {tag}", fix="set output= to a directory on another filesystem") from None
+        raise
     dist.barrier()  # every rank's files are in place
     if rank == 0:
         final = root / tag
@@ -163,7 +180,8 @@ def find_resume(resume: str, root: Path) -> Path | None:
         return latest(path)
     if not (path / "meta.json").exists():
         raise UserError(
-            f"checkpoint.resume='{resume}' is not a checkpoint of this pipeline (no meta.json); "
+            f"checkpoint.resume='{resume}' "
+            f"{'does not exist' if not path.exists() else 'is not a checkpoint of this pipeline (no meta.json)'}; "
             "give a step-NNNNNNNN directory, a checkpoints directory, auto or never"
         )
     return path

@@ -3,7 +3,8 @@
 ``python launch/<stage>.py [--config FILE] [key=value ...] [--print-config] [--help]``
 
 User errors (:class:`~pipeline.errors.UserError`) print one message and exit with code 2;
-anything else is a bug and keeps its traceback.
+so does a full disk (ENOSPC / EDQUOT from any write: :class:`~pipeline.errors.DiskFullError`,
+naming the output). Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from pipeline.config import help_text, load_config, to_yaml
-from pipeline.errors import UserError
+from pipeline.errors import EXIT_USER_ERROR, UserError
+from pipeline.io import disk_full_error, failed_path, is_disk_full
 
 
 class _StageParser(argparse.ArgumentParser):
@@ -75,7 +77,14 @@ def run_stage(
             if describe is not None:
                 sys.stdout.write(describe(cfg))
             return 0
-        return int(main(cfg, ns) or 0)
+        try:
+            return int(main(cfg, ns) or 0)
+        except OSError as e:
+            # A full disk is the user's to fix, wherever in the stage the write failed.
+            if not is_disk_full(e) or not getattr(cfg, "output", None):
+                raise
+            raise disk_full_error(failed_path(e) or cfg.output, f"the output of {prog}",
+                                  fix=f"set output= to a directory on another filesystem (now {cfg.output})") from None
 
     return report_errors(body)
 
@@ -89,6 +98,12 @@ def report_errors(body: Callable[[], int | None], *also: type[Exception]) -> int
         sys.stdout.flush()
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
+        sys.stdout.flush()
+        print(f"error: {disk_full_error(failed_path(e) or 'the output', 'the output')}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -30,3 +30,12 @@ class ConfigError(UserError):
         for key, msg in self.problems:
             lines.append(f"  - {key}: {msg}" if key else f"  - {msg}")
         super().__init__("\n".join(lines))
+
+
+class DiskFullError(UserError):
+    """A write failed because the filesystem (or the user's quota) is full: exit code 2.
+
+    Raised by :func:`pipeline.io.disk_full_error`; the message names the path being written,
+    the free space left there, and what to do. Earlier published outputs are untouched
+    (every output is written under a temporary name first).
+    """

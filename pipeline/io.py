@@ -6,6 +6,7 @@ so a reader never sees half a file and a failed run never damages an earlier res
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -13,7 +14,15 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import DiskFullError
+
 _HASH_CHUNK = 8 << 20  # bytes read per sha256 update
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+NEARLY_FULL_BYTES = 64 << 20
+"""Free bytes below which a failed write counts as "disk full" although its error carries no
+errno: ``torch.save`` reports a short write as a bare RuntimeError ("unexpected pos ...").
+A write that fails for lack of space leaves less than one write's worth free, and 64 MiB is
+far below any checkpoint shard worth worrying about."""
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -82,3 +91,75 @@ def publish_dir(tmp_dir: str | os.PathLike, final_dir: str | os.PathLike) -> Non
     fsync_dir(final_dir.parent)
     if old.exists():
         shutil.rmtree(old, ignore_errors=True)
+
+
+def free_bytes(path: str | os.PathLike) -> int | None:
+    """Bytes available to this user on the filesystem holding ``path`` (its nearest existing
+    ancestor), or None when that cannot be found out."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return None
+
+
+def _errnos(exc: BaseException | None) -> set[int]:
+    """errno of ``exc`` and of every exception it was raised from or during."""
+    seen, out = set(), set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno is not None:
+            out.add(exc.errno)
+        if isinstance(exc, shutil.Error) and exc.args and isinstance(exc.args[0], list):
+            # copytree collects each file's error as text: (src, dst, "[Errno 28] No space ...")
+            out.update(n for n in _FULL_ERRNOS for item in exc.args[0] if f"[Errno {n}]" in str(item))
+        exc = exc.__cause__ or exc.__context__
+    return out
+
+
+def failed_path(exc: OSError) -> str | None:
+    """The file an OSError was about (for copytree's ``shutil.Error``, the first destination)."""
+    if isinstance(exc, shutil.Error) and exc.args and isinstance(exc.args[0], list) and exc.args[0]:
+        item = exc.args[0][0]
+        return str(item[1]) if isinstance(item, tuple) and len(item) == 3 else None
+    return exc.filename2 or exc.filename
+
+
+def is_disk_full(exc: BaseException, path: str | os.PathLike | None = None) -> bool:
+    """Whether ``exc``, raised while writing under ``path``, means the disk (or quota) is full.
+
+    True for ENOSPC / EDQUOT anywhere in the exception chain; with ``path`` also for any
+    other write error when less than :data:`NEARLY_FULL_BYTES` are left free there (a full
+    disk seen through a library that drops the errno, like ``torch.save``). Call it before
+    deleting partial files, which frees the space again.
+    """
+    if _errnos(exc) & set(_FULL_ERRNOS):
+        return True
+    if path is None or not isinstance(exc, (OSError, RuntimeError)):
+        return False
+    free = free_bytes(path)
+    return free is not None and free < NEARLY_FULL_BYTES
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "unknown space"
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} GiB"
+
+
+def disk_full_error(path: str | os.PathLike, what: str, fix: str = "choose another output directory") -> DiskFullError:
+    """The one message for a full disk: where, how much is free, and what to do.
+
+    Args:
+        path: the file or directory being written.
+        what: what was being written ("checkpoint step-00000004").
+        fix: the setting that moves the output elsewhere.
+    """
+    return DiskFullError(f"disk full at {path} while writing {what} ({_size(free_bytes(path))} free there); "
+                         f"free space on that filesystem, or {fix}. Earlier outputs are intact.")

@@ -77,6 +77,10 @@ def hf_config(cfg: ModelConfig, vocab_size: int, seq_len: int, tokenizer: dict):
     from transformers import AutoConfig
 
     if cfg.path:
+        if not (Path(cfg.path) / "config.json").is_file():  # else transformers talks of hub repo ids
+            what = "does not exist" if not Path(cfg.path).exists() else "has no config.json"
+            raise UserError(f"model.path '{cfg.path}' {what}; point it at a Hugging Face model directory (with config.json), "
+                            "or leave it empty to train a new model from the model.* keys")
         try:
             conf = AutoConfig.from_pretrained(cfg.path)
         except (OSError, ValueError) as e:
