@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import math
 import re
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -226,3 +229,58 @@ def test_flatten_and_hparam_values():
     assert flatten_dict({"a": {"b": 1, "c": {"d": "x"}}, "e": {}}) == {"a/b": 1, "a/c/d": "x", "e": {}}
     assert _hparam_value([1, 2]) == "[1, 2]" and _hparam_value(None) == "null" and _hparam_value(2) == 2
     assert math.isclose(_hparam_value(0.5), 0.5)
+
+
+# ---------------------------------------------------------------------------- progress bars
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _draw(monkeypatch, stream: io.StringIO, forced: str | None) -> str:
+    from pipeline.progress import progress_bar
+
+    monkeypatch.setattr(sys, "stderr", stream)
+    if forced is None:
+        monkeypatch.delenv("PIPELINE_PROGRESS", raising=False)
+    else:
+        monkeypatch.setenv("PIPELINE_PROGRESS", forced)
+    with progress_bar(total=10, desc="work", unit="doc") as bar:
+        for _ in range(10):
+            bar.update()
+    return stream.getvalue()
+
+
+@pytest.mark.parametrize("stream, forced, shown", [
+    (io.StringIO, None, False),   # a log file or a CI pipe: quiet
+    (_Terminal, None, True),      # a person at a terminal: a bar
+    (io.StringIO, "1", True),     # PIPELINE_PROGRESS=1 forces it on
+    (_Terminal, "0", False),      # PIPELINE_PROGRESS=0 forces it off
+])
+def test_progress_bar_draws_only_on_a_terminal(monkeypatch, stream, forced, shown):
+    out = _draw(monkeypatch, stream(), forced)
+    assert ("work: 100%" in out and "10/10" in out) == shown
+    assert (out == "") == (not shown)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_preprocess_bar_is_quiet_in_a_pipe_and_forced_on(tmp_path):
+    """The preprocess stage run as CI runs it (stderr a pipe): no bar; with PIPELINE_PROGRESS=1: one."""
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    outs = {}
+    for forced in ("", "1"):
+        env = {k: v for k, v in os.environ.items() if k != "PIPELINE_PROGRESS"} | ({"PIPELINE_PROGRESS": forced} if forced else {})
+        r = subprocess.run([sys.executable, str(root / "launch" / "preprocess.py"), f"output={tmp_path / ('out' + forced)}",
+                            "sample_docs=300", "tokenizer.vocab_size=512", "workers=1"], capture_output=True, text=True,
+                           env=env, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        outs[forced] = r.stderr
+    # (text mode turns tqdm's carriage returns into newlines: look for the bar's own text)
+    assert "doc/s" not in outs[""] and "preprocess: /" in outs[""]
+    assert "preprocess: 300doc [" in outs["1"] and "doc/s" in outs["1"]

@@ -1,9 +1,28 @@
-"""The built-in sample corpus: generated, deterministic, nothing third-party.
+"""The built-in sample: a generated corpus and a reading task, deterministic, nothing third-party.
 
-Short encyclopedia-style articles about a made-up world (towns, rivers, people, numbers),
-with facts that repeat consistently across documents so a small model can learn them.
-Used by the default preprocess recipe (``format: builtin``) so the pipeline runs on a
-fresh machine with no data at all.
+A made-up world of towns (river, founder, founding year, flag colour, trade, symbol animal).
+Two kinds of documents make up the pre-training corpus (:func:`generate`):
+
+* *encyclopedia* articles about a fixed set of towns, whose facts repeat consistently
+  across documents (a small model learns the phrasing and some of the facts);
+* *reading* documents: a short passage about a freshly invented town, then questions whose
+  answers are words of that passage::
+
+      Passage: Belmi is a town on the river Dunka. The flag of Belmi is green. ...
+      Question: What color is the flag of Belmi?
+      Answer: green
+
+The fine-tuning task (:func:`generate_reading`, written by :func:`write_qa`) is the same reading task as a chat: the prompt
+is ``Passage: ...\\nQuestion: ...``, the reply the answer alone, checked by exact match.
+Its answers are never memorised facts: every passage invents its town, so a model must
+find the answer in the prompt. ``split="test"`` draws from another random stream and drops
+any prompt that also occurs in the ``train`` split of the same size and seed, so held-out
+prompts are never seen in fine-tuning.
+
+Why this task: a tiny model (4 layers, 256 wide) pre-trained for a few minutes on CPU learns
+to copy a word from its context (the corpus holds the task in plain text), and supervised
+fine-tuning for about a minute teaches it the chat format and to stop after the answer; a
+task of recalling facts seen only in pre-training is far beyond that budget.
 """
 
 from __future__ import annotations
@@ -11,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline.io import atomic_write_text
@@ -25,27 +45,29 @@ def _name(rng: random.Random, parts: int) -> str:
     return "".join(rng.choice(_SYLLABLES) for _ in range(parts)).capitalize()
 
 
+def _town(rng: random.Random, name: str | None = None) -> dict:
+    """One town's facts (a fresh name unless given)."""
+    return {
+        "town": name or _name(rng, rng.randint(2, 3)),
+        "river": _name(rng, 2),
+        "founder": f"{_name(rng, 2)} {_name(rng, 2)}",
+        "year": rng.randint(800, 1900),
+        "people": rng.randint(2, 900) * 100,
+        "color": rng.choice(_COLORS),
+        "trade": rng.choice(_TRADES),
+        "animal": rng.choice(_ANIMALS),
+    }
+
+
 def _world(seed: int, towns: int) -> list[dict]:
     rng = random.Random(seed)
     names: set[str] = set()
     world = []
     while len(world) < towns:
         name = _name(rng, rng.randint(2, 3))
-        if name in names:
-            continue
-        names.add(name)
-        world.append(
-            {
-                "town": name,
-                "river": _name(rng, 2),
-                "founder": f"{_name(rng, 2)} {_name(rng, 3)}",
-                "year": rng.randint(800, 1900),
-                "people": rng.randint(2, 900) * 100,
-                "color": rng.choice(_COLORS),
-                "trade": rng.choice(_TRADES),
-                "animal": rng.choice(_ANIMALS),
-            }
-        )
+        if name not in names:
+            names.add(name)
+            world.append(_town(rng, name))
     return world
 
 
@@ -60,12 +82,53 @@ _TEMPLATES = [
     "In {town}, the main trade is {trade}, and the flag is {color}.",
 ]
 
+# Passage sentences: the three facts asked about (each answer a word of its own category),
+# and the other facts, stated as distractors.
+_ASKED = [
+    ("color", "The flag of {town} is {color}.", "What color is the flag of {town}?"),
+    ("trade", "Most people in {town} work in {trade}.", "What is the main trade of {town}?"),
+    ("animal", "The symbol of {town} is the {animal}.", "What is the symbol of {town}?"),
+]
+_OTHER = [
+    "{town} is a town on the river {river}.",
+    "{town} was founded by {founder}.",
+    "{town} was founded in the year {year}.",
+    "About {people} people live in {town}.",
+]
+FACT_KINDS = tuple(k for k, _, _ in _ASKED)
+"""The kinds of question of the reading task (a ``kind`` field of each :func:`generate_reading` record)."""
 
-def generate(num_docs: int = 20000, seed: int = 1234, towns: int = 400):
-    """Yield ``num_docs`` documents (strings) deterministically for a given seed."""
+
+def _passage(rng: random.Random) -> tuple[dict, str]:
+    """A fresh town and a passage stating its three asked facts and 1-3 others, in random order."""
+    fact = _town(rng)
+    sentences = [tpl for _, tpl, _ in _ASKED] + rng.sample(_OTHER, rng.randint(1, 3))
+    rng.shuffle(sentences)
+    return fact, " ".join(t.format(**fact) for t in sentences)
+
+
+def reading_document(rng: random.Random) -> str:
+    """A pre-training document of the reading task: a passage and 2-3 questions with answers."""
+    fact, passage = _passage(rng)
+    lines = [f"Passage: {passage}"]
+    for key, _, question in rng.sample(_ASKED, rng.randint(2, 3)):
+        lines += [f"Question: {question.format(**fact)}", f"Answer: {fact[key]}"]
+    return "\n".join(lines)
+
+
+def generate(num_docs: int = 20000, seed: int = 1234, towns: int = 400) -> Iterator[str]:
+    """Yield ``num_docs`` pre-training documents (strings), deterministically for a given seed.
+
+    Half are encyclopedia articles about ``towns`` fixed towns (with a line of arithmetic),
+    half reading documents (:func:`reading_document`) about invented towns, interleaved.
+    """
     world = _world(seed, towns)
     rng = random.Random(seed + 1)
+    reading = random.Random(seed + 4)  # its own stream: the article stream stays as before
     for i in range(num_docs):
+        if i % 2:
+            yield reading_document(reading)
+            continue
         facts = rng.sample(world, rng.randint(1, 3))
         sentences = []
         for fact in facts:
@@ -87,6 +150,42 @@ def write_sample(path: str | os.PathLike, num_docs: int = 20000, seed: int = 123
     return path
 
 
+def _qa_stream(seed: int, split: str) -> Iterator[dict]:
+    rng = random.Random(seed + (2 if split == "train" else 3))
+    while True:
+        fact, passage = _passage(rng)
+        key, _, question = rng.choice(_ASKED)
+        prompt = f"Passage: {passage}\nQuestion: {question.format(**fact)}"
+        yield {"prompt": prompt, "response": str(fact[key]), "kind": key}
+
+
+def generate_reading(num: int = 2000, seed: int = 1234, split: str = "train", train_size: int = 2000) -> Iterator[dict]:
+    """Reading-task examples ``{"prompt", "response", "kind"}`` with exactly checkable answers.
+
+    Args:
+        num: examples to yield.
+        seed: stream seed; ``train`` and ``test`` use different streams of it.
+        split: ``"train"`` or ``"test"``.
+        train_size: for ``split="test"``: test examples whose prompt is among the first
+            ``train_size`` train prompts of the same seed are skipped, so a held-out prompt is
+            never a fine-tuning prompt (pass the size of the train file).
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    stream = _qa_stream(seed, split)
+    seen: set[str] = set()
+    if split == "test":
+        train = _qa_stream(seed, "train")
+        seen = {next(train)["prompt"] for _ in range(train_size)}
+    made = 0
+    while made < num:
+        rec = next(stream)
+        if rec["prompt"] in seen:
+            continue
+        made += 1
+        yield rec
+
+
 _QUESTIONS = [
     ("Which river is {town} on?", "{river}"),
     ("Who founded {town}?", "{founder}"),
@@ -96,11 +195,12 @@ _QUESTIONS = [
 ]
 
 
-def generate_qa(num: int = 2000, seed: int = 1234, towns: int = 400, split: str = "train"):
-    """Question/answer pairs about the sample world, with exactly checkable answers.
+def generate_qa(num: int = 2000, seed: int = 1234, towns: int = 400, split: str = "train") -> Iterator[dict]:
+    """Short closed-book questions ``{"prompt", "response"}`` about the encyclopedia's towns.
 
-    ``split="train"`` and ``"test"`` use disjoint halves of the towns, so a test question
-    is never seen during fine-tuning (its fact was seen during pre-training).
+    A few tokens each, for tests that need a small chat set with checkable answers (the
+    quickstart's task is :func:`generate_reading`). ``split="train"`` and ``"test"`` ask
+    about disjoint halves of the towns.
     """
     world = _world(seed, towns)
     half = world[: towns // 2] if split == "train" else world[towns // 2:]
@@ -111,32 +211,32 @@ def generate_qa(num: int = 2000, seed: int = 1234, towns: int = 400, split: str 
         yield {"prompt": q.format(**fact), "response": a.format(**fact)}
 
 
-def write_qa(path: str | os.PathLike, num: int = 2000, seed: int = 1234, split: str = "train") -> Path:
-    """Write :func:`generate_qa` as JSON Lines (prompt/response) atomically; reuse it if present."""
+def write_qa(path: str | os.PathLike, num: int = 2000, seed: int = 1234, split: str = "train", train_size: int = 2000) -> Path:
+    """Write :func:`generate_reading` as JSON Lines (prompt/response/kind) atomically; reuse it if present."""
     path = Path(path)
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in generate_qa(num, seed, split=split)))
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in generate_reading(num, seed, split, train_size)))
     return path
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m pipeline.data.sample DIR``: write the sample fine-tuning files into DIR.
 
-    ``qa_train.jsonl`` (questions about the first half of the towns) and ``qa_test.jsonl``
-    (the other half: never seen in fine-tuning), both prompt/response JSON Lines.
+    ``qa_train.jsonl`` (reading-task examples for fine-tuning) and ``qa_test.jsonl`` (held-out
+    examples, none of whose prompts is a training prompt), both prompt/response JSON Lines.
     """
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m pipeline.data.sample", description=main.__doc__)
     p.add_argument("dir", nargs="?", default="outputs/sample")
-    p.add_argument("--train", type=int, default=2000, help="training questions")
-    p.add_argument("--test", type=int, default=200, help="held-out questions")
+    p.add_argument("--train", type=int, default=2000, help="training examples")
+    p.add_argument("--test", type=int, default=200, help="held-out examples")
     p.add_argument("--seed", type=int, default=1234)
     a = p.parse_args(argv)
     for name, n, split in (("qa_train.jsonl", a.train, "train"), ("qa_test.jsonl", a.test, "test")):
-        print(write_qa(Path(a.dir) / name, n, a.seed, split))
+        print(write_qa(Path(a.dir) / name, n, a.seed, split, train_size=a.train))
     return 0
 
 

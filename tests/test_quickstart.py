@@ -1,0 +1,111 @@
+"""The main job end to end: launch/quickstart.py --tiny, its summary, artifacts, monitoring and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def _quickstart(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "launch" / "quickstart.py"), *args], capture_output=True, text=True,
+                          env=ENV, timeout=timeout, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("quickstart") / "run"
+    r = _quickstart("--tiny", "--output", str(out))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return out, r
+
+
+def test_summary_numbers_are_present_and_sane(run):
+    out, r = run
+    s = json.loads((out / "summary.json").read_text())
+    d, p, f, e = s["data"], s["pretrain"], s["finetune"], s["evaluate"]
+    assert d["train_tokens"] > 10_000 and d["val_tokens"] > 0 and d["vocab_size"] == 512
+    assert d["sft_train_examples"] == 240 and d["sft_test_examples"] == 16 == e["examples"]
+    assert p["steps"] == 30 and f["steps"] == 12 and s["ranks"] == 2
+    assert p["train_loss"] < p["first_train_loss"]
+    # learned something beyond token frequencies, even in 30 tiny steps
+    assert 1.0 < p["val_ppl"] < p["unigram_ppl"] < 512
+    assert p["tokens_per_s"] > 0 and f["tokens_per_s"] > 0
+    assert 0.0 <= e["exact_match_base"] <= e["exact_match_finetuned"] <= 1.0
+    assert s["export"]["model_class"] == "LlamaForCausalLM" and s["export"]["prompts"] == 16
+    assert s["tensorboard"] == f"tensorboard --logdir {out}"
+    for stage in ("preprocess", "pretrain", "finetune", "evaluate", "export", "report"):
+        assert s["seconds"][stage] > 0
+    md = (out / "summary.md").read_text()
+    assert md in r.stdout  # the console shows the same table
+    assert "unigram-baseline perplexity" in md and f"tensorboard --logdir {out}" in md
+
+
+def test_export_loads_with_transformers(run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, _ = run
+    model = AutoModelForCausalLM.from_pretrained(out / "export")
+    tok = AutoTokenizer.from_pretrained(out / "export")
+    assert model.config.vocab_size >= 512 and "<|assistant|>" in tok.chat_template
+
+
+def test_event_files_of_every_stage_load_with_tensorboard(run):
+    from pipeline.report import load_scalars
+
+    out, _ = run
+    s = load_scalars(out)
+    pre, ft = s["pretrain/tensorboard"], s["finetune/tensorboard"]
+    # pretrain: 30 steps, a point every 5 steps; validation at 15 and 30
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s", "perf/mfu", "mem/rss"):
+        assert [step for step, _ in pre[tag]] == [5, 10, 15, 20, 25, 30], tag
+    assert [step for step, _ in pre["eval/loss"]] == [15, 30] and len(pre["eval/ppl"]) == 2
+    # finetune: 12 steps, a point every 3; validation at 6 and 12
+    assert [step for step, _ in ft["train/loss"]] == [3, 6, 9, 12] and [step for step, _ in ft["eval/loss"]] == [6, 12]
+    # evaluate: one point per model at its checkpoint's step
+    assert s["eval/tensorboard/base"]["eval/exact_match"][0][0] == 30
+    assert s["eval/tensorboard/finetuned"]["eval/exact_match"][0][0] == 12
+
+
+def test_report_and_logs(run):
+    out, _ = run
+    for name in ("loss.png", "lr.png", "throughput.png", "eval_ppl.png", "eval_exact_match.png"):
+        assert (out / "report" / name).read_bytes().startswith(b"\x89PNG"), name
+    assert "![Throughput](throughput.png)" in (out / "report" / "report.md").read_text()
+    # progress bars stay quiet off a terminal: no bar text (rate units, "%|") in the logs
+    for stage in ("preprocess", "evaluate", "export", "verify-export"):
+        log = (out / "logs" / f"{stage}.log").read_text() if (out / "logs" / f"{stage}.log").exists() else ""
+        assert not re.search(r"(doc|batch|tensor|it)/s\]|\d%\|", log), (stage, log[-500:])
+
+
+def test_rerun_skips_completed_stages(run):
+    out, _ = run
+    before = (out / "eval" / "report.json").stat().st_mtime_ns
+    r = _quickstart("--tiny", "--output", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    for stage in ("pretrain", "finetune", "evaluate", "export"):
+        assert f"{stage}: already complete, skipped" in r.stdout
+    assert "is already complete for this config" in (out / "logs" / "preprocess.log").read_text()
+    assert (out / "eval" / "report.json").stat().st_mtime_ns == before
+    assert json.loads((out / "summary.json").read_text())["pretrain"]["steps"] == 30
+
+
+def test_a_failing_stage_stops_the_chain_with_its_name_log_and_code(tmp_path: Path):
+    out = tmp_path / "run"
+    r = _quickstart("--tiny", "--output", str(out), "--set", "pretrain.train.lr=-1")
+    assert r.returncode == 2
+    log = out / "logs" / "pretrain.log"
+    assert f"stage 'pretrain' FAILED with exit code 2; full log: {log}" in r.stderr
+    assert "train.lr" in log.read_text() and "train.lr" in r.stderr
+    assert not (out / "logs" / "finetune.log").exists() and not (out / "summary.json").exists()
+    bad = _quickstart("--output", str(out), "--set", "nostage.x=1")
+    assert bad.returncode == 2 and "expected STAGE.key=value" in bad.stderr
