@@ -9,7 +9,7 @@ itself and a Hugging Face byte-level BPE fast tokenizer trained here with ``toke
 
 * (a) ``raw``: the tokenizer alone, every document already in memory, encoded with its fastest
   batch API on ``--threads`` cores (``SentencePieceProcessor.encode(texts, num_threads=N)``, or
-  ``backend_tokenizer.encode_batch(texts, add_special_tokens=False)`` under
+  ``backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False)`` (no offsets) under
   ``RAYON_NUM_THREADS=N``, then the ids as Python lists), all documents in one call, timed inside
   a subprocess. This is the limit for the stage.
 * (b) ``stage``: ``launch/preprocess.py`` end to end as a subprocess (``tokenizer.path=<dir>``,
@@ -500,7 +500,7 @@ def worker_raw(kind: str, tok_dir: str, corpus: str, threads: int, chunk_chars: 
         t0, c0 = time.perf_counter(), time.process_time()
         for chunk in chunks:
             t1 = time.perf_counter()
-            encodings = backend.encode_batch(chunk, add_special_tokens=False)
+            encodings = backend.encode_batch_fast(chunk, add_special_tokens=False)  # no offsets: fastest
             encode_only += time.perf_counter() - t1
             ids = [e.ids for e in encodings]  # the ids as Python lists, as SentencePiece returns them
             tokens += sum(map(len, ids))

@@ -16,6 +16,7 @@ output. Everything is written in ``<output>.partial`` and renamed to ``<output>`
 
 from __future__ import annotations
 
+import gc
 import os
 import queue
 import re
@@ -300,6 +301,9 @@ class Preprocessor:
         seen = SeenHashes()
         segments = self._load_segments(seen)
         self._verified, self._new_tokens, self._t0 = False, 0, t0
+        # Move the objects made so far (modules, tokenizer) out of the collector's reach: the
+        # loop allocates many lists, and every full collection would traverse them again.
+        gc.freeze()
         bar = progress_bar(desc="preprocess", unit="doc")
         # The encoder thread(s) call the tokenizer's native batch API, which releases the GIL and
         # runs on all the cores; leaving the block waits for any call still running.
@@ -310,7 +314,9 @@ class Preprocessor:
                     self._source(src, name, files, done, handle, dtype, seen, encoder, bar)
         bar.close()
         segments = self._load_segments(None)
-        return self._finish(sources, handle, dtype, segments, time.time() - t0, self._new_tokens)
+        result = self._finish(sources, handle, dtype, segments, time.time() - t0, self._new_tokens)
+        gc.freeze()  # measured: the collection at interpreter exit otherwise took 0.1-0.4 s
+        return result
 
     def _source(self, src, name, files, done: list[dict], handle, dtype, seen, encoder, bar) -> None:
         """Encode and write one source from its last committed segment on."""

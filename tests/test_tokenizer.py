@@ -209,6 +209,73 @@ def test_fingerprint(trained, tmp_path):
     assert load_tokenizer(trained["unigram"]).fingerprint != fp
 
 
+# -- loading without transformers --------------------------------------------------------------------
+
+def _same_handles(a, b) -> None:
+    assert (a.fingerprint, a.vocab_size, a.bos_id, a.eos_id, a.pad_id) == (b.fingerprint, b.vocab_size, b.bos_id,
+                                                                           b.eos_id, b.pad_id)
+    texts = VARIED + ["x<|endoftext|>y"]
+    assert a.encode_batch(texts) == b.encode_batch(texts)
+
+
+@pytest.mark.parametrize("kind", ["bpe", "unigram", "byte-level"])
+def test_direct_load_equals_transformers(trained, tmp_path, kind):
+    """tokenizer.json read with `tokenizers` alone gives what AutoTokenizer gives: ids, specials, fingerprint."""
+    d = _byte_level_bpe(tmp_path / "bl") if kind == "byte-level" else trained[kind]
+    direct, auto = load_tokenizer(d), load_tokenizer(d, direct=False)
+    assert (direct.loader, auto.loader) == ("tokenizers", "transformers")
+    _same_handles(direct, auto)
+    tok = AutoTokenizer.from_pretrained(d)
+    assert direct.fingerprint == tokenizer_fingerprint(tok)
+    assert direct.encode_batch(VARIED) == _auto_ids(tok, VARIED)
+    assert direct.hf.eos_token_id == direct.eos_id  # the transformers tokenizer, loaded on demand
+
+
+def _edit_config(src: Path, dest: Path, **changes) -> Path:
+    shutil.copytree(src, dest)
+    cfg = json.loads((dest / "tokenizer_config.json").read_text())
+    cfg.update(changes)
+    (dest / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return dest
+
+
+def test_direct_load_defers_to_transformers(trained, tmp_path):
+    """Directories transformers might not load verbatim are loaded by transformers."""
+    cases = {
+        "class": {"tokenizer_class": "LlamaTokenizerFast"},  # may rebuild its pipeline
+        "bos": {"add_bos_token": True},  # transformers adds a post-processor
+        "new_special": {"sep_token": "<sep>"},  # not in the vocabulary: transformers adds it
+        "unknown_key": {"add_prefix_space": True},
+    }
+    for name, change in cases.items():
+        d = _edit_config(trained["bpe"], tmp_path / name, **change)
+        h = load_tokenizer(d)
+        assert h.loader == "transformers", name
+        _same_handles(h, load_tokenizer(d, direct=False))
+    assert load_tokenizer(tmp_path / "new_special").vocab_size == 501  # <sep> added by transformers
+
+
+def test_fingerprint_cache(trained, tmp_path, monkeypatch):
+    from pipeline.data import tokenizer as tokmod
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    d = _edit_config(trained["bpe"], tmp_path / "tok")
+    want = load_tokenizer(d, direct=False).fingerprint
+    assert load_tokenizer(d).fingerprint == want
+    entries = list((tmp_path / "cache" / "pipeline" / "tokenizer-fingerprints").iterdir())
+    assert len(entries) == 1 and entries[0].read_text() == want
+    calls = []
+    monkeypatch.setattr(tokmod, "_fingerprint", lambda *a: calls.append(a) or "x")
+    assert load_tokenizer(d).fingerprint == want and not calls  # served from the cache
+    entries[0].write_text("garbage")  # a damaged entry is recomputed
+    assert load_tokenizer(d).fingerprint == "x" and len(calls) == 1
+    monkeypatch.undo()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    (d / "tokenizer_config.json").write_text((d / "tokenizer_config.json").read_text().replace("<pad>", "<unk>"))
+    changed = load_tokenizer(d)  # other bytes, other key: pad is now id 0
+    assert changed.pad_id == 0 and changed.fingerprint == load_tokenizer(d, direct=False).fingerprint != want
+
+
 # -- existing HF tokenizers --------------------------------------------------------------------------
 
 def _byte_level_bpe(directory: Path, eos: str | None = "<|endoftext|>") -> Path:

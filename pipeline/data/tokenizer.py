@@ -281,7 +281,7 @@ _DIRECT_KEYS = {
     "tokenizer_class", "backend", "model_max_length", "legacy", "clean_up_tokenization_spaces", "padding_side",
     "truncation_side", "model_input_names", "add_bos_token", "add_eos_token", "added_tokens_decoder",
     "additional_special_tokens", "extra_special_tokens", "bos_token", "eos_token", "pad_token", "unk_token",
-    "sep_token", "cls_token", "mask_token", "split_special_tokens", "spaces_between_special_tokens",
+    "sep_token", "cls_token", "mask_token", "split_special_tokens", "spaces_between_special_tokens", "unk_id",
 }
 
 
