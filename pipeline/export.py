@@ -8,7 +8,7 @@ model built from ``hf/config.json`` on those tensors -> reference logits on a fi
 and write safetensors, config, generation config, tokenizer and chat template into
 ``<output>.tmp-<pid>`` -> free the model, reload the written directory with transformers, compare
 logits -> ``export_meta.json`` -> publish atomically. Nothing is published when verification fails.
-Peak memory: about one fp32 copy of the model (ZeRO-3; more for ZeRO-1/2, docs/export.md).
+Peak memory: about one fp32 copy of the model, any ZeRO stage (docs/export.md).
 
 The evaluate and fine-tune stages use :func:`resolve_checkpoint`, :func:`is_pipeline_checkpoint`,
 :func:`consolidate` and :func:`load_model`.
@@ -218,15 +218,62 @@ def _free_memory() -> None:
             ctypes.CDLL(ctypes.util.find_library("c") or None).malloc_trim(0)
 
 
+class _Zero2Slice:
+    """One parameter of a ZeRO-1/2 checkpoint, read on :meth:`contiguous` from the (memory-mapped)
+    fp32 partitions of its parameter group: the lazy counterpart of DeepSpeed's ZeRO-3
+    ``GatheredTensor`` that ``zero_to_fp32`` lacks for stages 1/2."""
+
+    def __init__(self, partitions: list[torch.Tensor], offset: int, numel: int, shape: torch.Size):
+        self.partitions, self.offset, self.numel, self.shape = partitions, offset, numel, torch.Size(shape)
+        self.dtype = torch.float32
+
+    def contiguous(self) -> torch.Tensor:
+        """The parameter as its own fp32 tensor: the pieces of the partitions it spans, copied."""
+        out, start, filled = torch.empty(self.numel, dtype=torch.float32), 0, 0
+        for part in self.partitions:  # rank order = the order DeepSpeed concatenates them in
+            lo, hi = max(self.offset, start), min(self.offset + self.numel, start + part.numel())
+            if lo < hi:
+                out[lo - self.offset:hi - self.offset].copy_(part[lo - start:hi - start])
+                filled += hi - lo
+            start += part.numel()
+        if filled != self.numel:
+            raise ValueError(f"the fp32 partitions hold {filled} of a parameter's {self.numel} elements")
+        return out.view(self.shape)
+
+
+def _zero2_lazy_merge(state_dict, world_size, fp32_flat_groups, zero_model_states, param_alignment_paddings=None):
+    """Stand-in for ``zero_to_fp32._zero2_merge_trainable_params`` (same arguments, same layout
+    rules and sanity check): DeepSpeed's version ``torch.cat``s each group's partitions into one
+    fp32 vector and returns views of it, which holds a whole copy of the model that cannot be freed
+    piecewise (2x the fp32 size at the export's peak); this one puts a :class:`_Zero2Slice` per
+    parameter, so a parameter is read from the mapped shards only when it is materialised."""
+    for group, shapes in enumerate(zero_model_states[0].param_shapes):
+        partitions = [ranks[group] for ranks in fp32_flat_groups]
+        avail = sum(p.numel() for p in partitions)
+        paddings = param_alignment_paddings[group] if param_alignment_paddings is not None else None
+        if paddings is not None and len(paddings) != len(shapes):
+            raise ValueError(f"expected {len(shapes)} parameter alignment paddings for group {group}, found {len(paddings)}")
+        offset = 0
+        for i, (name, shape) in enumerate(shapes.items()):
+            numel = math.prod(shape)
+            state_dict[name] = _Zero2Slice(partitions, offset, numel, shape)
+            offset += numel + (paddings[i] if paddings is not None else 0)
+        align = 2 * world_size  # DeepSpeed pads each group to a multiple of 2 x world size (its check)
+        if align * math.ceil(offset / align) != align * math.ceil(avail / align):
+            raise ValueError(f"consumed {offset} numels out of {avail} in parameter group {group}")
+
+
 def _lazy_state_dict(step: Path) -> dict[str, Any]:
-    """DeepSpeed's consolidated state dict in lazy mode (ZeRO-3: gathered on ``.contiguous()``;
-    ZeRO-1/2: views of the merged fp32 partitions). Its prints are dropped, its bars follow ours."""
+    """DeepSpeed's consolidated state dict in lazy mode: values whose ``.contiguous()`` makes the
+    tensor (ZeRO-3: DeepSpeed's gather; ZeRO-1/2: :func:`_zero2_lazy_merge` in place of DeepSpeed's
+    merge). Its prints are dropped, its bars follow ours."""
     from deepspeed.utils import zero_to_fp32 as z
 
     from pipeline.progress import progress_bar
 
-    saved = z.tqdm
+    saved, saved_merge = z.tqdm, z._zero2_merge_trainable_params
     z.tqdm = lambda iterable=None, **kw: progress_bar(iterable=iterable, leave=False, **kw)
+    z._zero2_merge_trainable_params = _zero2_lazy_merge
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             return z.get_fp32_state_dict_from_zero_checkpoint(str(step.parent), tag=step.name, lazy_mode=True)
@@ -235,7 +282,7 @@ def _lazy_state_dict(step: Path) -> dict[str, Any]:
                         "or damaged (every rank's *_model_states.pt and *_optim_states.pt must be there): export another "
                         "step") from None
     finally:
-        z.tqdm = saved
+        z.tqdm, z._zero2_merge_trainable_params = saved, saved_merge
 
 
 def consolidate(step_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
