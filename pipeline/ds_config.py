@@ -70,15 +70,20 @@ class DeepSpeedSection:
     """Which DeepSpeed JSON to use and how to adjust it."""
 
     config: str = "ds_configs/zero3_offload.json"
-    """DeepSpeed JSON file. A relative path is looked up first from the current directory, then from the project root
-    (shipped: ds_configs/zero1.json, zero2.json, zero2_offload.json, zero3.json, zero3_offload.json,
-    zero3_offload_nvme.json). Its "auto" values are filled from the recipe."""
+    """DeepSpeed JSON file, or auto. A relative path is looked up first from the current directory, then from the
+    project root (shipped: ds_configs/zero0.json, zero1.json, zero2.json, zero2_offload.json, zero3.json,
+    zero3_offload.json, zero3_offload_nvme.json). Its "auto" values are filled from the recipe. auto: the memory
+    planner picks the fastest shipped config that fits the detected memory (see docs/deepspeed.md)."""
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """Training precision. auto: bf16 on GPUs that support it, fp16 with dynamic loss scaling on older GPUs, fp32 on
     CPU. bf16/fp16 need a CUDA GPU."""
     nvme_path: str = ""
     """Directory on a fast local NVMe disk (on every node) replacing the JSON's offload nvme_path; only for configs that
     offload to NVMe (ds_configs/zero3_offload_nvme.json). Empty: keep the JSON's value."""
+    memory_check: bool = True
+    """Before starting, estimate the memory per GPU (per rank on CPU) and per node and stop with an error naming the
+    numbers and a config that fits when this one cannot (python launch/plan.py prints the table). false: start
+    anyway (for those who know better; auto then takes the fastest config without checking)."""
     overrides: dict[str, Any] = field(default_factory=dict)
     """DeepSpeed keys set verbatim after everything else, dotted for nesting, e.g.
     {"zero_optimization.overlap_comm": false, "zero_optimization.reduce_bucket_size": 200000000}. Keys the recipe owns

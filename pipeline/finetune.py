@@ -146,6 +146,9 @@ def _hidden_size(path: str) -> int | None:
 
 
 def describe(cfg: FinetuneConfig) -> str:
+    if cfg.deepspeed.config.strip() == "auto":
+        from pipeline.plan import AUTO_NOTE
+        return AUTO_NOTE
     return describe_ds(cfg, _hidden_size(cfg.model.path))
 
 
@@ -255,6 +258,9 @@ def run(cfg: FinetuneConfig, local_rank: int | None = None) -> int:
     from pipeline.monitor import count_params, flops_per_token
     from pipeline.trainer import Trainer, evaluate_lm
 
+    from pipeline.plan import finetune_conf, finetune_head, finetune_seq_len, preflight
+    preflight(cfg, finetune_conf(cfg.model.path), seq_len=finetune_seq_len(cfg), head=finetune_head(cfg),  # auto; refuse what cannot fit
+              attn=cfg.model.attn_implementation, checkpointing=cfg.model.activation_checkpointing, local_rank=local_rank)
     run_ = Run(cfg, local_rank=local_rank, hidden_size=_hidden_size(cfg.model.path))
     run_.start()
     init = _init_dir(cfg, run_)

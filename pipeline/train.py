@@ -79,6 +79,9 @@ class TrainConfig:
 
 def describe(cfg: TrainConfig) -> str:
     """Extra ``--print-config`` output: the resolved DeepSpeed JSON for this launch's world size."""
+    if cfg.deepspeed.config.strip() == "auto":
+        from pipeline.plan import AUTO_NOTE
+        return AUTO_NOTE
     return describe_ds(cfg, cfg.model.hidden_size if not cfg.model.path else None)
 
 
@@ -101,6 +104,9 @@ def run(cfg: TrainConfig, local_rank: int | None = None) -> int:
     conf = hf_config(cfg.model, tok_info["vocab_size"], cfg.data.seq_len, tok_info)
     if cfg.model.path:
         check_tokenizer_match(cfg.model.path, conf, tok_info, cfg.data.datasets[0].path)
+    from pipeline.plan import preflight  # resolves deepspeed.config=auto; refuses a plan that cannot fit
+    preflight(cfg, conf, seq_len=cfg.data.seq_len, head="causal_lm", attn=cfg.model.attn_implementation,
+              checkpointing=cfg.model.activation_checkpointing, local_rank=local_rank)
     run_ = Run(cfg, local_rank=local_rank, hidden_size=getattr(conf, "hidden_size", None) or getattr(conf, "n_embd", None))
     datasets = [(d.path, d.weight) for d in cfg.data.datasets]
     samples = BlendedSamples(datasets, "train", cfg.data.seq_len, cfg.train.seed, verify=cfg.data.verify)
@@ -121,7 +127,7 @@ def run(cfg: TrainConfig, local_rank: int | None = None) -> int:
         dist.shutdown()
         return 0
 
-    loader = RankLoader(samples, rank, world, run_.micro, run_.accum, start_step=start_step)
+    loader = RankLoader(samples, rank, world, run_.micro, run_.accum, start_step=start_step, consumed_samples=run_.consumed_samples)
     val = (Validation(datasets, cfg.data.seq_len, cfg.train.eval_batches, run_.micro, rank=rank, world=world, verify="none")
            if cfg.train.eval_batches else None)
     task = CausalLMTask()

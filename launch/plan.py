@@ -1,0 +1,21 @@
+"""Preflight memory planner: which DeepSpeed config and micro batch fit a recipe on your hardware.
+
+    python launch/plan.py --config configs/sample/pretrain.yaml [key=value ...]
+    python launch/plan.py --config FILE --gpus-per-node 8 --gpu-memory 80 --nodes 2 --cpu-memory 1000 --nvme 3000
+
+Prints, for each shipped ds_configs/ file, the estimated memory per GPU (per rank on CPU) and per
+node, whether it fits, the largest micro batch that fits, and the fastest choice. The target
+defaults to this machine (its GPUs, or CPU ranks, and the available RAM).
+
+Exit codes: 0 something fits, 1 nothing fits, 2 bad config or arguments.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pipeline.plan import cli  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(cli())

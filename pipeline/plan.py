@@ -1,0 +1,689 @@
+"""Preflight memory planner: which DeepSpeed config and micro batch fit a recipe on a target.
+
+    python launch/plan.py --config FILE [key=value ...] [--gpus-per-node N --gpu-memory GiB ...]
+
+For each shipped ``ds_configs/`` file (ZeRO stage 0-3, no offload, optimizer offload,
+parameter + optimizer offload to CPU or NVMe) the planner estimates, per rank and per node:
+
+* **model states** (parameters, gradients, optimizer): DeepSpeed's own estimators
+  (:func:`deepspeed.runtime.zero.stage_1_and_2.estimate_zero2_model_states_mem_needs` and
+  ``stage3.estimate_zero3_model_states_mem_needs``, ``zero_init`` variant, which is how the
+  pipeline builds models) for 16-bit training; they assume 2-byte weights and gradients
+  beside the fp32 master copy, so for fp32 training the 16-bit copies are replaced by
+  4-byte ones (DeepSpeed still keeps a separate fp32 master partition). Stage 0 has no
+  DeepSpeed estimator: every rank holds everything (16 bytes per parameter in fp32, 20 in
+  bf16/fp16). Stage 1 keeps full gradients until the step, stage 2 partitions them. The
+  parameter count comes from the model built on PyTorch's ``meta`` device (no memory).
+* **activations** of one micro batch: the per-layer count of Korthikanti et al. 2022
+  ("Reducing Activation Recomputation in Large Transformer Models", eq. 1: ``sbh(34 +
+  5as/h)`` bytes for GPT-3 in 16 bit) redone for the tensors PyTorch actually saves in a
+  Hugging Face decoder layer: ``e·s·b·(7h + 2h_kv + k·i)`` bytes per layer (``e`` bytes per
+  element, ``k`` = 4 for gated MLPs such as Llama's SwiGLU, 2 for GPT-2's GELU), plus
+  ``2·e·a·s²·b`` for the attention scores with ``eager`` attention (``sdpa``/flash attention
+  keep none), plus 1-byte dropout masks when dropout is on, plus the logits (the LM head
+  output, its fp32 copy for the loss, the log-softmax and its gradient: ``s·b·V·(e+12)``).
+  With activation checkpointing only each layer's input (``e·s·b·h``) is kept and one layer
+  is recomputed at a time. The backward pass holds one layer's working set on top.
+* **buffers and overheads**: DeepSpeed's communication buckets from the resolved JSON (each
+  capped at the model size: DeepSpeed never fills more), the CUDA context, and allocator
+  fragmentation (a fraction of everything else). On CPU ranks (no GPU) the "device" is host
+  memory and each rank process also carries the Python, PyTorch and DeepSpeed runtime.
+
+The estimates were compared with the peak RSS of real runs on this project's CPU machines:
+see ``docs/deepspeed.md`` ("How good are the estimates") and ``tests/test_plan.py``.
+
+``deepspeed.config: auto`` picks the FASTEST config that fits, in the order of
+:data:`CANDIDATES` (no partitioning first, NVMe offload last), not the most frugal one.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.ds_config import load_ds_json, locate_ds_config, offload, resolve_ds_config, zero_stage
+from pipeline.errors import UserError
+
+GiB = 1024 ** 3
+
+CANDIDATES = (
+    "ds_configs/zero0.json",
+    "ds_configs/zero1.json",
+    "ds_configs/zero2.json",
+    "ds_configs/zero3.json",
+    "ds_configs/zero2_offload.json",
+    "ds_configs/zero3_offload.json",
+    "ds_configs/zero3_offload_nvme.json",
+)
+"""Shipped configs, fastest first: ``auto`` takes the first that fits. Partitioning costs
+communication (stage 3 gathers every layer twice per step), offload costs PCIe/host traffic
+and a CPU optimizer step, NVMe costs disk I/O; see ``docs/deepspeed.md`` for the measurements."""
+
+CUDA_CONTEXT = 1.0 * GiB
+"""CUDA context, kernels and cuBLAS/NCCL workspaces per GPU (typically 0.5-1 GiB on current GPUs)."""
+ALLOCATOR_SLACK = 0.10
+"""Fraction added to the device estimate for allocator fragmentation (PyTorch's caching allocator)."""
+CPU_RANK_RUNTIME = 0.65 * GiB
+"""Host memory of one rank process before any model exists (Python, PyTorch, transformers, DeepSpeed,
+gloo, data loader), measured on this project's CPU machines (about 0.41 GiB after the imports alone)."""
+GPU_RANK_HOST_RUNTIME = 3.0 * GiB
+"""Host memory of one GPU rank process beside the offloaded states (CUDA libraries, pinned staging)."""
+AUTO_NOTE = ("# deepspeed.config=auto: the memory planner picks the DeepSpeed JSON when the stage starts "
+             "(python launch/plan.py --config ... shows the table and the choice)\n")
+DS_ADDITIONAL_BUFFER_FACTOR = 1.5
+"""DeepSpeed's own ``additional_buffer_factor`` for the CPU side of its estimators (kept as is)."""
+
+
+# ---------------------------------------------------------------------------- the model
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the estimates need to know about a model."""
+
+    n_params: int
+    largest_layer: int  # parameters of the largest module (ZeRO-3 gathers one at a time)
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    gated_mlp: bool
+    dropout: float
+    lm_head: bool  # a causal LM (logits over the vocabulary) rather than a classifier
+    attn: str
+
+
+def _conf_get(conf, *names, default=None):
+    for n in names:
+        v = getattr(conf, n, None)
+        if v is not None:
+            return v
+    return default
+
+
+def model_facts(conf, *, head: str = "causal_lm", attn_implementation: str = "sdpa") -> ModelFacts:
+    """Count the parameters of the model ``conf`` describes, built on the ``meta`` device.
+
+    Args:
+        conf: a transformers config.
+        head: ``causal_lm`` or ``classification``.
+        attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2`` (activation estimate).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForSequenceClassification if head == "classification" else AutoModelForCausalLM
+    conf = copy.deepcopy(conf)
+    with torch.device("meta"):  # shapes only: a 70B model costs nothing here
+        model = auto.from_config(conf)
+    n = sum(p.numel() for p in model.parameters())
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    hidden = int(_conf_get(conf, "hidden_size", "n_embd", "d_model"))
+    heads = int(_conf_get(conf, "num_attention_heads", "n_head"))
+    inter = _conf_get(conf, "intermediate_size", "n_inner", "ffn_dim") or 4 * hidden
+    act = str(_conf_get(conf, "hidden_act", "activation_function", default=""))
+    gated = conf.model_type not in ("gpt2", "gpt_neox", "bert", "opt", "gptj", "roberta", "distilbert") and act.startswith(("silu", "swish", "gelu_pytorch_tanh")) or "glu" in act
+    drop = max(float(_conf_get(conf, k, default=0.0) or 0.0) for k in ("attention_dropout", "attn_pdrop", "resid_pdrop", "hidden_dropout_prob", "dropout"))
+    return ModelFacts(
+        n_params=int(n), largest_layer=int(largest), hidden=hidden,
+        layers=int(_conf_get(conf, "num_hidden_layers", "n_layer")), heads=heads,
+        kv_heads=int(_conf_get(conf, "num_key_value_heads", default=heads) or heads), intermediate=int(inter),
+        vocab=int(conf.vocab_size), gated_mlp=bool(gated), dropout=drop, lm_head=head != "classification",
+        attn=attn_implementation,
+    )
+
+
+# ---------------------------------------------------------------------------- the target
+
+
+@dataclass
+class Target:
+    """Where the job runs. Memory in bytes; ``gpu_memory`` 0 means CPU ranks (no GPU)."""
+
+    gpus_per_node: int = 1  # ranks per node (GPUs, or CPU processes without a GPU)
+    nodes: int = 1
+    gpu_memory: int = 0
+    cpu_memory: int = 0  # per node, available to the job
+    nvme: int = 0  # free bytes on the NVMe offload path per node (0: none)
+    detected: str = ""
+
+    @property
+    def world(self) -> int:
+        return self.gpus_per_node * self.nodes
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.gpu_memory > 0
+
+    def describe(self) -> str:
+        dev = f"{self.gpus_per_node} GPU(s) of {self.gpu_memory / GiB:.1f} GiB" if self.on_gpu else f"{self.gpus_per_node} CPU rank(s)"
+        s = f"{self.nodes} node(s) x {dev}, {self.cpu_memory / GiB:.1f} GiB CPU RAM per node"
+        if self.nvme:
+            s += f", {self.nvme / GiB:.0f} GiB NVMe"
+        return s + (f" ({self.detected})" if self.detected else "")
+
+
+def available_cpu_memory() -> int:
+    """Bytes of host memory available to new allocations (``MemAvailable``)."""
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def detect_target(ranks_per_node: int | None = None, nodes: int = 1, nvme_path: str = "") -> Target:
+    """This machine: its GPUs (free memory of the first) or CPU ranks, available RAM, NVMe space."""
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus:
+        free, _total = torch.cuda.mem_get_info(torch.cuda.current_device())
+        gpu_mem, how = int(free), "detected: torch.cuda free memory, MemAvailable"
+    else:
+        gpu_mem, how = 0, "detected: no GPU, CPU ranks in host memory (MemAvailable)"
+    per_node = ranks_per_node or gpus or 1
+    nvme = 0
+    if nvme_path and Path(nvme_path).exists():
+        import shutil
+
+        nvme = int(shutil.disk_usage(nvme_path).free)
+    return Target(gpus_per_node=per_node, nodes=nodes, gpu_memory=gpu_mem, cpu_memory=available_cpu_memory(), nvme=nvme, detected=how)
+
+
+# ---------------------------------------------------------------------------- estimates
+
+
+@dataclass
+class Estimate:
+    """Memory of one (config, micro batch, activation checkpointing) choice, in bytes."""
+
+    config: str
+    stage: int
+    offload_optimizer: str
+    offload_param: str
+    micro_batch: int
+    activation_checkpointing: bool
+    states: int = 0  # per rank, on the device
+    activations: int = 0
+    buffers: int = 0  # communication buckets + CUDA context + fragmentation (+ rank runtime on CPU)
+    device_total: int = 0  # per GPU (on CPU ranks: per rank, in host memory)
+    cpu_node: int = 0  # host memory per node (on CPU ranks: everything, all ranks of the node)
+    nvme_node: int = 0
+    fits: bool = False
+    why_not: str = ""
+
+    @property
+    def offload_label(self) -> str:
+        o, p = self.offload_optimizer, self.offload_param
+        if o == "none" and p == "none":
+            return "none"
+        return "+".join(x for x in (f"param {p}" if p != "none" else "", f"optimizer {o}" if o != "none" else "") if x)
+
+
+def _model_states(f: ModelFacts, stage: int, off_opt: str, off_param: str, precision: str, target: Target) -> tuple[int, int, int]:
+    """``(device bytes per rank, host bytes per node, NVMe bytes per node)`` for parameters,
+    gradients and optimizer states, from DeepSpeed's estimators (16-bit) adjusted for fp32."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    n, big, g, nodes, dp = f.n_params, f.largest_layer, target.gpus_per_node, target.nodes, target.world
+    fp32 = precision == "fp32"
+    kw = dict(num_gpus_per_node=g, num_nodes=nodes, additional_buffer_factor=DS_ADDITIONAL_BUFFER_FACTOR)
+    if stage == 0:  # no DeepSpeed estimator: every rank keeps weights, gradients, master and Adam moments
+        return (16 if fp32 else 20) * n, int(4 * n * g * DS_ADDITIONAL_BUFFER_FACTOR), 0
+    if stage in (1, 2):
+        cpu, dev = estimate_zero2_model_states_mem_needs(n, cpu_offload=off_opt != "none", **kw)
+        if off_opt == "none":
+            # DeepSpeed counts 2 (16-bit weights) + 18/dp (2 grad16 + 4 grad32 + 4 master + 8 Adam) bytes;
+            # fp32: 4-byte weights, and the partition holds 4 grad + 4 master + 8 Adam.
+            if fp32:
+                dev = 4 * n + 16 * n // dp
+            if stage == 1:  # ZeRO-1 keeps the full gradients until the step, ZeRO-2 only its partition
+                dev += (4 if fp32 else 2) * n - (4 if fp32 else 2) * n // dp
+        elif fp32:
+            dev = 4 * n  # the fp32 weights; gradients go straight to the host buffers
+        return int(dev), int(cpu), 0
+    # stage 3 (zero_init: the pipeline builds and loads models partitioned)
+    cpu, dev, _ = estimate_zero3_model_states_mem_needs(
+        n, big, cpu_offload=off_opt != "none", cpu_offload_params=off_param != "none", zero_init=True, **kw)
+    if fp32:
+        dev += 4 * big  # the gathered layer and its gradient in 4 bytes, not 2
+        if off_opt == "none":
+            dev += 2 * n // dp  # 4-byte parameter partition beside the fp32 master (DeepSpeed counts 2)
+        elif off_param == "none":
+            dev += 2 * n // dp
+        if off_param != "none":
+            cpu += int(2 * n / nodes * DS_ADDITIONAL_BUFFER_FACTOR)
+    nvme = 0
+    if "nvme" in (off_opt, off_param):  # the states live on disk; the host keeps swap buffers only
+        nvme = int(((16 if off_opt == "nvme" else 0) + ((4 if fp32 else 2) if off_param == "nvme" else 0)) * n / nodes)
+        cpu = int(cpu * 0.25)  # pinned swap buffers and the current sub-group, not the states
+    return int(dev), int(cpu), nvme
+
+
+def activation_bytes(f: ModelFacts, micro: int, seq: int, precision: str, checkpointing: bool) -> int:
+    """Peak activation memory of one forward+backward of ``micro`` sequences of ``seq`` tokens."""
+    e = 4 if precision == "fp32" else 2
+    s, b, h = seq, micro, f.hidden
+    per_layer = e * s * b * (7 * h + 2 * h * f.kv_heads // f.heads + (4 if f.gated_mlp else 2) * f.intermediate)
+    if f.attn == "eager":
+        per_layer += 2 * e * f.heads * s * s * b  # scores and softmax output
+    if f.dropout > 0:
+        per_layer += s * b * (3 * h + (f.heads * s if f.attn == "eager" else 0))  # 1-byte masks
+    logits = s * b * f.vocab * (e + 12) if f.lm_head else 0  # head output, fp32 copy, log-softmax, gradient
+    if checkpointing:
+        stored = f.layers * e * s * b * h + per_layer  # layer inputs + the one being recomputed
+    else:
+        stored = f.layers * per_layer
+    working = per_layer  # gradients of one layer's activations during backward
+    return int(stored + max(working, logits) + 2 * e * s * b * h)  # + embeddings output and final norm
+
+
+def _buffers(ds: dict, f: ModelFacts, precision: str, on_gpu: bool) -> int:
+    """DeepSpeed communication buckets, sizes (elements) from the resolved JSON.
+
+    DeepSpeed allocates its gradient-reduction buckets at their full configured size
+    (``torch.empty``, two of them for ZeRO-1/2 with ``overlap_comm``): on a GPU that memory is
+    taken whatever the model size. On CPU ranks untouched pages cost no RAM, so only what a
+    model of ``n_params`` fills counts. Gather buffers are allocated as needed (capped at the model).
+    """
+    e = 4 if precision == "fp32" else 2
+    z = ds.get("zero_optimization") or {}
+    n = f.n_params
+    stage = zero_stage(ds)
+    if stage == 0:
+        return e * min(int(ds.get("allreduce_bucket_size", 500_000_000)), n)  # flattened gradient bucket
+    reduce = int(z.get("reduce_bucket_size", 500_000_000))
+    reduce = reduce if on_gpu else min(reduce, n)
+    if stage in (1, 2):
+        gather = min(int(z.get("allgather_bucket_size", 500_000_000)), n)
+        return e * (reduce * (2 if z.get("overlap_comm") and on_gpu else 1) + gather)
+    prefetch = min(int(z.get("stage3_prefetch_bucket_size", 50_000_000)), n)
+    return e * (reduce + prefetch)
+
+
+def estimate(f: ModelFacts, ds: dict, config: str, target: Target, *, micro: int, seq: int, precision: str,
+             checkpointing: bool) -> Estimate:
+    """Memory of running ``config`` (its resolved dict ``ds``) on ``target``; sets ``fits``."""
+    stage = zero_stage(ds)
+    dev_off = offload(ds)
+    est = Estimate(config=config, stage=stage, offload_optimizer=dev_off["optimizer"], offload_param=dev_off["param"],
+                   micro_batch=micro, activation_checkpointing=checkpointing)
+    states, cpu_states, nvme = _model_states(f, stage, est.offload_optimizer, est.offload_param, precision, target)
+    acts = activation_bytes(f, micro, seq, precision, checkpointing)
+    buffers = _buffers(ds, f, precision, target.on_gpu)
+    buffers += int(ALLOCATOR_SLACK * (states + acts + buffers))
+    g = target.gpus_per_node
+    offloaded = est.offload_optimizer != "none" or est.offload_param != "none"
+    if target.on_gpu:
+        buffers += int(CUDA_CONTEXT)
+        host = (cpu_states if offloaded else 0) + g * int(GPU_RANK_HOST_RUNTIME)
+    else:  # CPU ranks: the "device" is host memory; the loading copy is the model itself
+        buffers += int(CPU_RANK_RUNTIME)
+        host = (cpu_states if offloaded else 0) + g * (states + acts + buffers)
+    est.states, est.activations, est.buffers = states, acts, buffers
+    est.device_total = states + acts + buffers
+    est.cpu_node, est.nvme_node = int(host), int(nvme)
+    problems = []
+    if target.on_gpu and est.device_total > target.gpu_memory:
+        problems.append(f"needs {est.device_total / GiB:.2f} GiB per GPU, {target.gpu_memory / GiB:.2f} GiB there")
+    if est.cpu_node > target.cpu_memory:
+        problems.append(f"needs {est.cpu_node / GiB:.2f} GiB CPU RAM per node, {target.cpu_memory / GiB:.2f} GiB there")
+    if nvme and nvme > target.nvme:
+        problems.append(f"needs {nvme / GiB:.1f} GiB NVMe per node, {target.nvme / GiB:.1f} GiB given")
+    est.fits, est.why_not = not problems, "; ".join(problems)
+    return est
+
+
+# ---------------------------------------------------------------------------- a recipe
+
+
+@dataclass
+class Recipe:
+    """What a training or fine-tuning recipe asks for, as far as memory goes."""
+
+    facts: ModelFacts
+    seq_len: int
+    micro_batch: int
+    grad_accum: int
+    global_batch: int
+    checkpointing: bool
+    precision: str
+    cfg: Any  # the stage config (train and deepspeed sections)
+
+
+def resolve_candidate(cfg: Any, config: str, *, world: int, micro: int, grad_accum: int, global_batch: int,
+                      precision: str, hidden: int) -> dict:
+    """The DeepSpeed dict of ``config`` for this recipe, as the stage would resolve it."""
+    raw = load_ds_json(config)
+    t, d = cfg.train, cfg.deepspeed
+    has_nvme = "nvme" in offload(raw).values()
+    return resolve_ds_config(
+        raw, source=config, micro_batch=micro, grad_accum=grad_accum, global_batch=global_batch, dp_world=world,
+        lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay, grad_clip=t.grad_clip,
+        precision=precision, hidden_size=hidden, nvme_path=d.nvme_path if has_nvme else "", overrides=d.overrides,
+    )
+
+
+def _estimate_config(r: Recipe, config: str, target: Target, micro: int, checkpointing: bool,
+                     free_batch: bool = False) -> Estimate | None:
+    """None when ``micro`` cannot make the recipe's global batch (batch arithmetic); ``free_batch``:
+    any global batch (memory does not depend on it)."""
+    try:
+        if free_batch:
+            grad_accum, global_batch = 1, 0
+        elif micro == r.micro_batch:
+            grad_accum, global_batch = r.grad_accum, r.global_batch
+        else:
+            grad_accum, global_batch = 0, r.global_batch or r.micro_batch * max(r.grad_accum, 1) * target.world
+        ds = resolve_candidate(r.cfg, config, world=target.world, micro=micro, grad_accum=grad_accum,
+                               global_batch=global_batch, precision=r.precision, hidden=r.facts.hidden)
+    except UserError:
+        if micro == r.micro_batch:
+            raise
+        return None
+    return estimate(r.facts, ds, config, target, micro=micro, seq=r.seq_len, precision=r.precision, checkpointing=checkpointing)
+
+
+def largest_micro(r: Recipe, config: str, target: Target, checkpointing: bool, limit: int = 256) -> int:
+    """The largest micro batch (a power of two, or the recipe's) that fits with ``config``; 0 if none."""
+    sizes = sorted({2 ** k for k in range(int(math.log2(limit)) + 1)} | {r.micro_batch}, reverse=True)
+    for m in sizes:
+        est = _estimate_config(r, config, target, m, checkpointing, free_batch=True)
+        if est is not None and est.fits:
+            return m
+    return 0
+
+
+@dataclass
+class Plan:
+    """The planner's answer for one recipe and target."""
+
+    target: Target
+    recipe: Recipe
+    rows: list[Estimate]  # each candidate at the recipe's micro batch and checkpointing
+    largest: dict[str, tuple[int, int]]  # config -> largest micro batch without / with activation checkpointing
+    choice: Estimate | None  # the fastest that fits (possibly with checkpointing or a smaller micro batch)
+
+    def advice(self) -> str:
+        """One sentence: what to use."""
+        c, r = self.choice, self.recipe
+        if c is None:
+            return ("nothing fits: even ZeRO-3 with offload and micro batch 1 with activation checkpointing exceeds the "
+                    "memory; use more GPUs or nodes, a shorter data.seq_len or a smaller model")
+        parts = [f"deepspeed.config={c.config}"]
+        if c.micro_batch != r.micro_batch:
+            accum = max(1, (r.global_batch or r.micro_batch * max(r.grad_accum, 1) * self.target.world)
+                        // (c.micro_batch * self.target.world))
+            parts.append(f"train.micro_batch_size={c.micro_batch} train.grad_accum={accum}")
+        if c.activation_checkpointing and not r.checkpointing:
+            parts.append("model.activation_checkpointing=true")
+        return " ".join(parts)
+
+
+def make_plan(r: Recipe, target: Target, candidates: tuple[str, ...] = CANDIDATES) -> Plan:
+    """Estimate every candidate; choose the fastest that fits (recipe as is, then with activation
+    checkpointing, then with the largest smaller micro batch)."""
+    configs = [c for c in candidates if _exists(c)]
+    rows = [_estimate_config(r, c, target, r.micro_batch, r.checkpointing) for c in configs]
+    largest = {c: (largest_micro(r, c, target, False), largest_micro(r, c, target, True)) for c in configs}
+    choice = next((e for e in rows if e is not None and e.fits), None)
+    if choice is None and not r.checkpointing:
+        for c in configs:
+            e = _estimate_config(r, c, target, r.micro_batch, True)
+            if e is not None and e.fits:
+                choice = e
+                break
+    if choice is None:
+        best = max(((m, c, ac) for c, pair in largest.items() for ac, m in zip((False, True), pair)
+                    if m and m < r.micro_batch and (ac or not r.checkpointing)), key=lambda x: (x[0], -configs.index(x[1]), not x[2]),
+                   default=None)
+        if best is not None:
+            choice = _estimate_config(r, best[1], target, best[0], best[2])
+    return Plan(target=target, recipe=r, rows=[e for e in rows if e is not None], largest=largest, choice=choice)
+
+
+def _exists(config: str) -> bool:
+    try:
+        locate_ds_config(config)
+        return True
+    except UserError:
+        return False
+
+
+def _g(x: int) -> str:
+    return f"{x / GiB:.2f}"
+
+
+def table(p: Plan) -> str:
+    """The plan as a Markdown table (GiB), one row per config, fastest first."""
+    dev = "per GPU" if p.target.on_gpu else "per rank"
+    r = p.recipe
+    head = (f"| config | ZeRO | offload | states | activations (micro {r.micro_batch}, checkpointing "
+            f"{'on' if r.checkpointing else 'off'}) | buffers | total {dev} | CPU per node | NVMe per node | fits | "
+            f"largest micro (checkpointing off / on) |")
+    lines = [head, "|" + "---|" * 11]
+    for e in p.rows:
+        off, on = p.largest.get(e.config, (0, 0))
+        mark = "yes" if e.fits else "no"
+        c = p.choice
+        if c is not None and e.config == c.config:
+            how = [f"micro {c.micro_batch}"] if c.micro_batch != e.micro_batch else []
+            how += ["with checkpointing"] if c.activation_checkpointing != e.activation_checkpointing else []
+            mark += " **(chosen" + (f": {', '.join(how)})**" if how else ")**")
+        lines.append(f"| {Path(e.config).name} | {e.stage} | {e.offload_label} | {_g(e.states)} | {_g(e.activations)} | "
+                     f"{_g(e.buffers)} | {_g(e.device_total)} | {_g(e.cpu_node)} | {_g(e.nvme_node) if e.nvme_node else '-'} | "
+                     f"{mark} | {off or '-'} / {on or '-'} |")
+    return "\n".join(lines)
+
+
+def report(p: Plan) -> str:
+    """What ``launch/plan.py`` prints: the target, the model, the table, the advice."""
+    f, r = p.recipe.facts, p.recipe
+    return "\n".join([
+        f"target: {p.target.describe()}",
+        f"model: {f.n_params / 1e6:.1f}M parameters (largest layer {f.largest_layer / 1e6:.2f}M), {f.layers} layers, "
+        f"hidden {f.hidden}, vocab {f.vocab}; seq_len {r.seq_len}, micro batch {r.micro_batch}, {r.precision}",
+        "memory in GiB; states = parameters + gradients + optimizer (DeepSpeed's estimators), buffers = "
+        "communication buckets + " + ("CUDA context" if p.target.on_gpu else "rank process runtime") + " + fragmentation",
+        "",
+        table(p),
+        "",
+        f"recommended (fastest that fits): {p.advice()}",
+    ]) + "\n"
+
+
+# ---------------------------------------------------------------------------- the stages' preflight
+
+
+def recipe_from(cfg: Any, conf, *, seq_len: int, head: str, attn: str, checkpointing: bool, precision: str) -> Recipe:
+    t = cfg.train
+    return Recipe(facts=model_facts(conf, head=head, attn_implementation=attn), seq_len=seq_len,
+                  micro_batch=t.micro_batch_size, grad_accum=t.grad_accum, global_batch=t.global_batch_size,
+                  checkpointing=checkpointing, precision=precision, cfg=cfg)
+
+
+def _rss() -> int:
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+def stage_target(local_rank: int | None, nvme_path: str) -> Target:
+    """The detected target of a launched stage; host memory already held by its rank processes
+    (which exist by now, each about as big as this one) counts as available to them."""
+    from pipeline import dist
+
+    env = dist.detect(local_rank_arg=local_rank)
+    per_node = max(env.local_world_size, 1)
+    t = detect_target(per_node, nodes=max(env.world_size // per_node, 1), nvme_path=nvme_path)
+    t.cpu_memory += per_node * min(_rss(), int(CPU_RANK_RUNTIME if not t.on_gpu else GPU_RANK_HOST_RUNTIME))
+    # ranks read MemAvailable at slightly different moments: a coarse grid keeps their `auto` choice identical
+    t.cpu_memory = t.cpu_memory // (GiB // 4) * (GiB // 4)
+    t.gpu_memory = t.gpu_memory // (GiB // 4) * (GiB // 4)
+    return t
+
+
+def choose_auto(rows: list[Estimate]) -> Estimate | None:
+    """``deepspeed.config=auto``: the first (fastest, see :data:`CANDIDATES`) estimate that fits."""
+    return next((e for e in rows if e.fits), None)
+
+
+def auto_config(r: Recipe, target: Target) -> str | None:
+    """The config ``auto`` resolves to for ``r`` on ``target`` (None: nothing fits as the recipe is)."""
+    fit = choose_auto([e for c in CANDIDATES if _exists(c) and (e := _estimate_config(r, c, target, r.micro_batch, r.checkpointing))])
+    return fit.config if fit else None
+
+
+def preflight(cfg: Any, conf, *, seq_len: int, head: str, attn: str, checkpointing: bool, local_rank: int | None) -> Plan | None:
+    """Before a training stage starts: resolve ``deepspeed.config: auto`` (sets ``cfg.deepspeed.config``)
+    and refuse a config that cannot fit the detected memory (unless ``deepspeed.memory_check`` is false).
+
+    Raises:
+        UserError: the config (or every config, for ``auto``) needs more memory than there is,
+            naming the estimate, the available memory and the config and micro batch to use instead.
+    """
+    from pipeline import dist
+    from pipeline.ds_config import resolve_precision
+
+    d = cfg.deepspeed
+    auto = d.config.strip() == "auto"
+    if not auto and not d.memory_check:
+        return None
+    nvme_dir = d.nvme_path or "/local_nvme"
+    r = recipe_from(cfg, conf, seq_len=seq_len, head=head, attn=attn, checkpointing=checkpointing,
+                    precision=resolve_precision(d.precision))
+    target = stage_target(local_rank, nvme_dir)
+    if auto:
+        rows = [e for c in CANDIDATES if _exists(c) and (e := _estimate_config(r, c, target, r.micro_batch, checkpointing))]
+        fit = choose_auto(rows) if d.memory_check else rows[0]
+        if fit is None:
+            p = make_plan(r, target)
+            raise UserError(
+                f"deepspeed.config=auto: no DeepSpeed config fits micro batch {r.micro_batch} x seq_len {seq_len} on "
+                f"{target.describe()} (the most frugal, {Path(rows[-1].config).name}, needs "
+                f"{_g(rows[-1].device_total)} GiB per {'GPU' if target.on_gpu else 'rank'} and {_g(rows[-1].cpu_node)} GiB "
+                f"CPU per node; {rows[-1].why_not}); use: {p.advice()} (see python launch/plan.py), or set "
+                "deepspeed.memory_check=false to start anyway.")
+        d.config = fit.config
+        dist.print0(f"deepspeed.config=auto: {fit.config} (the fastest that fits: {_g(fit.device_total)} GiB per "
+                    f"{'GPU' if target.on_gpu else 'rank'}, {_g(fit.cpu_node)} GiB CPU per node estimated; {target.describe()})")
+        return None
+    try:
+        ds_path = str(locate_ds_config(d.config))
+    except UserError:
+        return None  # the stage reports a missing file itself, with its own message
+    est = _estimate_config(r, ds_path, target, r.micro_batch, checkpointing)
+    if est is None or est.fits:
+        return None
+    p = make_plan(r, target)
+    raise UserError(
+        f"{d.config} will not fit: {est.why_not} (estimated: model states {_g(est.states)} + activations "
+        f"{_g(est.activations)} + buffers {_g(est.buffers)} GiB per {'GPU' if target.on_gpu else 'rank'} for micro batch "
+        f"{r.micro_batch} x seq_len {seq_len}; {target.describe()}). Use instead: {p.advice()} "
+        "(python launch/plan.py --config ... prints the table), or set deepspeed.memory_check=false if you know better.")
+
+
+# ---------------------------------------------------------------------------- launch/plan.py
+
+
+def _stage_of(config_file: str | None) -> str:
+    import yaml
+
+    if not config_file:
+        return "train"
+    try:
+        data = yaml.safe_load(Path(config_file).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return "train"  # load_config reports the problem with its own message
+    return "finetune" if isinstance(data, dict) and {"task", "sft", "classification"} & set(data) else "train"
+
+
+def finetune_conf(path: str):
+    """The transformers config of a fine-tuning start (a Hugging Face directory or a pipeline checkpoint)."""
+    from transformers import AutoConfig
+
+    from pipeline.export import is_pipeline_checkpoint, resolve_checkpoint
+
+    p = Path(path)
+    conf_dir = resolve_checkpoint(p) / "hf" if is_pipeline_checkpoint(p) else p
+    if not (conf_dir / "config.json").exists():
+        raise UserError(f"model.path '{path}' is neither a Hugging Face model directory (config.json) nor a checkpoint of this pipeline")
+    return AutoConfig.from_pretrained(conf_dir)
+
+
+def finetune_seq_len(cfg: Any) -> int:
+    return cfg.sft.seq_len if cfg.task == "sft" else cfg.classification.max_length
+
+
+def finetune_head(cfg: Any) -> str:
+    return "classification" if cfg.task == "classification" else "causal_lm"
+
+
+def _recipe_for_cli(stage: str, cfg: Any, vocab_size: int, precision: str) -> Recipe:
+    if stage == "finetune":
+        return recipe_from(cfg, finetune_conf(cfg.model.path), seq_len=finetune_seq_len(cfg), head=finetune_head(cfg),
+                           attn=cfg.model.attn_implementation, checkpointing=cfg.model.activation_checkpointing,
+                           precision=precision)
+    from pipeline.data.shards import read_manifest
+    from pipeline.model import hf_config
+
+    try:
+        tok = read_manifest(cfg.data.datasets[0].path)["tokenizer"]
+    except (UserError, OSError, KeyError, ValueError):
+        tok = {"vocab_size": vocab_size}  # no data yet: plan with --vocab-size
+    conf = hf_config(cfg.model, tok["vocab_size"], cfg.data.seq_len, tok)
+    return recipe_from(cfg, conf, seq_len=cfg.data.seq_len, head="causal_lm", attn=cfg.model.attn_implementation,
+                       checkpointing=cfg.model.activation_checkpointing, precision=precision)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """``launch/plan.py``: print the memory table for a recipe and a target; exit 0 if something fits."""
+    import argparse
+
+    from pipeline.cli import report_errors
+    from pipeline.config import load_config
+
+    p = argparse.ArgumentParser(prog="launch/plan.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="FILE", help="a train or finetune YAML recipe")
+    p.add_argument("--stage", choices=("train", "finetune"), help="the recipe's stage (default: from its keys)")
+    p.add_argument("--gpus-per-node", type=int, help="GPUs (ranks) per node (default: detected; CPU ranks: 1)")
+    p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    p.add_argument("--gpu-memory", type=float, help="GiB per GPU (default: detected free memory; 0 = CPU ranks)")
+    p.add_argument("--cpu-memory", type=float, help="GiB of CPU RAM per node available to the job (default: MemAvailable)")
+    p.add_argument("--nvme", type=float, help="GiB free on the NVMe offload disk per node (default: free space at deepspeed.nvme_path)")
+    p.add_argument("--precision", choices=("bf16", "fp16", "fp32"),
+                   help="training precision (default: deepspeed.precision; auto = bf16 on GPUs, fp32 on CPU)")
+    p.add_argument("--vocab-size", type=int, default=32000, help="vocabulary of a new model when its data is not there yet")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, as for the stage")
+
+    def body() -> int:
+        ns = p.parse_args(argv)
+        stage = ns.stage or _stage_of(ns.config)
+        if stage == "finetune":
+            from pipeline.finetune import FinetuneConfig as cls
+        else:
+            from pipeline.train import TrainConfig as cls
+        cfg = load_config(cls, ns.config, ns.overrides)
+        target = detect_target(ns.gpus_per_node, nodes=ns.nodes, nvme_path=cfg.deepspeed.nvme_path or "/local_nvme")
+        if ns.gpu_memory is not None:
+            target.gpu_memory = int(ns.gpu_memory * GiB)
+        if ns.cpu_memory is not None:
+            target.cpu_memory = int(ns.cpu_memory * GiB)
+        if ns.nvme is not None:
+            target.nvme = int(ns.nvme * GiB)
+        if any(v is not None for v in (ns.gpu_memory, ns.cpu_memory, ns.nvme, ns.gpus_per_node)):
+            target.detected = "given on the command line" + (", the rest detected" if target.detected else "")
+        precision = ns.precision or cfg.deepspeed.precision
+        if precision == "auto":
+            precision = "bf16" if target.on_gpu else "fp32"
+        plan = make_plan(_recipe_for_cli(stage, cfg, ns.vocab_size, precision), target)
+        print(report(plan), end="")
+        return 0 if plan.choice is not None else 1
+
+    return report_errors(body)
