@@ -201,24 +201,133 @@ def check_compatible(path: Path, meta: dict, current: dict) -> None:
         problems.append(f"the model architecture differs (checkpoint {meta.get('model_summary')}, this run {current['model_summary']})")
     if meta.get("tokenizer_fingerprint") != current["tokenizer_fingerprint"]:
         problems.append("the data was tokenized with another tokenizer")
-    if meta.get("world_size") != current["world_size"]:
-        problems.append(
-            f"it was written by {meta.get('world_size')} data-parallel ranks and this run has {current['world_size']}: "
-            f"ZeRO partitions optimizer state per rank; rerun with {meta.get('world_size')} ranks, or convert it with "
-            f"`python -m deepspeed.checkpoint.ds_to_universal --input_folder {path} --output_folder {path}_universal` "
-            f"and resume from that with deepspeed.overrides.checkpoint.load_universal=true"
-        )
+    check_world_size(path, meta, current["world_size"])  # a universal checkpoint resumes on any number of ranks
     if meta.get("zero_stage") != current["zero_stage"]:
         problems.append(f"it uses ZeRO stage {meta.get('zero_stage')} and this run stage {current['zero_stage']}; use the same ds_config")
     if problems:
         raise UserError(f"cannot resume from {path}: " + "; ".join(problems))
 
 
-def load(engine, path: Path) -> None:
-    """Load DeepSpeed state and this rank's RNG state from checkpoint ``path``."""
+def load(engine, path: Path, universal: bool = False) -> None:
+    """Load DeepSpeed state and this rank's RNG state from checkpoint ``path``.
+
+    Args:
+        universal: ``path`` is a universal checkpoint (:func:`to_universal`); the engine was
+            initialised with ``checkpoint.load_universal`` (:func:`ds_overrides_for`).
+    """
+    opt = getattr(engine, "optimizer", None)
+    decay = [g.get("weight_decay") for g in getattr(opt, "param_groups", [])]
     load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True)
     if load_path is None:
         raise UserError(f"DeepSpeed could not load {path}; the checkpoint is incomplete or damaged")
+    if universal:
+        # DeepSpeed's ZeRO-3 universal load copies the hyperparameters of the first parameter
+        # group onto every group, which would put weight decay on biases and norms; the groups
+        # are this run's own (pipeline.model.param_groups), so their decay is restored.
+        for group, wd in zip(opt.param_groups, decay):
+            group["weight_decay"] = wd
     rng = path / "rng" / f"rank-{dist.rank():05d}.pt"
     if rng.exists():
         _set_rng_state(torch.load(rng, weights_only=False))
+
+
+# ---------------------------------------------------------------------------- world-size changes
+UNIVERSAL_SUFFIX = "-universal"
+CONVERT_SCRIPT = "launch/convert_checkpoint.py"
+
+
+def convert_command(path: Path) -> str:
+    """The command that converts checkpoint ``path`` for a different number of ranks."""
+    return f"python {CONVERT_SCRIPT} --checkpoint {path}"
+
+
+def universal_path(path: Path) -> Path:
+    """Where :func:`to_universal` writes the universal form of step directory ``path`` by default."""
+    return path.with_name(path.name + UNIVERSAL_SUFFIX)
+
+
+def check_world_size(path: Path, meta: dict, world: int) -> bool:
+    """Whether resuming from ``path`` needs DeepSpeed's universal loading (a converted checkpoint).
+
+    A regular checkpoint resumes only with the number of data-parallel ranks that wrote it: ZeRO
+    partitions the optimizer state (and under ZeRO-3 the weights) per rank. A universal
+    checkpoint holds every parameter's state whole and resumes with any number of ranks.
+
+    Raises:
+        UserError: a regular checkpoint of another world size; the message gives the command
+            that converts it and the resume key to use after.
+    """
+    if meta.get("universal"):
+        return True
+    written = meta.get("world_size")
+    if written is None or int(written) == int(world):
+        return False
+    target = universal_path(path)
+    raise UserError(
+        f"cannot resume from {path}: it was written by {written} data-parallel rank(s) and this run has {world}; "
+        f"ZeRO partitions the optimizer state per rank. Either rerun with {written} rank(s), or convert it once to a "
+        f"DeepSpeed universal checkpoint (any number of ranks; the original is left as it is) with `{convert_command(path)}` "
+        f"and resume from that with checkpoint.resume={target}")
+
+
+def to_universal(path: Path, output: Path | None = None, log=print) -> Path:
+    """Convert a step directory into a universal checkpoint that resumes on any number of ranks.
+
+    DeepSpeed's own converter (``deepspeed.checkpoint.ds_to_universal``) writes every parameter's
+    fp32 weight and Adam moments whole; this pipeline's files (``meta.json`` marked
+    ``"universal": true``, ``config.yaml``, ``ds_config.json``, ``hf/``) go beside them. Written as
+    ``.<output>.tmp-<pid>/<output>`` and renamed once complete; ``path`` is only read.
+
+    Args:
+        path: a complete step directory (``step-NNNNNNNN``) of this pipeline.
+        output: the directory to create (default ``<path>-universal`` beside it); must not exist.
+
+    Raises:
+        UserError: ``path`` is not a complete regular checkpoint, or ``output`` exists.
+    """
+    import argparse
+    import contextlib
+    import io
+
+    path = Path(path)
+    meta = read_meta(path) if (path / "meta.json").is_file() else None
+    if meta is None or not any(path.glob("*_optim_states.pt")) or path.name.endswith(".tmp"):
+        raise UserError(f"'{path}' is not a complete checkpoint of this pipeline (a step-NNNNNNNN directory with meta.json "
+                        "and DeepSpeed's *_optim_states.pt); give one such directory")
+    if meta.get("universal"):
+        raise UserError(f"'{path}' is a universal checkpoint already; resume from it with checkpoint.resume={path}")
+    out = Path(output) if output is not None else universal_path(path)
+    if out.exists():
+        raise UserError(f"'{out}' already exists; resume from it (checkpoint.resume={out}) or delete it to convert again")
+    # DeepSpeed writes a `latest_universal` file beside its output folder: a private staging
+    # directory keeps it (and any partial output) out of the checkpoints directory
+    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    tmp = staging / out.name
+    from deepspeed.checkpoint import ds_to_universal
+
+    # one worker each: DeepSpeed's process pools would fork a copy of this process per worker
+    args = argparse.Namespace(input_folder=str(path), output_folder=str(tmp), num_extract_workers=1, num_merge_workers=1,
+                              keep_temp_folder=False, strict=True, inject_missing_state=True)
+    t0 = time.time()
+    log(f"convert: {path} (ZeRO-{meta.get('zero_stage')}, {meta.get('world_size')} rank(s)) -> universal checkpoint {out}")
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            ds_to_universal.main(args)
+        for name in ("config.yaml", "ds_config.json"):
+            if (path / name).is_file():
+                shutil.copy2(path / name, tmp / name)
+        if (path / "hf").is_dir():
+            shutil.copytree(path / "hf", tmp / "hf")
+        atomic_write_json(tmp / "meta.json", {**meta, "universal": True, "converted_from": str(path.resolve())})
+        fsync_dir(tmp)
+        os.replace(tmp, out)
+        fsync_dir(out.parent)
+    except OSError as e:
+        if is_disk_full(e, out.parent):
+            raise disk_full_error(staging, f"universal checkpoint {out}", fix="free space or give another --output") from None
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log(f"convert: wrote {out} ({time.time() - t0:.1f} s); resume with checkpoint.resume={out} and any number of ranks")
+    return out

@@ -75,11 +75,19 @@ class Run:
         self.out = Path(cfg.output)
         self.root = self.out / "checkpoints"
         self.resume_from = checkpoint.find_resume(cfg.checkpoint.resume, self.root)
+        # a checkpoint of another world size is refused here, before any heavy work, unless it
+        # is a universal one, which DeepSpeed loads only when told so before initialize
+        self.universal = self.resume_from is not None and checkpoint.check_world_size(
+            self.resume_from, checkpoint.read_meta(self.resume_from), self.env.world_size)
+        if self.universal:
+            self.ds["checkpoint"] = {**self.ds.get("checkpoint", {}), "load_universal": True}
         self.micro = self.ds["train_micro_batch_size_per_gpu"]
         self.accum = self.ds["gradient_accumulation_steps"]
         self.precision = precision_of(self.ds)
         self.engine = None
         self.compat: dict = {}
+        self.consumed_samples: int | None = None  # global samples before the resumed step (None: fresh start)
+        self.start_step = 0
 
     @property
     def rank(self) -> int:
@@ -126,9 +134,14 @@ class Run:
             return 0
         meta = checkpoint.read_meta(self.resume_from)
         checkpoint.check_compatible(self.resume_from, meta, self.compat)
-        checkpoint.load(self.engine, self.resume_from)
+        checkpoint.load(self.engine, self.resume_from, universal=self.universal)
+        # the data position in global samples: right even when this launch's global batch differs
+        self.consumed_samples = int(meta["consumed_samples"]) if "consumed_samples" in meta else None
+        self.start_step = int(meta["step"])
+        if self.consumed_samples is None:  # a checkpoint without the count: this launch's global batch throughout
+            self.consumed_samples = self.start_step * self.micro * self.accum * self.world
         dist.print0(f"resumed from {self.resume_from} at step {meta['step']}")
-        return int(meta["step"])
+        return self.start_step
 
     def monitor(self, *, flops_per_token: float, seq_len: int, hparams: dict):
         from pipeline.monitor import Monitor, peak_flops
@@ -150,7 +163,9 @@ class Run:
         files = {"config.yaml": to_yaml(self.cfg), "ds_config.json": json.dumps(self.ds, indent=2) + "\n"}
 
         def save(step: int) -> Path:
-            full = {**self.compat, **meta, "consumed_samples": step * samples, "global_batch": samples, "precision": self.precision}
+            # counted from the resumed position: an earlier launch may have had another global batch
+            consumed = (self.consumed_samples or 0) + (step - self.start_step) * samples
+            full = {**self.compat, **meta, "consumed_samples": consumed, "global_batch": samples, "precision": self.precision}
             hf = hf_files() if self.rank == 0 else {}
             return checkpoint.save(self.engine, self.root, step, full, files, hf, self.cfg.checkpoint.keep_last)
 
