@@ -100,18 +100,18 @@ FACT_KINDS = tuple(k for k, _, _ in _ASKED)
 
 
 def _passage(rng: random.Random) -> tuple[dict, str]:
-    """A fresh town and a passage stating its three asked facts and 1-3 others, in random order."""
+    """A fresh town and a passage stating its three asked facts and 0-2 others, in random order."""
     fact = _town(rng)
-    sentences = [tpl for _, tpl, _ in _ASKED] + rng.sample(_OTHER, rng.randint(1, 3))
+    sentences = [tpl for _, tpl, _ in _ASKED] + rng.sample(_OTHER, rng.randint(0, 2))
     rng.shuffle(sentences)
     return fact, " ".join(t.format(**fact) for t in sentences)
 
 
 def reading_document(rng: random.Random) -> str:
-    """A pre-training document of the reading task: a passage and 2-3 questions with answers."""
+    """A pre-training document of the reading task: a passage and its three questions with answers."""
     fact, passage = _passage(rng)
     lines = [f"Passage: {passage}"]
-    for key, _, question in rng.sample(_ASKED, rng.randint(2, 3)):
+    for key, _, question in rng.sample(_ASKED, len(_ASKED)):
         lines += [f"Question: {question.format(**fact)}", f"Answer: {fact[key]}"]
     return "\n".join(lines)
 
@@ -119,14 +119,15 @@ def reading_document(rng: random.Random) -> str:
 def generate(num_docs: int = 20000, seed: int = 1234, towns: int = 400) -> Iterator[str]:
     """Yield ``num_docs`` pre-training documents (strings), deterministically for a given seed.
 
-    Half are encyclopedia articles about ``towns`` fixed towns (with a line of arithmetic),
-    half reading documents (:func:`reading_document`) about invented towns, interleaved.
+    A third are encyclopedia articles about ``towns`` fixed towns (with a line of arithmetic),
+    two thirds reading documents (:func:`reading_document`) about invented towns, interleaved
+    (the reading task is what the quickstart fine-tunes for; it gets most of the tokens).
     """
     world = _world(seed, towns)
     rng = random.Random(seed + 1)
     reading = random.Random(seed + 4)  # its own stream: the article stream stays as before
     for i in range(num_docs):
-        if i % 2:
+        if i % 3:
             yield reading_document(reading)
             continue
         facts = rng.sample(world, rng.randint(1, 3))
