@@ -6,7 +6,9 @@ line after the field). It is built from, in order of precedence:
 1. the dataclass defaults,
 2. a YAML file (``--config FILE``): mappings merge into the defaults, lists replace them,
 3. dotted ``key=value`` overrides (``data.seq_len=512``, ``sources.0.weight=2``); values
-   are parsed as YAML, so ``sources=[{path: a.txt}]`` replaces a whole list.
+   are parsed as YAML, so ``sources=[{path: a.txt}]`` replaces a whole list -- except that a
+   text field takes the text as typed (``name=007`` is "007", not 7; ``name=null`` is None
+   only where the field may be null).
 
 Every unknown key, wrong type and inconsistent value (a dataclass's ``check()``) is
 collected into ONE :class:`~pipeline.errors.ConfigError` naming each key and the fix.
@@ -128,7 +130,17 @@ def to_dict(obj: Any) -> Any:
 
 
 def to_yaml(obj: Any) -> str:
-    return yaml.safe_dump(to_dict(obj), sort_keys=False, allow_unicode=True)
+    """YAML text of a config that loads back to the same values (``--print-config``, saved runs).
+
+    Non-ASCII text is written as is where PyYAML reads it back unchanged; it is not for a
+    NEL (U+0085) inside single quotes, which reads back as a space, so then every non-ASCII
+    character is escaped instead.
+    """
+    data = to_dict(obj)
+    text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    if yaml.safe_load(text) != data:
+        text = yaml.safe_dump(data, sort_keys=False, allow_unicode=False)
+    return text
 
 
 def _suggest(name: str, valid: list[str]) -> str:
@@ -137,33 +149,72 @@ def _suggest(name: str, valid: list[str]) -> str:
     return f"unknown key; {hint}valid keys here: {', '.join(valid)}"
 
 
+_NULLS = ("null", "Null", "NULL", "~")
+
+
+class _Override:
+    """A value given on the command line: its YAML value and the text it was parsed from.
+
+    A text field takes the text as typed (``name=007``, ``name=yes``, ``name=0x1F``,
+    ``output=C:`` stay text instead of becoming 7, True, 31 and a mapping); every other field
+    takes the YAML value.
+    """
+
+    __slots__ = ("value", "text")
+
+    def __init__(self, value: Any, text: str):
+        self.value, self.text = value, text
+
+
+def _unwrap(value: Any) -> Any:
+    return value.value if isinstance(value, _Override) else value
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with every :class:`_Override` inside replaced by its YAML value."""
+    if isinstance(value, _Override):
+        return value.value
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
 def _coerce(value: Any, tp: Any, key: str, problems: Problems) -> Any:
     """Convert ``value`` to type ``tp`` or record a problem and return ``None``."""
     origin, args = get_origin(tp), get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key, problems)
+    text = value.text if isinstance(value, _Override) else None  # the override as typed
     if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
+        # null as a word (not "#...", a YAML comment, nor "" for a text field)
+        if type(None) in args and (text.strip() in _NULLS if text is not None else value is None):
             return None
         inner = [a for a in args if a is not type(None)]
         if len(inner) == 1:
             return _coerce(value, inner[0], key, problems)
         problems.append((key, f"unsupported union type {type_name(tp)}"))
         return None
+    if text is not None and (tp is str or (origin is Literal and text in args)):
+        return text
+    value = _unwrap(value)  # containers keep their elements' text, for the elements' types
+    if tp is Any:
+        return _plain(value)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key, problems)
     if origin is Literal:
         for choice in args:
             if value == choice or (isinstance(value, (int, float, bool)) and str(value) == str(choice)):
                 return choice
-        problems.append((key, f"got {value!r}; must be one of: {', '.join(map(str, args))}"))
+        problems.append((key, f"got {_plain(value)!r}; must be one of: {', '.join(map(str, args))}"))
         return None
     if origin is list:
         if not isinstance(value, list):
-            problems.append((key, f"expected a list, got {value!r}"))
+            problems.append((key, f"expected a list, got {_plain(value)!r}"))
             return None
         return [_coerce(v, args[0], f"{key}.{i}", problems) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            problems.append((key, f"expected a mapping, got {value!r}"))
+            problems.append((key, f"expected a mapping, got {_plain(value)!r}"))
             return None
         return {str(k): _coerce(v, args[1], f"{key}.{k}", problems) for k, v in value.items()}
     if tp is bool:
@@ -171,7 +222,7 @@ def _coerce(value: Any, tp: Any, key: str, problems: Problems) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
             return value.lower() in ("true", "yes", "on")
-        problems.append((key, f"expected true or false, got {value!r}"))
+        problems.append((key, f"expected true or false, got {_plain(value)!r}"))
         return None
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -182,7 +233,7 @@ def _coerce(value: Any, tp: Any, key: str, problems: Problems) -> Any:
                 return int(f)
         except (TypeError, ValueError):
             pass
-        problems.append((key, f"expected an integer, got {value!r}"))
+        problems.append((key, f"expected an integer, got {_plain(value)!r}"))
         return None
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -190,14 +241,14 @@ def _coerce(value: Any, tp: Any, key: str, problems: Problems) -> Any:
         try:  # YAML 1.1 reads 3e-4 as a string
             return float(value) if isinstance(value, str) else _fail()
         except (TypeError, ValueError):
-            problems.append((key, f"expected a number, got {value!r}"))
+            problems.append((key, f"expected a number, got {_plain(value)!r}"))
             return None
     if tp is str:
         if isinstance(value, str):
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
-        problems.append((key, f"expected a string, got {value!r}"))
+        problems.append((key, f"expected a string, got {_plain(value)!r}"))
         return None
     if tp is Any:
         return value
@@ -213,7 +264,7 @@ def _build(cls: type, data: Any, prefix: str, problems: Problems) -> Any:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        problems.append((prefix, f"expected a mapping of keys for {where}, got {data!r}"))
+        problems.append((prefix, f"expected a mapping of keys for {where}, got {_plain(data)!r}"))
         return cls()
     names = [f.name for f in dataclasses.fields(cls)]
     for k in data:
@@ -274,6 +325,7 @@ def _set_dotted(data: dict, key: str, value: Any, problems: Problems) -> None:
             if last:
                 node[idx] = value
                 return
+            node[idx] = _unwrap(node[idx])  # an earlier override's list or mapping, entered now
             if node[idx] is None:
                 node[idx] = {}
             node = node[idx]
@@ -281,7 +333,8 @@ def _set_dotted(data: dict, key: str, value: Any, problems: Problems) -> None:
             if last:
                 node[part] = value
                 return
-            if not isinstance(node.get(part), (dict, list)):
+            node[part] = _unwrap(node.get(part))
+            if not isinstance(node[part], (dict, list)):
                 node[part] = {}
             node = node[part]
         else:
@@ -314,7 +367,7 @@ def load_config(cls: type, config_file: str | None = None, overrides: list[str] 
         if not sep or not key:
             problems.append((item, "an override must look like key=value (e.g. data.seq_len=512)"))
             continue
-        _set_dotted(data, key.strip(), parse_value(raw), problems)
+        _set_dotted(data, key.strip(), _Override(parse_value(raw), raw), problems)
     cfg = _build(cls, data, "", problems)
     if problems:
         raise ConfigError(problems)
