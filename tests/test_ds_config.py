@@ -23,7 +23,7 @@ from pipeline.errors import ConfigError, UserError
 
 from conftest import ROOT
 
-SHIPPED = ["zero1.json", "zero2.json", "zero2_offload.json", "zero3.json", "zero3_offload.json", "zero3_offload_nvme.json"]
+SHIPPED = ["zero0.json", "zero1.json", "zero2.json", "zero2_offload.json", "zero3.json", "zero3_offload.json", "zero3_offload_nvme.json"]
 
 RECIPE = dict(micro_batch=4, grad_accum=2, global_batch=0, dp_world=2, lr=3e-4, betas=(0.9, 0.95), eps=1e-8,
               weight_decay=0.1, grad_clip=1.0, precision="fp32", hidden_size=1024)
@@ -37,7 +37,7 @@ def shipped(name: str) -> dict:
     return load_ds_json(str(ROOT / "ds_configs" / name))
 
 
-def test_shipped_files_are_exactly_the_six():
+def test_shipped_files_are_exactly_the_seven():
     assert sorted(p.name for p in (ROOT / "ds_configs").glob("*.json")) == sorted(SHIPPED)
 
 
@@ -254,7 +254,7 @@ def test_load_ds_json_errors_name_the_file(tmp_path: Path, monkeypatch):
 
 
 def test_section_docs_and_checks():
-    assert set(field_docs(DeepSpeedSection)) == {"config", "precision", "nvme_path", "overrides"}
+    assert set(field_docs(DeepSpeedSection)) == {"config", "precision", "nvme_path", "memory_check", "overrides"}
     assert DeepSpeedSection().check() == []
     problems = dict(DeepSpeedSection(config=" ", overrides={"optimizer.params.lr": 1, "a..b": 1}).check())
     assert set(problems) == {"config", "overrides.optimizer.params.lr", "overrides.a..b"}
