@@ -103,6 +103,10 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     if not (step / "meta.json").is_file():
         hint = " (it looks like a Hugging Face model directory, which needs no export)" if (p / "config.json").is_file() else ""
         raise UserError(f"'{p}' is not a checkpoint of this pipeline (no meta.json){hint}; give {_EXPECTED}")
+    if (step / "zero").is_dir() and not any(step.glob("*_optim_states.pt")):  # launch/convert_checkpoint.py's output
+        raise UserError(f"'{step}' is a DeepSpeed universal checkpoint (for resuming on another number of ranks), which "
+                        "export does not read; export the regular checkpoint it was converted from (converted_from in "
+                        "its meta.json) or one the resumed run wrote")
     missing = [name for name in ("hf/config.json", "*_model_states.pt", "*_optim_states.pt")
                if not ((step / name).is_file() if "*" not in name else any(step.glob(name)))]
     if missing:

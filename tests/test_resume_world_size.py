@@ -62,6 +62,9 @@ def test_universal_checkpoint_resumes_on_one_rank_with_the_same_losses(tmp_path:
     assert not list(step.parent.glob("*.tmp-*")) and not list(step.parent.glob(".*"))
     assert {k: v for k, v in _hashes(two_rank_run / "checkpoints").items() if not k.startswith(universal.name)} == before
 
+    r = run_script("export.py", "--checkpoint", str(universal), "--output", str(tmp_path / "hf"), env=ENV)
+    assert r.returncode == 2 and "is a DeepSpeed universal checkpoint" in r.stderr, r.stderr[-2000:]
+
     r = run_script("train.py", *_args(tmp_path / "run1", tiny_dataset, f"checkpoint.resume={universal}"), env=ENV)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     resumed = json.loads((tmp_path / "run1" / "losses.json").read_text())
