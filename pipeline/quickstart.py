@@ -58,9 +58,10 @@ _ECHO = re.compile(r"^(step \d+ \||eval step \d+|train: |finetune: |resumed from
 # --tiny: a few-minute run of every stage for tests (too short to learn the task).
 TINY = {
     "preprocess": ["sample_docs=1500", "tokenizer.vocab_size=512", "val_fraction=0.05"],
-    "pretrain": ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "data.seq_len=64", "model.max_position_embeddings=256", "train.max_steps=30",
-                 "train.warmup_steps=5", "train.eval_every=15", "train.eval_batches=4", "checkpoint.every=0", "monitor.log_every=5"],
-    "finetune": ["sft.seq_len=160", "train.max_steps=12", "train.warmup_steps=2", "train.eval_every=6", "train.eval_batches=2",
+    "pretrain": ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "data.seq_len=64",
+                 "model.max_position_embeddings=256", "train.micro_batch_size=8", "train.max_steps=40", "train.lr=3e-3",
+                 "train.warmup_steps=5", "train.eval_every=20", "train.eval_batches=4", "checkpoint.every=0", "monitor.log_every=5"],
+    "finetune": ["sft.seq_len=160", "train.max_steps=12", "train.lr=3e-3", "train.warmup_steps=2", "train.eval_every=6", "train.eval_batches=2",
                  "checkpoint.every=0", "monitor.log_every=3"],
     "evaluate": ["max_batches=16", "max_new_tokens=8"],
 }
@@ -118,16 +119,19 @@ def commands(opts: Options) -> dict[str, list[str]]:
         "evaluate": [py, str(ROOT / "launch" / "evaluate.py"), *recipe("evaluate"), f"model={out / 'finetune'}",
                      f"compare_to={out / 'pretrain'}", "name=finetuned", "compare_name=base", f"data={out / 'qa_test.jsonl'}",
                      f"output={out / 'eval'}", *_overrides(opts, "evaluate")],
-        "export": [py, str(ROOT / "launch" / "export.py"), "--checkpoint", str(out / "finetune"), "--output", str(out / "export")],
+        "export": [py, str(ROOT / "launch" / "export.py"), "--checkpoint", str(out / "finetune"),
+                   "--output", str(out / "export")],
         "report": [py, str(ROOT / "launch" / "report.py"), "--logdir", str(out), "--output", str(out / "report")],
     }
 
 
-def _latest_step(run: Path) -> int | None:
+def _latest_meta(run: Path) -> dict | None:
+    """``meta.json`` of a training run's latest checkpoint, or None when it has none."""
     try:
         latest = (run / "checkpoints" / "latest").read_text(encoding="utf-8").strip()
-        return int(json.loads((run / "checkpoints" / latest / "meta.json").read_text(encoding="utf-8"))["step"])
-    except (OSError, ValueError, KeyError, TypeError):
+        meta = json.loads((run / "checkpoints" / latest / "meta.json").read_text(encoding="utf-8"))
+        return meta if isinstance(meta, dict) and isinstance(meta.get("step"), int) else None
+    except (OSError, ValueError):
         return None
 
 
@@ -139,15 +143,16 @@ def _max_steps(opts: Options, stage: str) -> int:
         from pipeline.train import TrainConfig as cls
     else:
         from pipeline.finetune import FinetuneConfig as cls
-    return load_config(cls, str(RECIPES / f"{stage}.yaml"), [o for o in _overrides(opts, stage) if o.startswith("train.")]).train.max_steps
+    overrides = [o for o in _overrides(opts, stage) if o.startswith("train.")]
+    return load_config(cls, str(RECIPES / f"{stage}.yaml"), overrides).train.max_steps
 
 
 def is_done(opts: Options, stage: str) -> bool:
     """Whether a stage's published output is already there (its run is then skipped)."""
     out = opts.output
     if stage in ("pretrain", "finetune"):
-        step = _latest_step(out / stage)
-        return step is not None and step >= _max_steps(opts, stage)
+        meta = _latest_meta(out / stage)
+        return meta is not None and meta["step"] >= _max_steps(opts, stage)
     if stage == "evaluate":
         return (out / "eval" / "report.json").is_file()
     if stage == "export":
@@ -271,11 +276,15 @@ def _median(points: list) -> float | None:
     return float(vals[len(vals) // 2]) if vals else None
 
 
+def _lines(path: Path) -> list[str]:
+    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def _per_kind(out: Path) -> dict[str, dict[str, float]]:
     """Exact match per question kind and model, joining generations.jsonl with qa_test.jsonl."""
-    kinds = [json.loads(line).get("kind", "?") for line in (out / "qa_test.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
+    kinds = [json.loads(line).get("kind", "?") for line in _lines(out / "qa_test.jsonl")]
     tally: dict[str, dict[str, list[int]]] = {}
-    for line in (out / "eval" / "generations.jsonl").read_text(encoding="utf-8").splitlines():
+    for line in _lines(out / "eval" / "generations.jsonl"):
         g = json.loads(line)
         hit = tally.setdefault(g["model"], {}).setdefault(kinds[g["index"]] if g["index"] < len(kinds) else "?", [0, 0])
         hit[0] += bool(g["exact"])
@@ -294,18 +303,17 @@ def summarize(opts: Options, seconds: dict[str, float], export_check: dict | Non
     pre, ft = scalars.get("pretrain/tensorboard", {}), scalars.get("finetune/tensorboard", {})
     report = _read_json(out / "eval" / "report.json") or {}
     models = {m["name"]: m["metrics"] for m in report.get("models", [])}
-    ft_meta = _read_json(out / "finetune" / "checkpoints" / (out / "finetune" / "checkpoints" / "latest").read_text().strip() / "meta.json")
-    pre_meta = _read_json(out / "pretrain" / "checkpoints" / (out / "pretrain" / "checkpoints" / "latest").read_text().strip() / "meta.json")
-    qa_lines = lambda name: sum(1 for line in (out / name).read_text(encoding="utf-8").splitlines() if line.strip())  # noqa: E731
+    pre_meta, ft_meta = _latest_meta(out / "pretrain") or {}, _latest_meta(out / "finetune") or {}
+    totals = manifest["totals"]
     unigram = unigram_perplexity(out / "data")
     return {
         "output": str(out),
         "ranks": opts.ranks,
         "tiny": opts.tiny,
-        "data": {"train_documents": manifest["totals"]["train"]["documents"], "train_tokens": manifest["totals"]["train"]["tokens"],
-                 "val_documents": manifest["totals"]["val"]["documents"], "val_tokens": manifest["totals"]["val"]["tokens"],
-                 "vocab_size": manifest["tokenizer"]["vocab_size"], "sft_train_examples": qa_lines("qa_train.jsonl"),
-                 "sft_test_examples": qa_lines("qa_test.jsonl")},
+        "data": {"train_documents": totals["train"]["documents"], "train_tokens": totals["train"]["tokens"],
+                 "val_documents": totals["val"]["documents"], "val_tokens": totals["val"]["tokens"],
+                 "vocab_size": manifest["tokenizer"]["vocab_size"], "sft_train_examples": len(_lines(out / "qa_train.jsonl")),
+                 "sft_test_examples": len(_lines(out / "qa_test.jsonl"))},
         "pretrain": {"steps": pre_meta["step"], "parameters": pre_meta.get("n_params"),
                      "tokens_seen": pre_meta["step"] * pre_meta["global_batch"] * pre_meta["seq_len"],
                      "first_train_loss": float(pre["train/loss"][0][1]) if pre.get("train/loss") else None,
@@ -443,7 +451,8 @@ def main(argv: list[str] | None = None) -> int:
     """``launch/quickstart.py``: parse, run the chain, print the summary; exit code 0 or the failed stage's."""
     from pipeline.cli import report_errors
 
-    p = argparse.ArgumentParser(prog="launch/quickstart.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="launch/quickstart.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", default="outputs/quickstart", metavar="DIR", help="run directory (default outputs/quickstart)")
     p.add_argument("--ranks", type=int, default=0, metavar="N", help="ranks of the training stages (default: GPUs, else 2)")
     p.add_argument("--tiny", action="store_true", help="a tiny model and a few steps per stage (tests; learns little)")

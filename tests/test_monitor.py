@@ -275,7 +275,8 @@ def test_preprocess_bar_is_quiet_in_a_pipe_and_forced_on(tmp_path):
     root = Path(__file__).resolve().parent.parent
     outs = {}
     for forced in ("", "1"):
-        env = {k: v for k, v in os.environ.items() if k != "PIPELINE_PROGRESS"} | ({"PIPELINE_PROGRESS": forced} if forced else {})
+        env = {k: v for k, v in os.environ.items() if k != "PIPELINE_PROGRESS"}
+        env |= {"PIPELINE_PROGRESS": forced} if forced else {}
         r = subprocess.run([sys.executable, str(root / "launch" / "preprocess.py"), f"output={tmp_path / ('out' + forced)}",
                             "sample_docs=300", "tokenizer.vocab_size=512", "workers=1"], capture_output=True, text=True,
                            env=env, timeout=600)

@@ -35,9 +35,9 @@ def test_summary_numbers_are_present_and_sane(run):
     d, p, f, e = s["data"], s["pretrain"], s["finetune"], s["evaluate"]
     assert d["train_tokens"] > 10_000 and d["val_tokens"] > 0 and d["vocab_size"] == 512
     assert d["sft_train_examples"] == 240 and d["sft_test_examples"] == 16 == e["examples"]
-    assert p["steps"] == 30 and f["steps"] == 12 and s["ranks"] == 2
+    assert p["steps"] == 40 and f["steps"] == 12 and s["ranks"] == 2
     assert p["train_loss"] < p["first_train_loss"]
-    # learned something beyond token frequencies, even in 30 tiny steps
+    # learned something beyond token frequencies, even in 40 tiny steps
     assert 1.0 < p["val_ppl"] < p["unigram_ppl"] < 512
     assert p["tokens_per_s"] > 0 and f["tokens_per_s"] > 0
     assert 0.0 <= e["exact_match_base"] <= e["exact_match_finetuned"] <= 1.0
@@ -65,14 +65,14 @@ def test_event_files_of_every_stage_load_with_tensorboard(run):
     out, _ = run
     s = load_scalars(out)
     pre, ft = s["pretrain/tensorboard"], s["finetune/tensorboard"]
-    # pretrain: 30 steps, a point every 5 steps; validation at 15 and 30
+    # pretrain: 40 steps, a point every 5 steps; validation at 20 and 40
     for tag in ("train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s", "perf/mfu", "mem/rss"):
-        assert [step for step, _ in pre[tag]] == [5, 10, 15, 20, 25, 30], tag
-    assert [step for step, _ in pre["eval/loss"]] == [15, 30] and len(pre["eval/ppl"]) == 2
+        assert [step for step, _ in pre[tag]] == list(range(5, 41, 5)), tag
+    assert [step for step, _ in pre["eval/loss"]] == [20, 40] and len(pre["eval/ppl"]) == 2
     # finetune: 12 steps, a point every 3; validation at 6 and 12
     assert [step for step, _ in ft["train/loss"]] == [3, 6, 9, 12] and [step for step, _ in ft["eval/loss"]] == [6, 12]
     # evaluate: one point per model at its checkpoint's step
-    assert s["eval/tensorboard/base"]["eval/exact_match"][0][0] == 30
+    assert s["eval/tensorboard/base"]["eval/exact_match"][0][0] == 40
     assert s["eval/tensorboard/finetuned"]["eval/exact_match"][0][0] == 12
 
 
@@ -96,7 +96,7 @@ def test_rerun_skips_completed_stages(run):
         assert f"{stage}: already complete, skipped" in r.stdout
     assert "is already complete for this config" in (out / "logs" / "preprocess.log").read_text()
     assert (out / "eval" / "report.json").stat().st_mtime_ns == before
-    assert json.loads((out / "summary.json").read_text())["pretrain"]["steps"] == 30
+    assert json.loads((out / "summary.json").read_text())["pretrain"]["steps"] == 40
 
 
 def test_a_failing_stage_stops_the_chain_with_its_name_log_and_code(tmp_path: Path):

@@ -89,10 +89,11 @@ def test_missing_or_empty_logdir_is_a_user_error(tmp_path: Path):
 
 
 def test_launch_script_exit_codes(logdir: Path, tmp_path: Path):
-    ok = subprocess.run([sys.executable, str(ROOT / "launch" / "report.py"), "--logdir", str(logdir), "--output", str(tmp_path / "r")],
+    script = str(ROOT / "launch" / "report.py")
+    ok = subprocess.run([sys.executable, script, "--logdir", str(logdir), "--output", str(tmp_path / "r")],
                         capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr
     assert "report.md" in ok.stdout and (tmp_path / "r" / "loss.png").is_file()
-    bad = subprocess.run([sys.executable, str(ROOT / "launch" / "report.py"), "--logdir", str(tmp_path / "missing")],
+    bad = subprocess.run([sys.executable, script, "--logdir", str(tmp_path / "missing")],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.startswith("error: log directory") and "Traceback" not in bad.stderr
