@@ -584,8 +584,9 @@ def preflight(cfg: Any, conf, *, seq_len: int, head: str, attn: str, checkpointi
     raise UserError(
         f"{d.config} will not fit: {est.why_not} (estimated: model states {_g(est.states)} + activations "
         f"{_g(est.activations)} + buffers {_g(est.buffers)} GiB per {'GPU' if target.on_gpu else 'rank'} for micro batch "
-        f"{r.micro_batch} x seq_len {seq_len}; {target.describe()}). Use instead: {p.advice()} "
-        "(python launch/plan.py --config ... prints the table), or set deepspeed.memory_check=false if you know better.")
+        f"{r.micro_batch} x seq_len {seq_len}; {target.describe()}). "
+        + (f"Use instead: {p.advice()}" if p.choice is not None else f"Nothing fits: {p.advice()[len('nothing fits: '):]}")
+        + " (python launch/plan.py --config ... prints the table), or set deepspeed.memory_check=false if you know better.")
 
 
 # ---------------------------------------------------------------------------- launch/plan.py
