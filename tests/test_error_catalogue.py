@@ -104,6 +104,8 @@ CASES: dict[str, Case] = {
     "evaluate: missing model": Case("evaluate.py", (*E, "model={files}/nowhere", "data={data}"), ("does not exist",), "file"),
     "evaluate: sequence beyond positions": Case("evaluate.py", (*E, "data={data}", "seq_len=65"),
                                                 ("seq_len=65 is beyond the 64 positions of model",), "file"),
+    "evaluate: tokenizer differs from the data's": Case("evaluate.py", (*E[1:], "model={other_tok}", "data={data}"),
+                                                      ("encodes text differently from the one", "tokenizer.path=MODEL_DIR"), "file"),
     "evaluate: malformed JSONL line": Case("evaluate.py", (*E, "data={files}/bad.jsonl"), ("{files}/bad.jsonl:2 is not valid JSON",), "file"),
     "evaluate: missing text field": Case("evaluate.py", (*E, "data={files}/nofield.jsonl"),
                                          ("{files}/nofield.jsonl:1 has no 'text' field (fields found: body)",), "file"),
