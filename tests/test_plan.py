@@ -170,6 +170,27 @@ def test_auto_picks_the_fastest_config_that_fits_and_trains(tmp_path: Path, tiny
     assert "config: ds_configs/zero0.json" in (out / "config.yaml").read_text()
 
 
+@pytest.mark.slow
+@pytest.mark.integration
+def test_finetune_auto_and_its_refusal(tmp_path: Path, tiny_hf_model: Path):
+    from conftest import write_jsonl
+
+    data = write_jsonl(tmp_path / "cls.jsonl", [{"text": f"item {i} is {'red' if i % 2 else 'blue'}", "label": i % 2}
+                                                for i in range(64)])
+    common = [f"model.path={tiny_hf_model}", "task=classification", f"classification.train={data}",
+              "classification.max_length=32", "train.micro_batch_size=4", "train.max_steps=2", "train.warmup_steps=1",
+              "train.eval_batches=0", "checkpoint.every=0"]
+    r = run_script("finetune.py", f"output={tmp_path / 'run'}", *common, "deepspeed.config=auto", env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "deepspeed.config=auto: ds_configs/zero0.json" in r.stdout
+    assert json.loads((tmp_path / "run" / "ds_config.json").read_text())["zero_optimization"]["stage"] == 0
+    # a micro batch whose activations cannot fit: refused before any work, with the numbers
+    r = run_script("finetune.py", f"output={tmp_path / 'big'}", *common, "train.micro_batch_size=4000000",
+                   "deepspeed.config=ds_configs/zero3_offload.json", env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 2 and "ds_configs/zero3_offload.json will not fit" in r.stderr, r.stderr[-3000:]
+    assert "micro batch 4000000 x seq_len 32" in r.stderr and not (tmp_path / "big").exists()
+
+
 # ---------------------------------------------------------------------------- estimates vs measured
 
 
