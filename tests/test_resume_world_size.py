@@ -81,8 +81,6 @@ def test_zero2_one_rank_checkpoint_resumes_on_two_ranks(tmp_path: Path, tiny_dat
     r = run_script("train.py", *_args(tmp_path / "run1", tiny_dataset, zero2), env=ENV)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     step = tmp_path / "run1" / "checkpoints" / STEP2
-    r = run_deepspeed("train.py", *_args(tmp_path / "run2", tiny_dataset, zero2, f"checkpoint.resume={step}"))
-    assert r.returncode == 2 and "written by 1 data-parallel rank(s) and this run has 2" in r.stderr, r.stderr[-3000:]
     r = run_script("convert_checkpoint.py", "--checkpoint", str(step), "--output", str(tmp_path / "universal"), env=ENV)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     r = run_deepspeed("train.py", *_args(tmp_path / "run2", tiny_dataset, zero2, f"checkpoint.resume={tmp_path / 'universal'}"))
