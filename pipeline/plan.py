@@ -539,7 +539,7 @@ def auto_config(r: Recipe, target: Target) -> str | None:
     return fit.config if fit else None
 
 
-def preflight(cfg: Any, conf, *, seq_len: int, head: str, attn: str, checkpointing: bool, local_rank: int | None) -> Plan | None:
+def preflight(cfg: Any, conf, *, seq_len: int, head: str, attn: str, checkpointing: bool, local_rank: int | None) -> None:
     """Before a training stage starts: resolve ``deepspeed.config: auto`` (sets ``cfg.deepspeed.config``)
     and refuse a config that cannot fit the detected memory (unless ``deepspeed.memory_check`` is false).
 
