@@ -493,10 +493,15 @@ class TokenizerHandle:
 
     # -- encoding -----------------------------------------------------------------------------
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Token ids of each text, without special tokens (same as ``hf(text, add_special_tokens=False)``)."""
+    def encode_batch(self, texts: list[str], threads: int | None = None) -> list[list[int]]:
+        """Token ids of each text, without special tokens (same as ``hf(text, add_special_tokens=False)``).
+
+        Args:
+            threads: SentencePiece threads for this call (default: :meth:`set_threads`). The HF
+                backend always runs on its process-wide pool; concurrent calls share it.
+        """
         if self.backend == "sentencepiece":
-            return self._encode_native(texts)
+            return self._encode_native(texts, threads)
         return self._encode_hf(texts)
 
     def _encode_hf(self, texts: list[str]) -> list[list[int]]:
@@ -512,8 +517,8 @@ class TokenizerHandle:
             return self._added_re.search(text) is not None
         return any(c in text for c in self._added_contents)
 
-    def _encode_native(self, texts: list[str]) -> list[list[int]]:
-        ids = self._sp.encode(list(texts), num_threads=self._sp_threads())
+    def _encode_native(self, texts: list[str], threads: int | None = None) -> list[list[int]]:
+        ids = self._sp.encode(list(texts), num_threads=threads or self._sp_threads())
         if self._added_contents:
             # Hugging Face cuts texts at added-token contents, SentencePiece does not: those texts
             # (rare in a corpus) go through the HF backend.
