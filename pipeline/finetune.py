@@ -216,14 +216,16 @@ class _Data:
             # the 4-D packing mask in the model's compute dtype (bf16 on GPUs: half the memory of fp32)
             dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.precision, torch.float32)
             kw = {"seq_len": self.seq_len, "pad_id": pad, "packed": self.cfg.sft.packing, "dtype": dtype}
-            train = SFTLoader(self.sft.train_rows, run.rank, run.world, run.micro, run.accum, t.seed, start_step, **kw)
+            train = SFTLoader(self.sft.train_rows, run.rank, run.world, run.micro, run.accum, t.seed, start_step,
+                              consumed_samples=run.consumed_samples, **kw)
             val = ValBatches(self.sft.val_rows, run.rank, run.world, run.micro, num_batches=t.eval_batches, **kw) if self.sft.val_rows else None
             return train, val, CausalLMTask()
         from pipeline.data.classification import collate
         from pipeline.data.sampler import ExampleLoader, FixedBatches
 
         fn = lambda items: collate(items, pad)  # noqa: E731
-        train = ExampleLoader(self.train_items, run.rank, run.world, run.micro, run.accum, t.seed, start_step, collate=fn, name="cls")
+        train = ExampleLoader(self.train_items, run.rank, run.world, run.micro, run.accum, t.seed, start_step, collate=fn, name="cls",
+                              consumed_samples=run.consumed_samples)
         val = FixedBatches(self.val_items, run.rank, run.world, run.micro, collate=fn, num_batches=t.eval_batches) if self.val_items else None
         return train, val, ClassificationTask(self.weights)
 
