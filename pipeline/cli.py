@@ -79,7 +79,9 @@ def run_stage(
             return 0
         try:
             return int(main(cfg, ns) or 0)
-        except OSError as e:
+        except UserError:
+            raise
+        except Exception as e:
             # A full disk is the user's to fix, wherever in the stage the write failed.
             if not is_disk_full(e) or not getattr(cfg, "output", None):
                 raise
@@ -98,11 +100,11 @@ def report_errors(body: Callable[[], int | None], *also: type[Exception]) -> int
         sys.stdout.flush()
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    except OSError as e:
+    except Exception as e:
         if not is_disk_full(e):
             raise
         sys.stdout.flush()
-        print(f"error: {disk_full_error(failed_path(e) or 'the output', 'the output')}", file=sys.stderr)
+        print(f"error: {disk_full_error(failed_path(e), 'the output')}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

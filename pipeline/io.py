@@ -112,19 +112,21 @@ def _errnos(exc: BaseException | None) -> set[int]:
         seen.add(id(exc))
         if isinstance(exc, OSError) and exc.errno is not None:
             out.add(exc.errno)
-        if isinstance(exc, shutil.Error) and exc.args and isinstance(exc.args[0], list):
-            # copytree collects each file's error as text: (src, dst, "[Errno 28] No space ...")
-            out.update(n for n in _FULL_ERRNOS for item in exc.args[0] if f"[Errno {n}]" in str(item))
-        exc = exc.__cause__ or exc.__context__
+        else:
+            # Errors that carry the errno only as text: copytree's collected list
+            # ("[Errno 28] No space left ..."), Rust libraries like safetensors ("(os error 28)").
+            text = str(exc)
+            out.update(n for n in _FULL_ERRNOS if f"[Errno {n}]" in text or f"(os error {n})" in text)
+        exc = exc.__cause__ if exc.__cause__ is not None else None if exc.__suppress_context__ else exc.__context__
     return out
 
 
-def failed_path(exc: OSError) -> str | None:
+def failed_path(exc: BaseException) -> str | None:
     """The file an OSError was about (for copytree's ``shutil.Error``, the first destination)."""
     if isinstance(exc, shutil.Error) and exc.args and isinstance(exc.args[0], list) and exc.args[0]:
         item = exc.args[0][0]
         return str(item[1]) if isinstance(item, tuple) and len(item) == 3 else None
-    return exc.filename2 or exc.filename
+    return (exc.filename2 or exc.filename) if isinstance(exc, OSError) else None
 
 
 def is_disk_full(exc: BaseException, path: str | os.PathLike | None = None) -> bool:
@@ -153,13 +155,14 @@ def _size(n: int | None) -> str:
     return f"{n} GiB"
 
 
-def disk_full_error(path: str | os.PathLike, what: str, fix: str = "choose another output directory") -> DiskFullError:
+def disk_full_error(path: str | os.PathLike | None, what: str, fix: str = "choose another output directory") -> DiskFullError:
     """The one message for a full disk: where, how much is free, and what to do.
 
     Args:
-        path: the file or directory being written.
+        path: the file or directory being written (None: unknown).
         what: what was being written ("checkpoint step-00000004").
         fix: the setting that moves the output elsewhere.
     """
-    return DiskFullError(f"disk full at {path} while writing {what} ({_size(free_bytes(path))} free there); "
-                         f"free space on that filesystem, or {fix}. Earlier outputs are intact.")
+    where = f"disk full at {path} while writing {what} ({_size(free_bytes(path))} free there)" if path else \
+        f"disk full while writing {what} (no space left on device)"
+    return DiskFullError(f"{where}; free space on that filesystem, or {fix}. Earlier outputs are intact.")

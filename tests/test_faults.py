@@ -273,6 +273,21 @@ def test_disk_full_during_preprocess_is_a_clear_error_and_keeps_the_published_ou
     assert json.loads((out / "manifest.json").read_text())["stats"]["kept"] == 300
 
 
+@pytest.mark.slow
+def test_disk_full_during_export_is_a_clear_error_and_keeps_the_earlier_export(small_disk: Path, base_run: Path):
+    out = small_disk / "export"
+    out.mkdir()
+    (out / "config.json").write_text('{"earlier": "export"}\n')
+    before = _tree(out)
+    _fill(small_disk, 64 << 10)  # less than the weights (safetensors reports ENOSPC as text: "os error 28")
+    r = run_script("export.py", "--checkpoint", str(base_run), "--output", str(out), "--overwrite", env=ENV)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    assert "error: disk full while writing the output" in r.stderr and "free space on that filesystem" in r.stderr
+    assert _tree(out) == before
+    assert sorted(p.name for p in small_disk.iterdir()) == ["export", "filler"], "the export's temporary directory is removed"
+
+
 # ---------------------------------------------------------------------------- damaged shards at training start
 
 
