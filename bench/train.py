@@ -18,6 +18,10 @@ contender gets the very same dict), fp32, AdamW (lr 1e-3, betas 0.9/0.95, eps 1e
   launched with ``deepspeed --num_gpus 2`` (accelerate's state built on gloo first).
 * (d) ``ddp``: ``torchrun --nproc-per-node 2``, gloo, ``DistributedDataParallel`` and
   ``torch.optim.AdamW``; no DeepSpeed. The compute floor.
+* (e) ``auto``: ``launch/train.py`` with ``deepspeed.config=auto`` (the memory planner picks the
+  fastest config that fits: for this model ``ds_configs/zero0.json``), otherwise as (b).
+* (f) ``ds0``: the bare loop of (a) with ``ds_configs/zero0.json`` (what (e) resolves to) instead of
+  ZeRO-3 + offload: DeepSpeed's own cost without partitioning, beside DDP.
 
 Data: every contender reads the same token sequences in the same order per rank and step
 (sample ``8t + 4r + i`` of the stage's blended, shuffled stream at step ``t`` on rank ``r``):
@@ -63,10 +67,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKERS = ROOT / "bench" / "_train_workers.py"
-CONTENDERS = ("a", "b", "c", "d")
+CONTENDERS = ("a", "b", "c", "d", "e", "f")
+STAGES = ("b", "e")  # contenders that run launch/train.py (their step lines are the monitor's)
 LABEL = {"a": "(a) bare DeepSpeed loop", "b": "(b) stage launch/train.py", "c": "(c) HF Trainer + DeepSpeed",
-         "d": "(d) plain DDP (no DeepSpeed)"}
-MODE = {"a": "ds", "c": "hf", "d": "ddp"}
+         "d": "(d) plain DDP (no DeepSpeed)", "e": "(e) stage, deepspeed.config=auto",
+         "f": "(f) bare DeepSpeed loop, ZeRO-0"}
+MODE = {"a": "ds", "c": "hf", "d": "ddp", "f": "ds"}
+GOAL_AUTO_OVER_DDP = 0.95
 RANKS = 2
 GOAL_B_OVER_A, GOAL_B_OVER_C, GOAL_TTFS, GOAL_DATA_WAIT = 0.97, 1.0, 1.1, 0.01
 STEP_LINE = re.compile(r"(?:^|\s)step (\d+) \| loss ([-\d.naninf]+) .*?\| ([\d,]+) tok/s .*?\| step ([\d.]+)s(?: \(data ([\d.]+)%\))?")
@@ -103,14 +110,15 @@ def make_dataset(workdir: Path, m: dict) -> Path:
     return out
 
 
-def stage_overrides(m: dict, data: Path, output: Path, max_steps: int, warmup: int) -> list[str]:
+def stage_overrides(m: dict, data: Path, output: Path, max_steps: int, warmup: int,
+                    ds_config: str = "ds_configs/zero3_offload.json") -> list[str]:
     """The stage's key=value arguments; the same recipe is resolved here for the other contenders."""
     return [
         f"output={output}", f"data.datasets.0.path={data}", f"data.seq_len={m['seq_len']}",
         "model.model_type=llama", f"model.hidden_size={m['hidden']}", f"model.num_layers={m['layers']}",
         f"model.num_heads={m['heads']}", f"train.micro_batch_size={m['micro']}", "train.grad_accum=1",
         f"train.max_steps={max_steps}", f"train.warmup_steps={warmup}", "train.eval_batches=0", "checkpoint.every=0",
-        "monitor.log_every=1", "deepspeed.config=ds_configs/zero3_offload.json", "deepspeed.precision=fp32",
+        "monitor.log_every=1", f"deepspeed.config={ds_config}", "deepspeed.precision=fp32",
     ]
 
 
@@ -143,7 +151,20 @@ def prepare(workdir: Path, data_root: Path, m: dict, max_steps: int, warmup: int
         "warmup_steps": t.warmup_steps, "min_lr_ratio": t.min_lr_ratio, "workdir": str(workdir / "hf-output"),
     }
     (workdir / "spec.json").write_text(json.dumps(spec, indent=2) + "\n")
-    return {"data": data, "ds": ds, "spec": spec, "fingerprint": architecture_fingerprint(conf), "tokenizer": tok,
+    # (e) and (f): the config `auto` resolves to for this model on this machine (the planner's choice)
+    import dataclasses
+
+    from pipeline.plan import auto_config, detect_target, recipe_from
+
+    recipe = recipe_from(cfg, conf, seq_len=cfg.data.seq_len, head="causal_lm", attn="sdpa", checkpointing=False, precision="fp32")
+    chosen = auto_config(recipe, detect_target(RANKS))
+    if chosen is None:
+        raise SystemExit("deepspeed.config=auto: nothing fits this machine's memory for the benchmark model")
+    auto_cfg = dataclasses.replace(cfg, deepspeed=dataclasses.replace(cfg.deepspeed, config=chosen))
+    ds_auto = resolved_ds(auto_cfg, RANKS, conf.hidden_size)
+    (workdir / "ds_config_auto.json").write_text(json.dumps(ds_auto, indent=2) + "\n")
+    (workdir / "spec-f.json").write_text(json.dumps({**spec, "ds_config": str(workdir / "ds_config_auto.json")}, indent=2) + "\n")
+    return {"data": data, "ds": ds, "ds_auto": ds_auto, "auto_config": chosen, "spec": spec, "fingerprint": architecture_fingerprint(conf), "tokenizer": tok,
             "tokens_per_step": t.micro_batch_size * RANKS * cfg.data.seq_len, "n_layers": conf.num_hidden_layers,
             "vocab": conf.vocab_size, "intermediate": conf.intermediate_size}
 
@@ -188,13 +209,13 @@ def wait_quiet(max_wait: float, threshold: float = 0.25, window: float = 3.0) ->
 
 def command(c: str, workdir: Path, m: dict, data: Path, max_steps: int, warmup: int, out: Path) -> list[str]:
     port = str(_free_port())
-    if c == "b":
+    if c in STAGES:
         return ["deepspeed", "--num_gpus", str(RANKS), "--master_port", port, str(ROOT / "launch" / "train.py"),
-                *stage_overrides(m, data, out, max_steps, warmup)]
-    spec = workdir / "spec.json"
+                *stage_overrides(m, data, out, max_steps, warmup, "auto" if c == "e" else "ds_configs/zero3_offload.json")]
+    spec = workdir / ("spec-f.json" if c == "f" else "spec.json")
     if max_steps != json.loads(spec.read_text())["max_steps"]:  # the warm-up run: fewer steps
         s = json.loads(spec.read_text()) | {"max_steps": max_steps}
-        spec = workdir / f"spec-{max_steps}.json"
+        spec = workdir / f"spec-{c}-{max_steps}.json"
         spec.write_text(json.dumps(s))
     worker = [str(WORKERS), "--mode", MODE[c], "--spec", str(spec)]
     if c == "d":
@@ -223,7 +244,7 @@ def _tree_cpu(pid: int) -> float:
 
 def step_of(c: str, text: str) -> int | None:
     """The optimizer step a stdout line reports the end of, if any."""
-    if c == "b":
+    if c in STAGES:
         mt = STEP_LINE.search(text)
         return int(mt.group(1)) if mt else None
     i = text.find("BENCH step ")
@@ -317,7 +338,7 @@ def run_one(c: str, workdir: Path, m: dict, prep: dict, max_steps: int, warmup: 
     marks: dict[str, float] = {}
     info: dict = {}
     for ts, text in r.pop("lines"):
-        if c == "b":
+        if c in STAGES:
             mt = STEP_LINE.search(text)  # search: another rank's output may precede it on the line
             if mt:
                 steps[int(mt.group(1))] = {"arrival": ts, "loss": float(mt.group(2)), "monitor_step_s": float(mt.group(4)),
@@ -354,7 +375,7 @@ def run_one(c: str, workdir: Path, m: dict, prep: dict, max_steps: int, warmup: 
     snap = r["cpu_snap"]
     if warmup in snap and max_steps in snap:  # CPU seconds (all ranks, all threads) per measured step
         res["cpu_s_per_step"] = (snap[max_steps] - snap[warmup]) / measured
-    if c == "b":
+    if c in STAGES:
         tb = _tensorboard_wait(out, warmup + 1, max_steps)
         if tb is not None:
             res.update(data_wait_frac=tb["data_wait_frac"], monitor_step_s_mean=tb["monitor_step_s_mean"])
@@ -362,7 +383,7 @@ def run_one(c: str, workdir: Path, m: dict, prep: dict, max_steps: int, warmup: 
             pct = [steps[s]["data_pct"] or 0.0 for s in range(warmup + 1, max_steps + 1)]
             sec = [steps[s]["monitor_step_s"] for s in range(warmup + 1, max_steps + 1)]
             res["data_wait_frac"] = sum(p / 100 * t for p, t in zip(pct, sec)) / sum(sec)
-        res["ds_config_identical"] = json.loads((out / "ds_config.json").read_text()) == prep["ds"]
+        res["ds_config_identical"] = json.loads((out / "ds_config.json").read_text()) == prep["ds_auto" if c == "e" else "ds"]
         res["model_identical"] = _stage_fingerprint(out) == prep["fingerprint"]
         shutil.rmtree(out / "checkpoints", ignore_errors=True)  # ~50 MB per run, not needed
     else:
@@ -430,7 +451,7 @@ def summarize(runs: list[dict], tokens_per_step: int) -> dict:
                 "marks_s": {k: v for k, v in marks.items() if v is not None},
                 "others_cores": _med([r["others_cores"] for r in ok])}
     ratios: dict = {}
-    for num, den in (("b", "a"), ("b", "c"), ("c", "a"), ("d", "a")):
+    for num, den in (("b", "a"), ("b", "c"), ("c", "a"), ("d", "a"), ("e", "d"), ("f", "d"), ("e", "f")):
         if num in s and den in s:
             paired = [x["tokens_per_s"] / y["tokens_per_s"] for x in runs for y in runs
                       if x["contender"] == num and y["contender"] == den and x.get("ok") and y.get("ok") and x["tag"] == y["tag"]]
@@ -448,6 +469,8 @@ def summarize(runs: list[dict], tokens_per_step: int) -> dict:
         goals["b/c >= 1.0"] = ratios["b/c"]["of_medians"] >= GOAL_B_OVER_C
     if "first_step b/a" in ratios:
         goals["first step (b) <= 1.1 x (a)"] = ratios["first_step b/a"]["of_medians"] <= GOAL_TTFS
+    if "e/d" in ratios:
+        goals["auto (e) >= 0.95 x DDP (d)"] = ratios["e/d"]["of_medians"] >= GOAL_AUTO_OVER_DDP
     if "b" in s:
         goals["data wait (b) < 1%"] = s["b"]["data_wait_frac"] < GOAL_DATA_WAIT
     return {"contenders": s, "ratios": ratios, "goals": goals}
@@ -484,7 +507,7 @@ def markdown(summary: dict, meta: dict) -> str:
             a = 0.0 if i == 0 else pts[i - 1]
             return "-" if pts[i] is None or a is None else f"{pts[i] - a:.1f}"
 
-        if c == "b":  # only "process group up" (its "train:" line) and step 1 are visible from outside
+        if c in STAGES:  # only "process group up" (its "train:" line) and step 1 are visible from outside
             cells = ["-", "-", f"{pts[2]:.1f} (all three)" if pts[2] is not None else "-", "-",
                      f"{first - pts[2]:.1f} (model, initialize, step 1)" if pts[2] is not None else "-"]
         else:
@@ -507,7 +530,10 @@ def markdown(summary: dict, meta: dict) -> str:
 
 def other_benchmarks() -> list[str]:
     r = subprocess.run(["pgrep", "-af", "bench/preprocess.py"], capture_output=True, text=True)
-    return [l for l in r.stdout.splitlines() if l.strip() and str(os.getpid()) != l.split()[0]]
+    # a `flock ... python bench/preprocess.py` still waiting for the lock (or its timeout/shell wrapper) runs nothing yet
+    waiting = ("flock", "timeout", "bash", "sh", "nice")
+    return [l for l in r.stdout.splitlines() if l.strip() and str(os.getpid()) != l.split()[0]
+            and len(l.split()) > 1 and os.path.basename(l.split()[1]) not in waiting]
 
 
 def main(argv: list[str] | None = None) -> int:
