@@ -230,6 +230,36 @@ def _fill(disk: Path, leave: int) -> None:
         f.write(b"\0" * max(0, free - leave))  # written, not sparse: tmpfs counts pages written
 
 
+def test_disk_full_is_recognised_from_errno_or_text_only(tmp_path: Path):
+    import errno
+
+    from pipeline.errors import UserError
+    from pipeline.io import disk_full_error, failed_path, is_disk_full
+
+    assert is_disk_full(OSError(errno.ENOSPC, "No space left on device"))
+    assert is_disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    assert not is_disk_full(OSError(errno.EACCES, "Permission denied"))
+    copy = shutil.Error([("a", str(tmp_path / "b"), "[Errno 28] No space left on device: 'a' -> 'b'")])
+    assert is_disk_full(copy) and failed_path(copy) == str(tmp_path / "b")
+    assert is_disk_full(Exception("Error while serializing: I/O error: No space left on device (os error 28)"))
+    try:
+        raise RuntimeError("wrapped") from OSError(errno.ENOSPC, "No space left on device")
+    except RuntimeError as e:
+        assert is_disk_full(e)
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise UserError("something else") from None  # context suppressed: not the cause
+    except UserError as e:
+        assert not is_disk_full(e)
+    # A bare RuntimeError (torch.save's short write) counts only where the disk is nearly full.
+    assert not is_disk_full(RuntimeError("unexpected pos 576 vs 534"))
+    assert is_disk_full(RuntimeError("unexpected pos 576 vs 534"), tmp_path) == (shutil.disk_usage(tmp_path).free < 64 << 20)
+    msg = str(disk_full_error(tmp_path / "x", "checkpoint step-00000004"))
+    assert msg.startswith(f"disk full at {tmp_path / 'x'} while writing checkpoint step-00000004 (") and "free there)" in msg
+
+
 @pytest.mark.slow
 def test_disk_full_during_a_checkpoint_is_a_clear_error_and_keeps_the_previous_one(small_disk: Path, base_run: Path,
                                                                                   tiny_dataset: Path):
