@@ -4,9 +4,9 @@ Flow (one task)::
 
     sources --read--> records --clean/dedup/split--> batches --encode--> shards + manifest
 
-A reader thread reads, cleans, hashes and batches documents while the main thread encodes
-with the tokenizer's native multi-threaded batch API (which releases the GIL) and writes
-shards. Work is committed in *segments*: a segment is a contiguous run of one source's
+A reader thread reads, cleans, hashes and batches documents; encoder threads (one per core)
+encode batches concurrently with the tokenizer's native batch API (which releases the GIL);
+the main thread writes the encoded batches, in input order, into shards. Work is committed in *segments*: a segment is a contiguous run of one source's
 documents whose train part reaches ``shard_tokens``; it yields one train and one
 validation shard plus a small progress record (input cursor, statistics, the
 de-duplication keys of its documents). A killed run restarts after its last committed
