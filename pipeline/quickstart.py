@@ -24,8 +24,9 @@ TensorBoard reads every stage at once from the run directory: its runs are
 
 Re-running resumes: the preprocess and data stages check their own outputs, a training
 stage whose latest checkpoint reached ``train.max_steps`` is skipped (else it resumes from
-that checkpoint), and evaluation and export are skipped once published (each stage
-publishes atomically). A failing stage stops the chain: its name, log and exit code are
+that checkpoint), and evaluation and export are skipped once published for the current
+checkpoints (each stage publishes atomically; a stale result is replaced only once its
+successor is complete). A failing stage stops the chain: its name, log and exit code are
 printed, with the end of its log, and the quickstart exits with that code.
 """
 
@@ -60,9 +61,10 @@ TINY = {
     "preprocess": ["sample_docs=1500", "tokenizer.vocab_size=512", "val_fraction=0.05"],
     "pretrain": ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "data.seq_len=64",
                  "model.max_position_embeddings=256", "train.micro_batch_size=8", "train.max_steps=40", "train.lr=3e-3",
-                 "train.warmup_steps=5", "train.eval_every=20", "train.eval_batches=4", "checkpoint.every=0", "monitor.log_every=5"],
-    "finetune": ["sft.seq_len=160", "train.max_steps=12", "train.lr=3e-3", "train.warmup_steps=2", "train.eval_every=6", "train.eval_batches=2",
-                 "checkpoint.every=0", "monitor.log_every=3"],
+                 "train.warmup_steps=5", "train.eval_every=20", "train.eval_batches=4", "checkpoint.every=0",
+                 "monitor.log_every=5"],
+    "finetune": ["sft.seq_len=160", "train.max_steps=12", "train.lr=3e-3", "train.warmup_steps=2", "train.eval_every=6",
+                 "train.eval_batches=2", "checkpoint.every=0", "monitor.log_every=3"],
     "evaluate": ["max_batches=16", "max_new_tokens=8"],
 }
 TINY_QA = (240, 16)  # fine-tuning / held-out examples
@@ -116,11 +118,12 @@ def commands(opts: Options) -> dict[str, list[str]]:
                      f"data.datasets.0.path={out / 'data'}", *_overrides(opts, "pretrain")],
         "finetune": [*_deepspeed(opts, "finetune.py"), *recipe("finetune"), f"output={out / 'finetune'}",
                      f"model.path={out / 'pretrain'}", f"sft.train={out / 'qa_train.jsonl'}", *_overrides(opts, "finetune")],
+        # overwrite: is_done() found the published result stale (the stages keep it until the new one is complete)
         "evaluate": [py, str(ROOT / "launch" / "evaluate.py"), *recipe("evaluate"), f"model={out / 'finetune'}",
                      f"compare_to={out / 'pretrain'}", "name=finetuned", "compare_name=base", f"data={out / 'qa_test.jsonl'}",
-                     f"output={out / 'eval'}", *_overrides(opts, "evaluate")],
+                     f"output={out / 'eval'}", "overwrite=true", *_overrides(opts, "evaluate")],
         "export": [py, str(ROOT / "launch" / "export.py"), "--checkpoint", str(out / "finetune"),
-                   "--output", str(out / "export")],
+                   "--output", str(out / "export"), "--overwrite"],
         "report": [py, str(ROOT / "launch" / "report.py"), "--logdir", str(out), "--output", str(out / "report")],
     }
 
@@ -153,10 +156,14 @@ def is_done(opts: Options, stage: str) -> bool:
     if stage in ("pretrain", "finetune"):
         meta = _latest_meta(out / stage)
         return meta is not None and meta["step"] >= _max_steps(opts, stage)
+    # Evaluation and export count as done only for the models the training stages hold now
+    # (a rerun with more steps trains on, and then evaluates and exports again).
+    steps = {name: (_latest_meta(out / name) or {}).get("step") for name in ("pretrain", "finetune")}
     if stage == "evaluate":
-        return (out / "eval" / "report.json").is_file()
+        models = {m.get("name"): m.get("step") for m in (_read_json(out / "eval" / "report.json") or {}).get("models", [])}
+        return models == {"finetuned": steps["finetune"], "base": steps["pretrain"]}
     if stage == "export":
-        return (out / "export" / "config.json").is_file()
+        return (_read_json(out / "export" / "export_meta.json") or {}).get("step") == steps["finetune"]
     return False  # preprocess and sample-qa check their own outputs (cheaply) and say so
 
 

@@ -99,6 +99,19 @@ def test_rerun_skips_completed_stages(run):
     assert json.loads((out / "summary.json").read_text())["pretrain"]["steps"] == 40
 
 
+def test_more_steps_train_on_then_evaluate_and_export_again(run):
+    out, _ = run
+    r = _quickstart("--tiny", "--output", str(out), "--set", "finetune.train.max_steps=14")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "pretrain: already complete, skipped" in r.stdout and "resumed from" in r.stdout
+    for stage in ("finetune", "evaluate", "export"):
+        assert f"{stage}: already complete" not in r.stdout
+    assert json.loads((out / "export" / "export_meta.json").read_text())["step"] == 14
+    models = {m["name"]: m["step"] for m in json.loads((out / "eval" / "report.json").read_text())["models"]}
+    assert models == {"finetuned": 14, "base": 40}
+    assert json.loads((out / "summary.json").read_text())["finetune"]["steps"] == 14
+
+
 def test_a_failing_stage_stops_the_chain_with_its_name_log_and_code(tmp_path: Path):
     out = tmp_path / "run"
     r = _quickstart("--tiny", "--output", str(out), "--set", "pretrain.train.lr=-1")
