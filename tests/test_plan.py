@@ -145,6 +145,12 @@ def test_plan_recommends_offload_when_the_model_is_big(tiny_dataset: Path):
 # ---------------------------------------------------------------------------- the stages
 
 
+def test_print_config_with_auto_says_the_planner_decides_at_launch(tiny_dataset: Path):
+    r = run_script("train.py", "--print-config", f"data.datasets.0.path={tiny_dataset}", "deepspeed.config=auto")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "config: auto" in r.stdout and "deepspeed.config=auto: the memory planner picks" in r.stdout
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 def test_training_refuses_a_plan_that_cannot_fit_and_the_override_starts_it(tmp_path: Path, tiny_dataset: Path):
