@@ -4,9 +4,9 @@ Pre-training and fine-tuning share this sequence (only the model, the data and t
 differ)::
 
     run = Run(cfg, local_rank=..., hidden_size=...)   # resolve DeepSpeed JSON, find resume point
-    run.start()                                        # process group, run directory files
+    run.start()                                        # process group, seeds
     engine = run.initialize(model)                     # deepspeed.initialize: AdamW groups, LR schedule
-    step = run.resume(compat)                          # load the checkpoint, refuse an incompatible one
+    step = run.resume(compat)                          # refuse an incompatible checkpoint, load it; run files
     monitor = run.monitor(...); save = run.saver(...)  # rank-0 logging; collective checkpoint writer
 """
 
@@ -98,13 +98,18 @@ class Run:
         return self.env.world_size
 
     def start(self) -> None:
-        """Start the process group and write the resolved config and DeepSpeed JSON (rank 0)."""
+        """Start the process group and seed every generator."""
         self.env = dist.init(self.cfg.dist, self.local_rank)
+        seed_everything(self.cfg.train.seed)
+
+    def _write_run_files(self) -> None:
+        """The resolved config and DeepSpeed JSON beside the run (rank 0). Written only once the
+        resume point is accepted, so a launch refused for a foreign checkpoint leaves the files
+        of the run it would have continued untouched."""
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out / "config.yaml", to_yaml(self.cfg))
             atomic_write_json(self.out / "ds_config.json", self.ds)
-        seed_everything(self.cfg.train.seed)
 
     def initialize(self, model):
         """``deepspeed.initialize`` with AdamW groups (no decay on biases/norms) and the LR schedule."""
@@ -131,9 +136,11 @@ class Run:
         """
         self.compat = {**compat, "world_size": self.world, "zero_stage": zero_stage(self.ds)}
         if self.resume_from is None:
+            self._write_run_files()
             return 0
         meta = checkpoint.read_meta(self.resume_from)
         checkpoint.check_compatible(self.resume_from, meta, self.compat)
+        self._write_run_files()
         checkpoint.load(self.engine, self.resume_from, universal=self.universal)
         # the data position in global samples: right even when this launch's global batch differs
         self.consumed_samples = int(meta["consumed_samples"]) if "consumed_samples" in meta else None

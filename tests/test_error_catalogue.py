@@ -34,8 +34,6 @@ class Case:
     prior: str | None = None
     """What is already in {out} before the run: run (a training run with a checkpoint),
     dataset (a preprocessed dataset), file (a directory holding an earlier result file) or None."""
-    rewritten: tuple[str, ...] = ()
-    """Files of the prior result the failed run may rewrite (see the case's comment)."""
 
 
 T = (*TINY_MODEL, "data.datasets.0.path={data}", "train.micro_batch_size=2", "train.max_steps=2", "checkpoint.every=0",
@@ -74,11 +72,10 @@ CASES: dict[str, Case] = {
     "resume from a missing path": Case("train.py", (*T, "checkpoint.resume={files}/nowhere"),
                                        ("checkpoint.resume='{files}/nowhere' does not exist",), "run"),
     "resume from a non-checkpoint": Case("train.py", (*T, "checkpoint.resume={hf}"), ("is not a checkpoint of this pipeline (no meta.json)",), "run"),
-    # Refused after the engine exists (the architecture is compared then); the run's config.yaml
-    # and ds_config.json are rewritten at start, the checkpoints are untouched.
+    # Refused after the engine exists (the architecture is compared then): the run's config.yaml
+    # and ds_config.json are written only after that check, so they stay as they were too.
     "resume a checkpoint of another model": Case("train.py", (*T, "model.num_layers=3"),
-                                                 ("cannot resume from", "the model architecture differs"), "run",
-                                                 rewritten=("config.yaml", "ds_config.json")),
+                                                 ("cannot resume from", "the model architecture differs"), "run"),
     "resume=never over checkpoints": Case("train.py", (*T, "checkpoint.resume=never"), ("already holds checkpoints",), "run"),
     # -- bad data lines and missing inputs (preprocess, finetune, evaluate)
     "malformed JSONL line": Case("preprocess.py", ("sources.0.path={files}/bad.jsonl", *P),
@@ -194,7 +191,7 @@ def test_user_error(catalogue, name: str):
     for phrase in case.phrases:
         assert phrase.format(**subs) in r.stderr, f"{phrase!r} not in:\n{r.stderr[-3000:]}"
     after = _tree(out)
-    lost = sorted(k for k, v in before.items() if after.get(k) != v and k not in case.rewritten)
+    lost = sorted(k for k, v in before.items() if after.get(k) != v)
     assert not lost, f"the failed run changed or removed {lost}"
     if case.prior is None:
         assert not out.exists(), "a run refused at its config check must not write anything"
