@@ -115,10 +115,20 @@ def _sweep_deepspeed_shm():
     start = time.time()
     yield
     shm = Path("/dev/shm")
-    if shm.is_dir():
-        for seg in shm.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*"):
-            try:
-                if seg.stat().st_mtime >= start - 1:
-                    seg.unlink()
-            except OSError:
-                pass
+    if not shm.is_dir():
+        return
+    # A segment still mapped by a live process belongs to a running job (possibly another
+    # session's, whose ranks would spin forever waiting for a segment removed under them).
+    in_use: set[str] = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            in_use.update(line.rsplit("/", 1)[-1].strip() for line in maps.read_text().splitlines()
+                          if "/dev/shm/deepspeed_allreduce_buffer" in line)
+        except OSError:
+            pass
+    for seg in shm.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*"):
+        try:
+            if seg.name not in in_use and seg.stat().st_mtime >= start - 1:
+                seg.unlink()
+        except OSError:
+            pass
