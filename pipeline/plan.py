@@ -637,6 +637,8 @@ def _recipe_for_cli(stage: str, cfg: Any, vocab_size: int, precision: str) -> Re
         tok = read_manifest(cfg.data.datasets[0].path)["tokenizer"]
     except (UserError, OSError, KeyError, ValueError):
         tok = {"vocab_size": vocab_size}  # no data yet: plan with --vocab-size
+        print(f"note: no preprocessed data at {cfg.data.datasets[0].path}; assuming a vocabulary of {vocab_size} "
+              "(set --vocab-size)")
     conf = hf_config(cfg.model, tok["vocab_size"], cfg.data.seq_len, tok)
     return recipe_from(cfg, conf, seq_len=cfg.data.seq_len, head="causal_lm", attn=cfg.model.attn_implementation,
                        checkpointing=cfg.model.activation_checkpointing, precision=precision)
