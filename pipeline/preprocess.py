@@ -289,7 +289,7 @@ class Preprocessor:
                 train_tokenizer(cfg, sources, dest, _threads(cfg))
         if handle is None:
             handle = load_tokenizer(dest)
-        handle.set_threads(_threads(cfg))
+        handle.set_threads(_threads(cfg), concurrent_calls=True)  # one thread per encode call
         return handle
 
     # -- the main loop

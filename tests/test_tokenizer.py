@@ -165,6 +165,10 @@ def test_set_threads(trained, monkeypatch):
     assert h._sp_threads() == 2
     h.verify_native([])
     assert h.encode_batch(["a b", "c"]) == h._encode_hf(["a b", "c"])
+    # concurrent one-thread calls (the preprocess stage): HF encodes on the calling thread, same ids
+    h.set_threads(2, concurrent_calls=True)
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
+    assert h.encode_batch(VARIED, threads=1) == _auto_ids(AutoTokenizer.from_pretrained(trained["bpe"]), VARIED)
 
 
 def test_training_is_deterministic(tmp_path):
@@ -263,7 +267,7 @@ def test_fingerprint_cache(trained, tmp_path, monkeypatch):
     want = load_tokenizer(d, direct=False).fingerprint
     assert load_tokenizer(d).fingerprint == want
     entries = list((tmp_path / "cache" / "pipeline" / "tokenizer-fingerprints").iterdir())
-    assert len(entries) == 1 and entries[0].read_text() == want
+    assert len(entries) == 1 and json.loads(entries[0].read_text())["fingerprint"] == want
     calls = []
     monkeypatch.setattr(tokmod, "_fingerprint", lambda *a: calls.append(a) or "x")
     assert load_tokenizer(d).fingerprint == want and not calls  # served from the cache
@@ -274,6 +278,32 @@ def test_fingerprint_cache(trained, tmp_path, monkeypatch):
     (d / "tokenizer_config.json").write_text((d / "tokenizer_config.json").read_text().replace("<pad>", "<unk>"))
     changed = load_tokenizer(d)  # other bytes, other key: pad is now id 0
     assert changed.pad_id == 0 and changed.fingerprint == load_tokenizer(d, direct=False).fingerprint != want
+
+
+def test_cached_load_and_verdict(trained, tmp_path, monkeypatch):
+    """A cache hit parses no tokenizer.json for native SentencePiece, and encodes exactly as AutoTokenizer."""
+    import tokenizers
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    d = shutil.copytree(trained["bpe"], tmp_path / "tok")
+    first = load_tokenizer(d)
+    assert first.verify_native(HELD_OUT[:20]) is True and "cached" not in first.backend_reason
+    parsed = []
+    real = tokenizers.Tokenizer.from_file
+    monkeypatch.setattr(tokenizers.Tokenizer, "from_file", lambda *a: parsed.append(a) or real(*a))
+    h = load_tokenizer(d)
+    assert h.verify_native(HELD_OUT[:20]) is True and "verdict cached" in h.backend_reason
+    assert (h.fingerprint, h.vocab_size, h.eos_id, h.pad_id) == (first.fingerprint, 500, 2, 3)
+    texts = VARIED + ["</s>", "</s></s>", "a </s> b<s>\n<pad> ", "x" * 50 + "<unk>"]
+    ids = h.encode_batch(texts)
+    assert not parsed  # texts with special-token text were cut and encoded natively
+    assert ids == _auto_ids(AutoTokenizer.from_pretrained(d), texts)
+    # another tokenizer.model: another key, so the verdict is not reused
+    other = _train(tmp_path / "other", "bpe", vocab_size=520)
+    (d / "tokenizer.model").write_bytes((other / "tokenizer.model").read_bytes())
+    h = load_tokenizer(d)
+    assert h.verify_native(HELD_OUT[:20]) is False and "piece" in h.backend_reason and parsed
+    assert h.encode_batch(VARIED) == ids[:len(VARIED)]
 
 
 # -- existing HF tokenizers --------------------------------------------------------------------------
