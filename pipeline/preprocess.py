@@ -226,6 +226,26 @@ def _encode(handle, texts: list[str], eos: int, dtype, threads: int) -> tuple[np
     return flat, lengths
 
 
+def _parts(texts: list[str], n: int) -> list[list[str]]:
+    """``texts`` cut into at most ``n`` runs of about equal characters, one encode call each.
+
+    Every batch is spread over all cores, so the last one (and any batch the writer waits for)
+    is not left to a single core; ids do not depend on how texts are grouped into calls.
+    """
+    if n <= 1 or len(texts) <= 1:
+        return [texts] if texts else []
+    cum = np.cumsum(np.fromiter(map(len, texts), dtype=np.int64, count=len(texts)))
+    cuts = np.searchsorted(cum, cum[-1] * np.arange(1, n) / n, side="right")
+    bounds = [0, *sorted(set(int(c) for c in cuts if 0 < c < len(texts))), len(texts)]
+    return [texts[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def _joined(results: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    if len(results) == 1:
+        return results[0]
+    return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
+
+
 # ---------------------------------------------------------------------------- the stage
 
 
@@ -338,7 +358,8 @@ class Preprocessor:
         # cores keep encoding batches k+1... (native code, GIL released) while this thread
         # splits, hashes and writes batch k. Batches are still written in input order, so the
         # output does not depend on the timing.
-        pending: deque[tuple[Batch, Future | None]] = deque()
+        pending: deque[tuple[Batch, list[Future]]] = deque()
+        calls = _CALLS_PER_CORE * _threads(cfg)
         last_read = False
         try:
             while True:
@@ -349,12 +370,12 @@ class Preprocessor:
                     if batch.texts and not self._verified:
                         handle.verify_native(batch.texts)
                         self._verified = True
-                    fut = encoder.submit(_encode, handle, batch.texts, handle.eos_id, dtype, 1) if batch.texts else None
-                    pending.append((batch, fut))
+                    futs = [encoder.submit(_encode, handle, part, handle.eos_id, dtype, 1) for part in _parts(batch.texts, calls)]
+                    pending.append((batch, futs))
                     last_read = batch.cursor is None
-                batch, fut = pending.popleft()
-                if fut is not None:
-                    flat, lengths = fut.result()
+                batch, futs = pending.popleft()
+                if futs:
+                    flat, lengths = _joined([f.result() for f in futs])
                     tok_val = np.repeat(batch.val, lengths)
                     writers["train"].add_documents(flat[~tok_val], lengths[~batch.val])
                     writers["val"].add_documents(flat[tok_val], lengths[batch.val])
@@ -371,8 +392,8 @@ class Preprocessor:
                     k += 1
                     writers, keys = self._writers(name, k, dtype), []
         except BaseException:
-            for _, f in pending:
-                if f is not None:
+            for _, futs in pending:
+                for f in futs:
                     f.cancel()
             for w in writers.values():
                 w.abort()

@@ -164,6 +164,19 @@ def test_split_stable_across_batching(tmp_path: Path, tiny_tokenizer: Path):
     assert t1 == t2
 
 
+def test_encode_calls_split_batches_evenly():
+    """A batch is cut into one encode call per core by characters, keeping every text in order."""
+    from pipeline.preprocess import _parts
+
+    texts = [f"d{i}" * (1 + i % 7) for i in range(101)]
+    parts = _parts(texts, 2)
+    assert sum(parts, []) == texts and len(parts) == 2
+    sizes = [sum(map(len, p)) for p in parts]
+    assert abs(sizes[0] - sizes[1]) <= max(map(len, texts))
+    assert _parts(["one"], 2) == [["one"]] and _parts([], 2) == [] and _parts(texts, 1) == [texts]
+    assert sum(_parts(["x" * 100, "y", "z"], 3), []) == ["x" * 100, "y", "z"]
+
+
 def test_malformed_line_fails_then_skip_counts(tmp_path: Path, tiny_tokenizer: Path):
     docs = make_docs(20)
     path = tmp_path / "bad.jsonl"
