@@ -11,14 +11,20 @@ The source of truth for token ids is always the Hugging Face tokenizer::
 
 :class:`TokenizerHandle` encodes with the fastest native API that gives exactly those ids:
 
-* backend ``"hf"``: the Rust ``tokenizers`` backend's ``encode_batch`` (parallel with rayon);
+* backend ``"hf"``: the Rust ``tokenizers`` backend's ``encode_batch_fast`` (parallel with rayon, or
+  on the calling thread, see :meth:`TokenizerHandle.set_threads`);
 * backend ``"sentencepiece"``: ``SentencePieceProcessor.encode(texts, num_threads=n)``, about 2.5x
   faster. Only used when the directory holds a BPE ``tokenizer.model`` AND :meth:`TokenizerHandle.
   verify_native` found identical ids on a sample plus built-in tricky strings. Unigram models stay
   on the HF backend: SentencePiece scores Viterbi paths in float32 and ``tokenizers`` in float64,
-  and near-ties (runs of spaces in code, measured) then segment differently. Texts that contain
-  the content of an added token (``</s>`` typed into a document...) are always encoded by the HF
-  backend, since Hugging Face matches added tokens in raw text and SentencePiece does not.
+  and near-ties (runs of spaces in code, measured) then segment differently. Hugging Face matches
+  added tokens in raw text and SentencePiece does not: a text that contains the content of an
+  added token (``</s>`` typed into a document...) is cut there and each piece encoded natively
+  (or, when a token's matching flags are set, the text is encoded by the HF backend).
+
+What the files determine (fingerprint, special ids, added tokens, the native verdict) is cached,
+keyed by their bytes (:func:`_cache_key`), so a run after the first parses no ``tokenizer.json``
+when it encodes natively.
 
 Why the saved directory is not a ``LlamaTokenizer``: in transformers 5, ``LlamaTokenizer`` rebuilds
 a BPE model with its own pre-tokenizer, which drops SentencePiece's dummy prefix before leading
@@ -32,29 +38,37 @@ transformers 4 and 5).
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import logging
 import os
 import re
-import shutil
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from pipeline.data.tokenizer_files import (  # noqa: F401 - re-exported
+    BOS,
+    EOS,
+    HF_TOKENIZER_FILE,
+    PAD,
+    SP_MODEL_FILE,
+    UNK,
+    _SPECIAL,
+    _added_tokens,
+    _cache_key,
+    _cache_read,
+    _cache_write,
+    _fingerprint,
+    tokenizer_fingerprint,
+)
+from pipeline.data.tokenizer_train import _bounded_sample, train_sentencepiece  # noqa: F401 - re-exported
 from pipeline.errors import UserError
-from pipeline.io import atomic_write_bytes, atomic_write_json, publish_dir
 
 log = logging.getLogger(__name__)
 
-UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"  # ids 0, 1, 2, 3 in a trained tokenizer
-SP_MODEL_FILE = "tokenizer.model"
-HF_TOKENIZER_FILE = "tokenizer.json"
 _MIN_TRAIN_VOCAB = 260  # 256 byte-fallback pieces + 4 special tokens
-_SP_SEED = 1234  # SentencePiece's global random seed (only used for sampling; set for safety)
 _MAX_VERIFY_TEXTS = 64  # texts of the given sample compared in verify_native ...
 _MAX_VERIFY_CHARS = 2000  # ... each cut to this many characters (bounds its cost to ~0.05 s)
 _ADDED_TOKEN_REGEX_MIN = 16  # above this many added tokens, scan texts with one regex, not `in`
@@ -107,169 +121,12 @@ class TokenizerConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------
-
-def _bounded_sample(texts: Iterable[str], sample_chars: int, piece_chars: int) -> list[str]:
-    """The first ``sample_chars`` characters of ``texts``, cut into pieces of <= ``piece_chars``."""
-    out: list[str] = []
-    left = sample_chars
-    for text in texts:
-        for start in range(0, len(text), piece_chars):
-            piece = text[start:start + min(piece_chars, left)]
-            if piece:
-                out.append(piece)
-                left -= len(piece)
-            if left <= 0:
-                return out
-    return out
-
-
-def train_sentencepiece(texts: Iterable[str], cfg: TokenizerConfig, out_dir: Path, threads: int) -> None:
-    """Train a SentencePiece tokenizer and save it as a Hugging Face tokenizer directory.
-
-    Llama-style settings (byte fallback, identity normalization, dummy prefix, digits split, ids
-    ``<unk>=0 <s>=1 </s>=2 <pad>=3``) so that the Hugging Face conversion is exact. The directory
-    gets ``tokenizer.model``, ``tokenizer.json`` and ``tokenizer_config.json`` (bos/eos/pad/unk set,
-    ``add_bos_token``/``add_eos_token`` false, no chat template); it is written under a temporary
-    name and renamed into place.
-
-    The model is a deterministic function of (the sample, ``cfg``, ``threads``): two runs give the
-    same bytes. Unigram training sums in per-thread order, so its pieces depend on ``threads``:
-    pass a value from the config, not ``os.cpu_count()``, if retraining must be reproducible on
-    other machines.
-
-    Args:
-        texts: cleaned documents; only the first ``cfg.sample_chars`` characters are read (the
-            caller makes them representative, e.g. by striding over the corpus).
-        cfg: tokenizer settings (``cfg.path`` is ignored).
-        out_dir: directory to create (replaced if it exists).
-        threads: SentencePiece training threads.
-
-    Raises:
-        UserError: empty sample, or a vocabulary too large for the sample / too small for its
-            characters.
-    """
-    import sentencepiece as spm
-
-    out_dir = Path(out_dir)
-    sample = _bounded_sample(texts, cfg.sample_chars, cfg.max_sentence_chars)
-    if not sample:
-        raise UserError("tokenizer training: the corpus sample is empty (no non-empty text after cleaning); "
-                        "check the input data and cleaning settings, or set tokenizer.path to an existing "
-                        "Hugging Face tokenizer directory")
-    n_chars = sum(map(len, sample))
-    log.info("training %s SentencePiece tokenizer: vocab_size=%d, sample %d characters in %d pieces, %d threads",
-             cfg.model_type, cfg.vocab_size, n_chars, len(sample), threads)
-
-    model = io.BytesIO()
-    spm.set_random_generator_seed(_SP_SEED)
-    try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(sample), model_writer=model,
-            model_type=cfg.model_type, vocab_size=cfg.vocab_size,
-            character_coverage=cfg.character_coverage,
-            max_sentence_length=4 * cfg.max_sentence_chars,  # bytes: a character is <= 4 UTF-8 bytes
-            input_sentence_size=0, shuffle_input_sentence=False,  # use the whole (already bounded) sample
-            byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-            add_dummy_prefix=True, split_digits=True, allow_whitespace_only_pieces=True,
-            unk_id=0, bos_id=1, eos_id=2, pad_id=3,
-            unk_piece=UNK, bos_piece=BOS, eos_piece=EOS, pad_piece=PAD,
-            num_threads=max(1, int(threads)), minloglevel=4,
-        )
-    except RuntimeError as e:
-        msg = str(e)
-        if "Vocabulary size too high" in msg:
-            hint = re.search(r"<= *(\d+)", msg)
-            most = f" (SentencePiece says at most {hint.group(1)} for this sample)" if hint else ""
-            raise UserError(
-                f"tokenizer training failed: corpus sample too small for vocab_size={cfg.vocab_size}{most}; "
-                f"the sample had {n_chars} characters. Lower tokenizer.vocab_size or raise "
-                "tokenizer.sample_chars (or provide more data)") from None
-        if "required_chars" in msg or "smaller than" in msg:
-            detail = msg.rsplit("] ", 1)[-1].strip()  # drop SentencePiece's source location and assertion
-            raise UserError(
-                f"tokenizer training failed: vocab_size={cfg.vocab_size} is too small for the characters of the "
-                f"sample (SentencePiece: {detail}). Raise tokenizer.vocab_size or lower "
-                "tokenizer.character_coverage") from None
-        raise
-
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        _write_hf_dir(model.getvalue(), tmp)
-        publish_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log.info("saved tokenizer to %s", out_dir)
-
-
-def _write_hf_dir(model_bytes: bytes, directory: Path) -> None:
-    """Write ``tokenizer.model`` and its exact Hugging Face fast conversion into ``directory``."""
-    from transformers import PreTrainedTokenizerFast
-
-    atomic_write_bytes(directory / SP_MODEL_FILE, model_bytes)
-    # The generic fast class converts tokenizer.model following its normalizer spec (exact for bpe
-    # and unigram); legacy=True: every text chunk between added tokens gets the dummy prefix, as
-    # SentencePiece does for each text. LlamaTokenizer is not exact (see module docstring).
-    hf = PreTrainedTokenizerFast.from_pretrained(
-        str(directory), local_files_only=True, legacy=True,
-        unk_token=UNK, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-        add_bos_token=False, add_eos_token=False)
-    hf.save_pretrained(str(directory))
-    # save_pretrained records load-time arguments; keep a clean, portable config
-    cfg_path = directory / "tokenizer_config.json"
-    config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    for key in ("is_local", "local_files_only", "name_or_path", "vocab_file", "chat_template"):
-        config.pop(key, None)
-    if config.get("extra_special_tokens") and set(map(str, config["extra_special_tokens"])) <= {UNK, BOS, EOS, PAD}:
-        config.pop("extra_special_tokens")
-    config.update(tokenizer_class="PreTrainedTokenizerFast", add_bos_token=False, add_eos_token=False,
-                  unk_token=UNK, bos_token=BOS, eos_token=EOS, pad_token=PAD)
-    atomic_write_json(cfg_path, config)
-    if not (directory / SP_MODEL_FILE).is_file():  # save_pretrained must not have removed it
-        atomic_write_bytes(directory / SP_MODEL_FILE, model_bytes)
-
-
-# ----------------------------------------------------------------------------------------------
-# Fingerprint
-# ----------------------------------------------------------------------------------------------
-
-def tokenizer_fingerprint(hf_tokenizer: Any) -> str:
-    """Hex sha256 identifying what a tokenizer does: same value for the same tokenizer loaded twice
-    or from a copy of its directory, different for another vocabulary.
-
-    Hashes the backend tokenizer's JSON (parsed and re-dumped with sorted keys; the call-time
-    ``truncation``/``padding`` settings are left out, transformers changes them per call), the
-    special token ids and ``len(tokenizer)``.
-
-    Args:
-        hf_tokenizer: a transformers fast tokenizer.
-    """
-    special = {name: getattr(hf_tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "pad", "unk")}
-    return _fingerprint(hf_tokenizer.backend_tokenizer, special, len(hf_tokenizer))
-
-
-def _fingerprint(backend: Any, special_ids: dict[str, int | None], length: int) -> str:
-    """:func:`tokenizer_fingerprint` from its parts (a ``tokenizers.Tokenizer``, ids, length)."""
-    desc = json.loads(backend.to_str())
-    desc.pop("truncation", None)
-    desc.pop("padding", None)
-    canon = json.dumps({"backend": desc, "special_ids": special_ids, "len": length},
-                       sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(canon.encode("utf-8")).hexdigest()
-
-
-# ----------------------------------------------------------------------------------------------
 # Loading and encoding
 # ----------------------------------------------------------------------------------------------
 
 _EXPECTED = "a Hugging Face tokenizer directory with tokenizer.json or tokenizer.model"
 _TOKENIZER_FILES = (HF_TOKENIZER_FILE, SP_MODEL_FILE, "tokenizer_config.json", "vocab.json", "vocab.txt")
 _rayon_used = False  # set once this process ran the HF backend in parallel (rayon pool fixed from then on)
-_SPECIAL = ("bos", "eos", "pad", "unk")
 
 # The direct loader (:func:`_load_direct`) reads tokenizer.json with `tokenizers` alone, which is
 # exactly what transformers does for these generic classes (no class-specific rebuilding of the
@@ -390,67 +247,6 @@ def _load_direct(p: Path) -> TokenizerHandle | None:
              "model": type(backend.model).__name__, "added": _added_tokens(backend), "native": None}
     _cache_write(key, entry)
     return TokenizerHandle(p, backend, ids, size, fingerprint=entry["fingerprint"], cache=(key, entry))
-
-
-# ----------------------------------------------------------------------------------------------
-# Cache of what a tokenizer directory's bytes determine
-# ----------------------------------------------------------------------------------------------
-
-_CACHE_FORMAT = "v2"
-
-
-def _cache_key(p: Path) -> str:
-    """The cache key of directory ``p``: its tokenizer files' bytes and the ``tokenizers`` version.
-
-    ``tokenizer.json`` and ``tokenizer_config.json`` determine everything the direct loader derives;
-    ``tokenizer.model`` (when present) and the ``sentencepiece`` version stored with the verdict
-    determine :meth:`TokenizerHandle.verify_native`'s result. Hashing about 2 MB takes a few ms.
-    """
-    import tokenizers
-
-    h = hashlib.sha256(f"{_CACHE_FORMAT} tokenizers {tokenizers.__version__}\n".encode())
-    for name in (HF_TOKENIZER_FILE, "tokenizer_config.json", SP_MODEL_FILE):
-        f = p / name
-        h.update(f.read_bytes() if f.is_file() else b"<absent>")
-        h.update(b"\0")
-    return h.hexdigest()
-
-
-def _cache_path(key: str) -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "pipeline" / "tokenizer-fingerprints" / key
-
-
-def _cache_read(key: str) -> dict | None:
-    """The cached entry of ``key``, or None (absent, unreadable or malformed: recomputed)."""
-    try:
-        entry = json.loads(_cache_path(key).read_text(encoding="utf-8"))
-        ok = (isinstance(entry, dict) and re.fullmatch(r"[0-9a-f]{64}", str(entry.get("fingerprint")))
-              and isinstance(entry.get("vocab_size"), int) and isinstance(entry.get("special_ids"), dict)
-              and set(entry["special_ids"]) == set(_SPECIAL) and isinstance(entry.get("model"), str)
-              and isinstance(entry.get("added"), list)
-              and all(isinstance(t, list) and len(t) == 6 for t in entry["added"]))
-        return entry if ok else None
-    except (OSError, ValueError):
-        return None
-
-
-def _cache_write(key: str, entry: dict) -> None:
-    """Store ``entry`` atomically; a cache that cannot be written is simply not used."""
-    path = _cache_path(key)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(entry, sort_keys=True), encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError:
-        pass
-
-
-def _added_tokens(backend: Any) -> list[list]:
-    """``[id, content, normalized, lstrip, rstrip, single_word]`` of each added token, by id."""
-    return [[i, t.content, t.normalized, t.lstrip, t.rstrip, t.single_word]
-            for i, t in sorted(backend.get_added_tokens_decoder().items())]
 
 
 class TokenizerHandle:
