@@ -153,15 +153,27 @@ def test_print_config_with_auto_says_the_planner_decides_at_launch(tiny_dataset:
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_training_refuses_a_plan_that_cannot_fit_and_the_override_starts_it(tmp_path: Path, tiny_dataset: Path):
-    big = [*TINY_MODEL, "model.hidden_size=4096", "model.num_layers=64", "model.num_heads=32", "train.max_steps=1",
-           "deepspeed.config=ds_configs/zero0.json"]
-    r = run_deepspeed("train.py", *_args(tmp_path / "run", tiny_dataset, *big), ranks=1)
+def test_training_refuses_a_plan_that_cannot_fit_and_names_one_that_does(tmp_path: Path, tiny_dataset: Path):
+    from pipeline.plan import available_cpu_memory, make_plan
+
+    # A model sized to this machine: on 2 CPU ranks ZeRO-0 (a full copy of the states per rank)
+    # exceeds the available memory even at 0.8x of it, and a partitioned config fits even at 1.25x
+    # (memory moves a little between this check and the stage's own).
+    avail = available_cpu_memory() / GiB
+    for layers in range(2, 400, 2):
+        big = [*TINY_MODEL, "model.hidden_size=1024", f"model.num_layers={layers}", "model.num_heads=8", "train.max_steps=1"]
+        low, high = (make_plan(*_recipe(tiny_dataset, *big, ranks=2, memory_gib=avail * f)) for f in (0.8, 1.25))
+        zero0 = {e.config: e for e in high.rows}["ds_configs/zero0.json"]
+        if not zero0.fits and low.choice is not None:
+            break
+    else:
+        pytest.skip(f"no model size separates ZeRO-0 from a partitioned config with {avail:.1f} GiB available")
+    r = run_deepspeed("train.py", *_args(tmp_path / "run", tiny_dataset, *big, "deepspeed.config=ds_configs/zero0.json"), ranks=2)
     assert r.returncode == 2, r.stderr[-3000:]
     err = r.stderr
-    assert "ds_configs/zero0.json will not fit" in err and "GiB" in err and "Use instead:" in err
+    assert "ds_configs/zero0.json will not fit" in err and "GiB" in err and "Use instead: deepspeed.config=ds_configs/" in err, err
     assert "deepspeed.memory_check=false" in err
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not (tmp_path / "run").exists()  # refused before anything is written
 
 
 @pytest.mark.slow
