@@ -157,7 +157,8 @@ def test_empty_reply_and_template_that_rewrites_earlier_turns(tok):
     ids, mask = sft.encode_conversation(tok, MULTI, tpl)
     text = tok.apply_chat_template(MULTI, chat_template=tpl, tokenize=False)
     offs = tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-    assert [text[a:b] for a, b in trained_runs((ids, mask), offs)] == ["It is 4.</s>", "Paris, of course. [last]</s>"]
+    # a reply's first token may carry the space before it (SentencePiece's "▁P"): that token is the reply's, so it is trained
+    assert [text[a:b].lstrip(" ") for a, b in trained_runs((ids, mask), offs)] == ["It is 4.</s>", "Paris, of course. [last]</s>"]
 
 
 @pytest.mark.parametrize("obj,problem", [
