@@ -208,7 +208,7 @@ def _load_direct(p: Path) -> TokenizerHandle | None:
     Everything the stage needs besides encoding (special ids, vocabulary size, added tokens,
     fingerprint, and the :meth:`TokenizerHandle.verify_native` verdict) is a function of the
     directory's bytes, so it is cached (:func:`_cache_key`); on a hit ``tokenizer.json`` is not
-    parsed here (0.16-0.3 s for 32k tokens) but only when the HF backend is first needed.
+    parsed here (0.05-0.3 s for 32k tokens) but only when the HF backend is first needed.
     """
     tj, tc = p / HF_TOKENIZER_FILE, p / "tokenizer_config.json"
     if not tj.is_file() or not tc.is_file() or (p / "special_tokens_map.json").exists():
