@@ -114,7 +114,7 @@ def test_sft_learns_to_answer_far_above_the_base_model(tmp_path: Path, tiny_hf_m
     train = write_jsonl(tmp_path / "chat.jsonl", rows * 8)
     held = write_jsonl(tmp_path / "held.jsonl", [{"prompt": q, "response": a} for q, a in facts])
     r = run_script("finetune.py", *_common(tmp_path / "ft", tiny_hf_model, f"sft.train={train}", "sft.val_fraction=0",
-                                           "sft.seq_len=64", "train.max_steps=60", "train.lr=5e-3", "train.eval_batches=0",
+                                           "sft.seq_len=64", "train.max_steps=150", "train.lr=5e-3", "train.eval_batches=0",
                                            "deepspeed.config=ds_configs/zero1.json"), env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
     e = run_script("evaluate.py", f"model={tmp_path / 'ft'}", f"compare_to={tiny_hf_model}", "task=generation", f"data={held}",
