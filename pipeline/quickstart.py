@@ -130,12 +130,14 @@ def commands(opts: Options) -> dict[str, list[str]]:
 
 def _latest_meta(run: Path) -> dict | None:
     """``meta.json`` of a training run's latest checkpoint, or None when it has none."""
+    from pipeline import checkpoint  # imports torch: only once a stage's state is asked for
+
     try:
-        latest = (run / "checkpoints" / "latest").read_text(encoding="utf-8").strip()
-        meta = json.loads((run / "checkpoints" / latest / "meta.json").read_text(encoding="utf-8"))
-        return meta if isinstance(meta, dict) and isinstance(meta.get("step"), int) else None
-    except (OSError, ValueError):
+        path = checkpoint.latest(run / "checkpoints")
+        meta = checkpoint.read_meta(path) if path is not None else None
+    except (UserError, OSError):
         return None
+    return meta if isinstance(meta, dict) and isinstance(meta.get("step"), int) else None
 
 
 def _max_steps(opts: Options, stage: str) -> int:
