@@ -247,25 +247,19 @@ def _peak_rss_run(cmd: list[str], env: dict, timeout: float = 900) -> tuple[subp
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr), sorted(peaks.values())
 
 
+H512 = ["model.hidden_size=512", "model.num_layers=8", "model.num_heads=8", "data.seq_len=256", "train.micro_batch_size=4"]
+H1024 = ["model.hidden_size=1024", "model.num_layers=12", "model.num_heads=16", "data.seq_len=128", "train.micro_batch_size=2"]
+ACTS = ["model.hidden_size=256", "model.num_layers=4", "model.num_heads=4", "data.seq_len=512", "train.micro_batch_size=16"]
 MEASURED_CASES = {
     # name: (ranks, overrides)
-    "zero0-h512": (2, ["model.hidden_size=512", "model.num_layers=8", "model.num_heads=8", "data.seq_len=256",
-                       "train.micro_batch_size=4", "deepspeed.config=ds_configs/zero0.json"]),
-    "zero2-h512": (2, ["model.hidden_size=512", "model.num_layers=8", "model.num_heads=8", "data.seq_len=256",
-                       "train.micro_batch_size=4", "deepspeed.config=ds_configs/zero2.json"]),
-    "zero3off-h512": (2, ["model.hidden_size=512", "model.num_layers=8", "model.num_heads=8", "data.seq_len=256",
-                          "train.micro_batch_size=4", "deepspeed.config=ds_configs/zero3_offload.json"]),
-    "zero0-h1024": (2, ["model.hidden_size=1024", "model.num_layers=12", "model.num_heads=16", "data.seq_len=128",
-                        "train.micro_batch_size=2", "deepspeed.config=ds_configs/zero0.json"]),
-    "zero2off-h1024": (2, ["model.hidden_size=1024", "model.num_layers=12", "model.num_heads=16", "data.seq_len=128",
-                           "train.micro_batch_size=2", "deepspeed.config=ds_configs/zero2_offload.json"]),
-    "zero3off-h1024": (2, ["model.hidden_size=1024", "model.num_layers=12", "model.num_heads=16", "data.seq_len=128",
-                           "train.micro_batch_size=2", "deepspeed.config=ds_configs/zero3_offload.json"]),
-    "zero1-acts": (1, ["model.hidden_size=256", "model.num_layers=4", "model.num_heads=4", "data.seq_len=512",
-                       "train.micro_batch_size=16", "deepspeed.config=ds_configs/zero1.json"]),
-    "zero1-acts-ckpt": (1, ["model.hidden_size=256", "model.num_layers=4", "model.num_heads=4", "data.seq_len=512",
-                            "train.micro_batch_size=16", "model.activation_checkpointing=true",
-                            "deepspeed.config=ds_configs/zero1.json"]),
+    "zero0-h512": (2, [*H512, "deepspeed.config=ds_configs/zero0.json"]),
+    "zero2-h512": (2, [*H512, "deepspeed.config=ds_configs/zero2.json"]),
+    "zero3off-h512": (2, [*H512, "deepspeed.config=ds_configs/zero3_offload.json"]),
+    "zero0-h1024": (2, [*H1024, "deepspeed.config=ds_configs/zero0.json"]),
+    "zero2off-h1024": (2, [*H1024, "deepspeed.config=ds_configs/zero2_offload.json"]),
+    "zero3off-h1024": (2, [*H1024, "deepspeed.config=ds_configs/zero3_offload.json"]),
+    "zero1-acts": (1, [*ACTS, "deepspeed.config=ds_configs/zero1.json"]),
+    "zero1-acts-ckpt": (1, [*ACTS, "model.activation_checkpointing=true", "deepspeed.config=ds_configs/zero1.json"]),
 }
 
 
