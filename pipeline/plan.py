@@ -32,6 +32,8 @@ parameter + optimizer offload to CPU or NVMe) the planner estimates, per rank an
 The estimates were compared with the peak RSS of real runs on this project's CPU machines:
 see ``docs/deepspeed.md`` ("How good are the estimates") and ``tests/test_plan.py``.
 
+The table, the report and ``launch/plan.py``'s command line are in :mod:`pipeline.plan_report`.
+
 ``deepspeed.config: auto`` picks the FASTEST config that fits, in the order of
 :data:`CANDIDATES` (no partitioning first, NVMe offload last), not the most frugal one.
 """
@@ -226,7 +228,11 @@ class Estimate:
 
 def _model_states(f: ModelFacts, stage: int, off_opt: str, off_param: str, precision: str, target: Target) -> tuple[int, int, int]:
     """``(device bytes per rank, host bytes per node, NVMe bytes per node)`` for parameters,
-    gradients and optimizer states, from DeepSpeed's estimators (16-bit) adjusted for fp32."""
+    gradients and optimizer states, from DeepSpeed's estimators (16-bit) adjusted for fp32.
+
+    DeepSpeed's ZeRO-3 estimator returns host memory per node (its ``1/num_nodes`` factor); its
+    ZeRO-1/2 one returns a per-node figure without offload (``4N`` per GPU of the node) but a
+    whole-job total with optimizer offload, which is converted here."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
@@ -237,6 +243,13 @@ def _model_states(f: ModelFacts, stage: int, off_opt: str, off_param: str, preci
         return (16 if fp32 else 20) * n, int(4 * n * g * DS_ADDITIONAL_BUFFER_FACTOR), 0
     if stage in (1, 2):
         cpu, dev = estimate_zero2_model_states_mem_needs(n, cpu_offload=off_opt != "none", **kw)
+        if off_opt != "none":
+            # DeepSpeed's ZeRO-2 offload figure, n * max(4 * all GPUs, 16) * 1.5, is the whole job's host
+            # memory (every rank's 4-byte loading copy; all of the fp32 master, gradient and Adam partitions),
+            # not a node's: it grew with the node count. A node holds its own ranks' loading copies or its
+            # 1/nodes share of the 16 bytes, whichever is larger: the per-node form DeepSpeed's ZeRO-3
+            # estimator uses (max(4 * gpus_per_node, 16 / nodes)); equal to DeepSpeed's on one node.
+            cpu = int(n * max(4 * g, 16 / nodes) * DS_ADDITIONAL_BUFFER_FACTOR)
         if off_opt == "none":
             # DeepSpeed counts 2 (16-bit weights) + 18/dp (2 grad16 + 4 grad32 + 4 master + 8 Adam) bytes;
             # fp32: 4-byte weights, and the partition holds 4 grad + 4 master + 8 Adam.
@@ -459,44 +472,6 @@ def _g(x: int) -> str:
     return f"{x / GiB:.2f}"
 
 
-def table(p: Plan) -> str:
-    """The plan as a Markdown table (GiB), one row per config, fastest first."""
-    dev = "per GPU" if p.target.on_gpu else "per rank"
-    r = p.recipe
-    head = (f"| config | ZeRO | offload | states | activations (micro {r.micro_batch}, checkpointing "
-            f"{'on' if r.checkpointing else 'off'}) | buffers | total {dev} | CPU per node | NVMe per node | fits | "
-            f"largest micro (checkpointing off / on) |")
-    lines = [head, "|" + "---|" * 11]
-    for e in p.rows:
-        off, on = p.largest.get(e.config, (0, 0))
-        mark = "yes" if e.fits else "no"
-        c = p.choice
-        if c is not None and e.config == c.config:
-            how = [f"micro {c.micro_batch}"] if c.micro_batch != e.micro_batch else []
-            how += ["with checkpointing"] if c.activation_checkpointing != e.activation_checkpointing else []
-            mark += " **(chosen" + (f": {', '.join(how)})**" if how else ")**")
-        lines.append(f"| {Path(e.config).name} | {e.stage} | {e.offload_label} | {_g(e.states)} | {_g(e.activations)} | "
-                     f"{_g(e.buffers)} | {_g(e.device_total)} | {_g(e.cpu_node)} | {_g(e.nvme_node) if e.nvme_node else '-'} | "
-                     f"{mark} | {off or '-'} / {on or '-'} |")
-    return "\n".join(lines)
-
-
-def report(p: Plan) -> str:
-    """What ``launch/plan.py`` prints: the target, the model, the table, the advice."""
-    f, r = p.recipe.facts, p.recipe
-    return "\n".join([
-        f"target: {p.target.describe()}",
-        f"model: {f.n_params / 1e6:.1f}M parameters (largest layer {f.largest_layer / 1e6:.2f}M), {f.layers} layers, "
-        f"hidden {f.hidden}, vocab {f.vocab}; seq_len {r.seq_len}, micro batch {r.micro_batch}, {r.precision}",
-        "memory in GiB; states = parameters + gradients + optimizer (DeepSpeed's estimators), buffers = "
-        "communication buckets + " + ("CUDA context" if p.target.on_gpu else "rank process runtime") + " + fragmentation",
-        "",
-        table(p),
-        "",
-        f"recommended (fastest that fits): {p.advice()}",
-    ]) + "\n"
-
-
 # ---------------------------------------------------------------------------- the stages' preflight
 
 
@@ -592,29 +567,23 @@ def preflight(cfg: Any, conf, *, seq_len: int, head: str, attn: str, checkpointi
 # ---------------------------------------------------------------------------- launch/plan.py
 
 
-def _stage_of(config_file: str | None) -> str:
-    import yaml
+def __getattr__(name: str):
+    # The table, the report and the command line live in pipeline/plan_report.py (it imports this module,
+    # so a plain import here would be circular); kept importable from here as before.
+    if name in ("table", "report", "cli", "cpu_memory_assumption", "GPU_NODE_CPU_MEMORY_PER_GPU"):
+        from pipeline import plan_report
 
-    if not config_file:
-        return "train"
-    try:
-        data = yaml.safe_load(Path(config_file).read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError):
-        return "train"  # load_config reports the problem with its own message
-    return "finetune" if isinstance(data, dict) and {"task", "sft", "classification"} & set(data) else "train"
+        return getattr(plan_report, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def finetune_conf(path: str):
     """The transformers config of a fine-tuning start (a Hugging Face directory or a pipeline checkpoint)."""
     from transformers import AutoConfig
 
-    from pipeline.export import is_pipeline_checkpoint, resolve_checkpoint
+    from pipeline.inputs import check_model
 
-    p = Path(path)
-    conf_dir = resolve_checkpoint(p) / "hf" if is_pipeline_checkpoint(p) else p
-    if not (conf_dir / "config.json").exists():
-        raise UserError(f"model.path '{path}' is neither a Hugging Face model directory (config.json) nor a checkpoint of this pipeline")
-    return AutoConfig.from_pretrained(conf_dir)
+    return AutoConfig.from_pretrained(check_model(path, "model.path", weights=False).config_dir, local_files_only=True)
 
 
 def finetune_seq_len(cfg: Any) -> int:
@@ -623,70 +592,3 @@ def finetune_seq_len(cfg: Any) -> int:
 
 def finetune_head(cfg: Any) -> str:
     return "classification" if cfg.task == "classification" else "causal_lm"
-
-
-def _recipe_for_cli(stage: str, cfg: Any, vocab_size: int, precision: str) -> Recipe:
-    if stage == "finetune":
-        return recipe_from(cfg, finetune_conf(cfg.model.path), seq_len=finetune_seq_len(cfg), head=finetune_head(cfg),
-                           attn=cfg.model.attn_implementation, checkpointing=cfg.model.activation_checkpointing,
-                           precision=precision)
-    from pipeline.data.shards import read_manifest
-    from pipeline.model import hf_config
-
-    try:
-        tok = read_manifest(cfg.data.datasets[0].path)["tokenizer"]
-    except (UserError, OSError, KeyError, ValueError):
-        tok = {"vocab_size": vocab_size}  # no data yet: plan with --vocab-size
-        print(f"note: no preprocessed data at {cfg.data.datasets[0].path}; assuming a vocabulary of {vocab_size} "
-              "(set --vocab-size)")
-    conf = hf_config(cfg.model, tok["vocab_size"], cfg.data.seq_len, tok)
-    return recipe_from(cfg, conf, seq_len=cfg.data.seq_len, head="causal_lm", attn=cfg.model.attn_implementation,
-                       checkpointing=cfg.model.activation_checkpointing, precision=precision)
-
-
-def cli(argv: list[str] | None = None) -> int:
-    """``launch/plan.py``: print the memory table for a recipe and a target; exit 0 if something fits."""
-    import argparse
-
-    from pipeline.cli import report_errors
-    from pipeline.config import load_config
-
-    p = argparse.ArgumentParser(prog="launch/plan.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", metavar="FILE", help="a train or finetune YAML recipe")
-    p.add_argument("--stage", choices=("train", "finetune"), help="the recipe's stage (default: from its keys)")
-    p.add_argument("--gpus-per-node", type=int, help="GPUs (ranks) per node (default: detected; CPU ranks: 1)")
-    p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
-    p.add_argument("--gpu-memory", type=float, help="GiB per GPU (default: detected free memory; 0 = CPU ranks)")
-    p.add_argument("--cpu-memory", type=float, help="GiB of CPU RAM per node available to the job (default: MemAvailable)")
-    p.add_argument("--nvme", type=float, help="GiB free on the NVMe offload disk per node (default: free space at deepspeed.nvme_path)")
-    p.add_argument("--precision", choices=("bf16", "fp16", "fp32"),
-                   help="training precision (default: deepspeed.precision; auto = bf16 on GPUs, fp32 on CPU)")
-    p.add_argument("--vocab-size", type=int, default=32000, help="vocabulary of a new model when its data is not there yet")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, as for the stage")
-
-    def body() -> int:
-        ns = p.parse_args(argv)
-        stage = ns.stage or _stage_of(ns.config)
-        if stage == "finetune":
-            from pipeline.finetune import FinetuneConfig as cls
-        else:
-            from pipeline.train import TrainConfig as cls
-        cfg = load_config(cls, ns.config, ns.overrides)
-        target = detect_target(ns.gpus_per_node, nodes=ns.nodes, nvme_path=cfg.deepspeed.nvme_path or "/local_nvme")
-        if ns.gpu_memory is not None:
-            target.gpu_memory = int(ns.gpu_memory * GiB)
-        if ns.cpu_memory is not None:
-            target.cpu_memory = int(ns.cpu_memory * GiB)
-        if ns.nvme is not None:
-            target.nvme = int(ns.nvme * GiB)
-        if any(v is not None for v in (ns.gpu_memory, ns.cpu_memory, ns.nvme, ns.gpus_per_node)):
-            target.detected = "given on the command line" + (", the rest detected" if target.detected else "")
-        precision = ns.precision or cfg.deepspeed.precision
-        if precision == "auto":
-            precision = "bf16" if target.on_gpu else "fp32"
-        plan = make_plan(_recipe_for_cli(stage, cfg, ns.vocab_size, precision), target)
-        print(report(plan), end="")
-        return 0 if plan.choice is not None else 1
-
-    return report_errors(body)

@@ -44,6 +44,11 @@ def _recipe(data: Path, *overrides: str, ranks: int = 2, memory_gib: float = 64.
     return r, Target(gpus_per_node=ranks, nodes=1, gpu_memory=0, cpu_memory=int(memory_gib * GiB))
 
 
+BIG = ["model.hidden_size=4096", "model.num_layers=32", "model.num_heads=32", "model.num_kv_heads=8",
+       "model.intermediate_size=14336", "data.seq_len=4096", "train.micro_batch_size=1"]
+"""A Llama-2-7B-like recipe: bf16 (set by the tests), 4k tokens, micro batch 1."""
+
+
 # ---------------------------------------------------------------------------- estimates (fast)
 
 
@@ -121,9 +126,7 @@ def test_plan_recommends_offload_when_the_model_is_big(tiny_dataset: Path):
     """A Llama-2-7B-like model, bf16, 4k tokens, micro batch 1, on 8 GPUs."""
     from pipeline.plan import Target, make_plan
 
-    big = ["model.hidden_size=4096", "model.num_layers=32", "model.num_heads=32", "model.num_kv_heads=8",
-           "model.intermediate_size=14336", "data.seq_len=4096", "train.micro_batch_size=1"]
-    r, _ = _recipe(tiny_dataset, *big)
+    r, _ = _recipe(tiny_dataset, *BIG)
     r.precision = "bf16"
     assert 6.5e9 < r.facts.n_params < 7.5e9
     p80 = make_plan(r, Target(gpus_per_node=8, nodes=1, gpu_memory=80 * GiB, cpu_memory=1024 * GiB))
@@ -140,6 +143,64 @@ def test_plan_recommends_offload_when_the_model_is_big(tiny_dataset: Path):
     # nothing fits 16 GiB GPUs with 64 GiB of host RAM and no NVMe, and the planner says so
     p16 = make_plan(r, Target(gpus_per_node=8, nodes=1, gpu_memory=16 * GiB, cpu_memory=64 * GiB))
     assert p16.choice is None and p16.advice().startswith("nothing fits")
+
+
+@pytest.mark.parametrize("gpus", [8, 1])
+def test_offload_cpu_per_node_does_not_grow_with_the_node_count(tiny_dataset: Path, gpus: int):
+    """DeepSpeed's ZeRO-2 offload estimator returns the job's total host memory; the table shows it per node."""
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    from pipeline.plan import GPU_RANK_HOST_RUNTIME, Target, _estimate_config
+
+    r, _ = _recipe(tiny_dataset, *BIG)
+    r.precision = "bf16"
+    n = r.facts.n_params
+
+    def cpu_node(config: str, nodes: int) -> int:
+        t = Target(gpus_per_node=gpus, nodes=nodes, gpu_memory=80 * GiB, cpu_memory=1024 * GiB, nvme=10_000 * GiB)
+        return _estimate_config(r, config, t, 1, False).cpu_node
+
+    runtime = gpus * int(GPU_RANK_HOST_RUNTIME)
+    for config in ("ds_configs/zero2_offload.json", "ds_configs/zero3_offload.json", "ds_configs/zero3_offload_nvme.json"):
+        per_node = [cpu_node(config, k) for k in (1, 2, 4)]
+        assert per_node[0] >= per_node[1] >= per_node[2] > runtime, (config, per_node)
+    one, four = cpu_node("ds_configs/zero2_offload.json", 1), cpu_node("ds_configs/zero2_offload.json", 4)
+    # one node: DeepSpeed's own figure; by hand, each node keeps its ranks' 4-byte loading copies or its
+    # share of the 16-byte optimizer partitions (fp32 master, gradients, Adam moments), x1.5 DeepSpeed's buffer factor
+    assert one == estimate_zero2_model_states_mem_needs(n, gpus, 1, cpu_offload=True)[0] + runtime
+    assert one == int(n * max(4 * gpus, 16) * 1.5) + runtime
+    assert four == int(n * max(4 * gpus, 16 / 4) * 1.5) + runtime
+    if gpus == 1:  # the optimizer share dominates and shrinks: 168 -> 42 GB
+        assert four == int(n * 4 * 1.5) + runtime and four < one / 3
+    # the issue's case: 7B on 4 nodes of 8 x 80 GB with 1 TiB each was refused for ~1.2 TiB "per node"
+    t4 = Target(gpus_per_node=gpus, nodes=4, gpu_memory=80 * GiB, cpu_memory=1024 * GiB)
+    assert _estimate_config(r, "ds_configs/zero2_offload.json", t4, 1, False).fits
+
+
+def _cli(capsys, monkeypatch, tiny_dataset: Path, *args: str) -> tuple[int, str]:
+    """``launch/plan.py`` in process, on a machine without a GPU and with 8 GiB available (a login node)."""
+    from pipeline import plan_report
+    from pipeline.plan import Target
+
+    monkeypatch.setattr(plan_report, "detect_target", lambda per_node, nodes, nvme_path: Target(
+        gpus_per_node=per_node or 1, nodes=nodes, gpu_memory=0, cpu_memory=8 * GiB, detected="detected: no GPU"))
+    rc = plan_report.cli([f"data.datasets.0.path={tiny_dataset}", *BIG, *args])
+    return rc, capsys.readouterr().out
+
+
+def test_plan_cli_assumes_a_stated_cpu_memory_for_gpus_described_from_a_machine_without_one(
+        capsys, monkeypatch, tiny_dataset: Path):
+    rc, out = _cli(capsys, monkeypatch, tiny_dataset, "--gpus-per-node", "8", "--gpu-memory", "80")
+    assert rc == 0, out
+    assert "assuming 1024 GiB of CPU RAM per node (128 GiB per GPU x 8" in out and "give --cpu-memory" in out
+    assert "1 node(s) x 8 GPU(s) of 80.0 GiB, 1024.0 GiB CPU RAM per node" in out
+    assert "recommended (fastest that fits): deepspeed.config=ds_configs/zero1.json" in out
+    # a figure given is used as given, without the note
+    rc, out = _cli(capsys, monkeypatch, tiny_dataset, "--gpus-per-node", "8", "--gpu-memory", "80", "--cpu-memory", "16")
+    assert "assuming" not in out and "16.0 GiB CPU RAM per node" in out
+    # CPU ranks on this machine keep its available memory (what memory_check and auto use too)
+    rc, out = _cli(capsys, monkeypatch, tiny_dataset, "--gpus-per-node", "2")
+    assert "assuming" not in out and "2 CPU rank(s), 8.0 GiB CPU RAM per node" in out
 
 
 # ---------------------------------------------------------------------------- the stages

@@ -1,0 +1,158 @@
+"""What ``python launch/plan.py`` prints, and its command line: the planner's table and report.
+
+The estimates themselves live in :mod:`pipeline.plan`; this module describes a target given on
+the command line, runs :func:`pipeline.plan.make_plan` and formats the answer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import UserError
+from pipeline.plan import (GiB, Plan, Recipe, _g, detect_target, finetune_conf, finetune_head, finetune_seq_len, make_plan,
+                           recipe_from)
+
+GPU_NODE_CPU_MEMORY_PER_GPU = 128 * GiB
+"""Host RAM per GPU assumed for GPUs described without ``--cpu-memory`` from a machine without any
+(1 TiB for 8 GPUs). 8-GPU training servers carry 1-2 TiB (DGX A100/H100 and AWS p5: 2 TiB; AWS
+p4d/p4de: 1.1 TiB; Azure ND A100 v4: 1.9 TiB), i.e. 128-256 GiB per GPU: the low end, so a plan
+that fits under it fits those servers. Smaller machines exist (GCP a2: 85 GB per GPU), so the
+assumption is printed with the way to give the real figure."""
+
+
+def cpu_memory_assumption(gpus_per_node: int) -> tuple[int, str]:
+    """``(bytes, note)``: the CPU RAM per node assumed for GPUs described without ``--cpu-memory``."""
+    total = GPU_NODE_CPU_MEMORY_PER_GPU * max(gpus_per_node, 1)
+    return total, (f"note: --cpu-memory not given for a GPU target, and this machine has no GPU (its own RAM says "
+                   f"nothing about the target's): assuming {total / GiB:.0f} GiB of CPU RAM per node "
+                   f"({GPU_NODE_CPU_MEMORY_PER_GPU / GiB:.0f} GiB per GPU x {gpus_per_node}, the low end of 8-GPU "
+                   "training servers, which carry 1-2 TiB); give --cpu-memory GIB for your nodes")
+
+
+def table(p: Plan) -> str:
+    """The plan as a Markdown table (GiB), one row per config, fastest first."""
+    dev = "per GPU" if p.target.on_gpu else "per rank"
+    r = p.recipe
+    head = (f"| config | ZeRO | offload | states | activations (micro {r.micro_batch}, checkpointing "
+            f"{'on' if r.checkpointing else 'off'}) | buffers | total {dev} | CPU per node | NVMe per node | fits | "
+            f"largest micro (checkpointing off / on) |")
+    lines = [head, "|" + "---|" * 11]
+    for e in p.rows:
+        off, on = p.largest.get(e.config, (0, 0))
+        mark = "yes" if e.fits else "no"
+        c = p.choice
+        if c is not None and e.config == c.config:
+            how = [f"micro {c.micro_batch}"] if c.micro_batch != e.micro_batch else []
+            how += ["with checkpointing"] if c.activation_checkpointing != e.activation_checkpointing else []
+            mark += " **(chosen" + (f": {', '.join(how)})**" if how else ")**")
+        lines.append(f"| {Path(e.config).name} | {e.stage} | {e.offload_label} | {_g(e.states)} | {_g(e.activations)} | "
+                     f"{_g(e.buffers)} | {_g(e.device_total)} | {_g(e.cpu_node)} | {_g(e.nvme_node) if e.nvme_node else '-'} | "
+                     f"{mark} | {off or '-'} / {on or '-'} |")
+    return "\n".join(lines)
+
+
+def report(p: Plan) -> str:
+    """What ``launch/plan.py`` prints: the target, the model, the table, the advice."""
+    f, r = p.recipe.facts, p.recipe
+    return "\n".join([
+        f"target: {p.target.describe()}",
+        f"model: {f.n_params / 1e6:.1f}M parameters (largest layer {f.largest_layer / 1e6:.2f}M), {f.layers} layers, "
+        f"hidden {f.hidden}, vocab {f.vocab}; seq_len {r.seq_len}, micro batch {r.micro_batch}, {r.precision}",
+        "memory in GiB; states = parameters + gradients + optimizer (DeepSpeed's estimators), buffers = "
+        "communication buckets + " + ("CUDA context" if p.target.on_gpu else "rank process runtime") + " + fragmentation",
+        "",
+        table(p),
+        "",
+        f"recommended (fastest that fits): {p.advice()}",
+    ]) + "\n"
+
+
+# ---------------------------------------------------------------------------- launch/plan.py
+
+
+def _stage_of(config_file: str | None) -> str:
+    import yaml
+
+    if not config_file:
+        return "train"
+    try:
+        data = yaml.safe_load(Path(config_file).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return "train"  # load_config reports the problem with its own message
+    return "finetune" if isinstance(data, dict) and {"task", "sft", "classification"} & set(data) else "train"
+
+
+def _recipe_for_cli(stage: str, cfg: Any, vocab_size: int, precision: str) -> Recipe:
+    if stage == "finetune":
+        return recipe_from(cfg, finetune_conf(cfg.model.path), seq_len=finetune_seq_len(cfg), head=finetune_head(cfg),
+                           attn=cfg.model.attn_implementation, checkpointing=cfg.model.activation_checkpointing,
+                           precision=precision)
+    from pipeline.data.shards import read_manifest
+    from pipeline.model import hf_config
+
+    try:
+        tok = read_manifest(cfg.data.datasets[0].path)["tokenizer"]
+    except (UserError, OSError, KeyError, ValueError):
+        tok = {"vocab_size": vocab_size}  # no data yet: plan with --vocab-size
+        print(f"note: no preprocessed data at {cfg.data.datasets[0].path}; assuming a vocabulary of {vocab_size} "
+              "(set --vocab-size)")
+    conf = hf_config(cfg.model, tok["vocab_size"], cfg.data.seq_len, tok, weights=False)  # the planner reads config.json only
+    return recipe_from(cfg, conf, seq_len=cfg.data.seq_len, head="causal_lm", attn=cfg.model.attn_implementation,
+                       checkpointing=cfg.model.activation_checkpointing, precision=precision)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """``launch/plan.py``: print the memory table for a recipe and a target; exit 0 if something fits."""
+    import argparse
+
+    from pipeline.cli import report_errors
+    from pipeline.config import load_config
+
+    p = argparse.ArgumentParser(prog="launch/plan.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="FILE", help="a train or finetune YAML recipe")
+    p.add_argument("--stage", choices=("train", "finetune"), help="the recipe's stage (default: from its keys)")
+    p.add_argument("--gpus-per-node", type=int, help="GPUs (ranks) per node (default: detected; CPU ranks: 1)")
+    p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    p.add_argument("--gpu-memory", type=float, help="GiB per GPU (default: detected free memory; 0 = CPU ranks)")
+    p.add_argument("--cpu-memory", type=float, help="GiB of CPU RAM per node available to the job (default: MemAvailable; for GPUs given with --gpu-memory on a machine without GPUs: 128 GiB per GPU, said in the output)")
+    p.add_argument("--nvme", type=float, help="GiB free on the NVMe offload disk per node (default: free space at deepspeed.nvme_path)")
+    p.add_argument("--precision", choices=("bf16", "fp16", "fp32"),
+                   help="training precision (default: deepspeed.precision; auto = bf16 on GPUs, fp32 on CPU)")
+    p.add_argument("--vocab-size", type=int, default=32000, help="vocabulary of a new model when its data is not there yet")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, as for the stage")
+
+    def body() -> int:
+        ns = p.parse_args(argv)
+        stage = ns.stage or _stage_of(ns.config)
+        if stage == "finetune":
+            from pipeline.finetune import FinetuneConfig as cls
+        else:
+            from pipeline.train import TrainConfig as cls
+        cfg = load_config(cls, ns.config, ns.overrides)
+        target = detect_target(ns.gpus_per_node, nodes=ns.nodes, nvme_path=cfg.deepspeed.nvme_path or "/local_nvme")
+        gpus_here = target.on_gpu
+        if ns.gpu_memory is not None:
+            target.gpu_memory = int(ns.gpu_memory * GiB)
+        if ns.cpu_memory is not None:
+            target.cpu_memory = int(ns.cpu_memory * GiB)
+        if ns.nvme is not None:
+            target.nvme = int(ns.nvme * GiB)
+        given = any(v is not None for v in (ns.gpu_memory, ns.cpu_memory, ns.nvme, ns.gpus_per_node))
+        if given:
+            target.detected = "given on the command line" + (", the rest detected" if target.detected else "")
+        if target.on_gpu and not gpus_here and ns.cpu_memory is None:
+            # GPUs described from a machine without any: its MemAvailable is not the GPU nodes' RAM
+            # (a CPU login node's few GiB made nothing fit a 7B on 8 x 80 GB), so assume a stated figure.
+            target.cpu_memory, note = cpu_memory_assumption(target.gpus_per_node)
+            target.detected = "GPUs given on the command line; CPU RAM assumed, see the note"
+            print(note)
+        precision = ns.precision or cfg.deepspeed.precision
+        if precision == "auto":
+            precision = "bf16" if target.on_gpu else "fp32"
+        plan = make_plan(_recipe_for_cli(stage, cfg, ns.vocab_size, precision), target)
+        print(report(plan), end="")
+        return 0 if plan.choice is not None else 1
+
+    return report_errors(body)
