@@ -250,28 +250,98 @@ def _measure_matmul(device: torch.device, dtype: torch.dtype, n: int, budget_s: 
     return best
 
 
-def _cpu_peak(prec: str) -> tuple[float, str]:
-    threads = torch.get_num_threads()
-    model = _cpu_model()
-    key = f"{model}|threads={threads}|{prec}"
+_BURSTS = 3
+"""Measurements a CPU peak is the best of. A burst taken while another process held the cores reads
+low (43 GFLOP/s cached where the same matmul later gave 92): bursts a moment apart, the best kept."""
+
+
+def _measure_cpu(prec: str) -> float:
+    """Best FLOP/s of 2048x2048 ``prec`` matmuls over :data:`_BURSTS` short bursts."""
+    best = 0.0
+    for i in range(_BURSTS):
+        if i:
+            time.sleep(0.05)  # let a competing process's burst pass rather than measure inside it
+        best = max(best, _measure_matmul(torch.device("cpu"), _DTYPES[prec], 2048, budget_s=0.2, max_reps=8))
+    return best
+
+
+def _cpu_cache_key(prec: str) -> str:
+    return f"{_cpu_model()}|threads={torch.get_num_threads()}|{prec}"
+
+
+def _store_cpu_peak(key: str, flops: float) -> float:
+    """Write ``flops`` under ``key`` in the cache file unless it holds more already (a peak only rises);
+    returns the value kept. Best effort: a read-only home costs a re-measurement next time."""
     path = _cache_file()
-    what = f"measured {prec} matmul 2048x2048 on {model}, {threads} threads"
     try:
-        cached = json.loads(path.read_text(encoding="utf-8"))
-        flops = float(cached[key]["flops"])
-        if flops > 0:
-            return flops, f"{what} (cached in {path})"
-    except (OSError, ValueError, KeyError, TypeError):
-        cached = None
-    flops = _measure_matmul(torch.device("cpu"), _DTYPES[prec], 2048, budget_s=0.5, max_reps=20)
-    try:  # best effort: a read-only home only costs a re-measurement next time
-        data = cached if isinstance(cached, dict) else {}
-        data[key] = {"flops": flops, "torch": torch.__version__, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        data = json.loads(path.read_text(encoding="utf-8"))
+        data = data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        data = {}
+    try:
+        kept = float(data[key]["flops"])
+    except (KeyError, TypeError, ValueError):
+        kept = 0.0
+    if flops <= kept:
+        return kept
+    data[key] = {"flops": flops, "torch": torch.__version__, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, data)
     except OSError:
         pass
-    return flops, what
+    return flops
+
+
+def _cpu_peak(prec: str) -> tuple[float, str]:
+    key = _cpu_cache_key(prec)
+    path = _cache_file()
+    what = f"measured {prec} matmul 2048x2048 on {_cpu_model()}, {torch.get_num_threads()} threads"
+    try:
+        flops = float(json.loads(path.read_text(encoding="utf-8"))[key]["flops"])
+        if flops > 0:
+            return flops, f"{what} (cached in {path})"
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return _store_cpu_peak(key, _measure_cpu(prec)), f"{what}, best of {_BURSTS}"
+
+
+def raise_peak(device: torch.device | str, old: float, achieved: float) -> tuple[float, str]:
+    """A training step ran at ``achieved`` FLOP/s per device, above ``old``, the peak MFU divides by.
+
+    That peak was no upper bound. For a peak :func:`peak_flops` measured (a CPU, a GPU not in the
+    table) the matmul is measured again and the peak becomes the larger of that and ``achieved``
+    (the step's own rate is a measured lower bound on the device's peak), in this process and,
+    on a CPU, in the cache file, so later runs start from it. A datasheet peak is not changed
+    (it is the hardware's bound: beating it means the FLOP count over-estimates the model's work);
+    the caller then divides by ``achieved``. Either way the returned peak is at least ``achieved``.
+
+    Returns:
+        ``(new peak FLOP/s, why)``.
+    """
+    dev = torch.device(device)
+    with _PEAK_LOCK:
+        keys = [k for k, (f, _) in _PEAK_CACHE.items() if f == old and k.split("|", 1)[0] == dev.type]
+        if not keys:
+            return achieved, "a training step's own rate: the peak given was beaten"
+        source = _PEAK_CACHE[keys[0]][1]
+        if source.startswith("table"):
+            return achieved, (f"a training step's own rate: the datasheet peak ({source}) was beaten, so the FLOPs per "
+                              "token over-count this model's work")
+        prec = keys[0].rsplit("|", 1)[1]
+        if dev.type == "cpu":
+            new = max(_measure_cpu(prec), achieved)
+            new = _store_cpu_peak(_cpu_cache_key(prec), new)
+        else:
+            n = 4096 if prec in ("fp32", "tf32") else 8192
+            index = dev.index if dev.index is not None else torch.cuda.current_device()
+            new = max(_measure_matmul(torch.device("cuda", index), _DTYPES[prec], n, budget_s=0.5, max_reps=50), achieved)
+        why = (f"re-measured {prec} matmul" if new > achieved
+               else f"a training step's own rate (a re-measured {prec} matmul gave less)")
+        why += f", raised from {old / 1e9:.1f} GFLOP/s"
+        for k in keys:
+            _PEAK_CACHE[k] = (new, why)
+        return new, why
 
 
 def peak_flops(device: torch.device | str, precision: str) -> tuple[float, str]:
@@ -281,16 +351,19 @@ def peak_flops(device: torch.device | str, precision: str) -> tuple[float, str]:
       :func:`gpu_peak_from_name`); fp32 means TF32 when
       ``torch.get_float32_matmul_precision()`` is not ``"highest"``. A GPU or precision
       not in the table is measured (square matmuls for about half a second).
-    * CPU: measured: ~0.5 s of 2048x2048 matmuls in ``precision`` with the current
-      ``torch.get_num_threads()``, cached in this process and in
-      ``~/.cache/pipeline/cpu_peak.json`` (``$XDG_CACHE_HOME`` honoured), keyed by CPU
-      model, thread count and precision, so each machine measures once. Measure while
-      nothing else runs (e.g. on rank 0 before training, or on every rank together when
-      the ranks share the CPU, which gives each rank its share).
+    * CPU: measured: the best of three short bursts (~0.2 s each) of 2048x2048 matmuls in
+      ``precision`` with the current ``torch.get_num_threads()``, cached in this process and
+      in ``~/.cache/pipeline/cpu_peak.json`` (``$XDG_CACHE_HOME`` honoured), keyed by CPU
+      model, thread count and precision, so each machine measures once. A cached value only
+      ever rises.
+
+    A measurement taken while the machine was busy reads low, and MFU would pass 100 %: when a
+    step beats the peak, :class:`Monitor` calls :func:`raise_peak`, so a logged MFU never
+    exceeds 1.
 
     Returns:
         ``(FLOP/s per device, source)``; the source starts with ``"table"`` or
-        ``"measured"``.
+        ``"measured"`` (after :func:`raise_peak`, says how it was raised).
     """
     dev = torch.device(device)
     prec = _norm_precision(precision)
@@ -301,10 +374,10 @@ def peak_flops(device: torch.device | str, precision: str) -> tuple[float, str]:
         dev = torch.device("cuda", index)
         name = torch.cuda.get_device_name(dev)
         entry = _gpu_entry(name)
-        if entry is not None and prec in entry[1]:
-            return entry[1][prec], f"table: {entry[0]} dense {prec} peak ({name})"
         key = f"cuda|{name}|{prec}"
         with _PEAK_LOCK:
+            if entry is not None and prec in entry[1]:  # recorded too, so raise_peak knows it for a datasheet figure
+                _PEAK_CACHE[key] = (entry[1][prec], f"table: {entry[0]} dense {prec} peak ({name})")
             if key not in _PEAK_CACHE:
                 n = 4096 if prec in ("fp32", "tf32") else 8192
                 flops = _measure_matmul(dev, _DTYPES[prec], n, budget_s=0.5, max_reps=50)
@@ -456,7 +529,8 @@ class Monitor:
         of its step times, so eval or checkpoint pauses between a ``step_end`` and the next
         ``step_start`` do not lower the throughput. Tokens/s = tokens of the interval's steps /
         interval time; TFLOP/s per device = ``flops_per_token * tokens/s / world_size``;
-        MFU = that / peak.
+        MFU = that / peak. An interval that beats the peak raises it first (:func:`raise_peak`,
+        a note on the console), so MFU never exceeds 1; ``perf/peak_tflops`` logs the divisor.
 
         Args:
             step: optimizer steps completed (1-based); a line is written when it is a multiple
@@ -519,7 +593,15 @@ class Monitor:
                 step_txt += f" (data {100 * self._wait_sum / t:.1f}%)"
             parts += [step_txt, f"{_fmt_tflops(tflops)} TFLOP/s/dev"]
             if self.peak > 0:
-                scalars["perf/mfu"] = tflops * 1e12 / self.peak
+                achieved = tflops * 1e12
+                if achieved > self.peak:  # the peak was no bound (measured on a busy machine): never log MFU > 1
+                    old, t0 = self.peak, time.perf_counter()
+                    self.peak, why = raise_peak(self.device, old, achieved)
+                    self._say(f"note: {achieved / 1e9:.1f} GFLOP/s per device beat the peak MFU divides by "
+                              f"({old / 1e9:.1f} GFLOP/s); peak now {self.peak / 1e9:.1f} GFLOP/s: {why}")
+                    self._t_last_end += time.perf_counter() - t0  # re-measuring is no part of the next step
+                scalars["perf/mfu"] = achieved / self.peak
+                scalars["perf/peak_tflops"] = self.peak / 1e12  # what perf/mfu divides by, for checking it
                 parts.append(f"MFU {100 * scalars['perf/mfu']:.1f}%")
         mem = memory_stats(self.device)
         scalars.update({f"mem/{k}": v for k, v in mem.items()})
