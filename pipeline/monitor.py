@@ -32,6 +32,7 @@ import torch
 
 from pipeline.config import to_dict
 from pipeline.io import atomic_write_json
+from pipeline.model_shape import model_shape
 
 GIB = float(1 << 30)
 
@@ -64,45 +65,6 @@ def count_params(model: torch.nn.Module) -> int:
     return int(sum(getattr(p, "ds_numel", None) or p.numel() for p in model.parameters()))
 
 
-def _cfg_get(cfg: Any, *names: str, default: Any = None) -> Any:
-    for name in names:
-        value = getattr(cfg, name, None)
-        if value is not None:
-            return value
-    return default
-
-
-# Families whose MLP is up -> act -> down (2 matrices); others (Llama, Mistral, Qwen, Gemma,
-# ...) use a gated MLP with 3 matrices.
-_PLAIN_MLP = {
-    "gpt2", "gpt_bigcode", "gpt_neo", "gpt_neox", "gptj", "opt", "bloom", "falcon",
-    "phi", "starcoder2", "mpt", "codegen", "biogpt",
-}
-# Families with a learned absolute position embedding (a lookup, not a matmul).
-_LEARNED_POSITIONS = {"gpt2", "gpt_bigcode", "gpt_neo", "opt", "biogpt"}
-
-
-def _model_shape(hf_config: Any) -> dict[str, Any]:
-    n_layers = _cfg_get(hf_config, "num_hidden_layers", "n_layer", "num_layers")
-    hidden = _cfg_get(hf_config, "hidden_size", "n_embd", "d_model")
-    vocab = _cfg_get(hf_config, "vocab_size")
-    if not (n_layers and hidden and vocab):
-        raise ValueError(f"cannot read layers/hidden size/vocab size from {type(hf_config).__name__} "
-                         "(expected num_hidden_layers|n_layer, hidden_size|n_embd, vocab_size)")
-    heads = _cfg_get(hf_config, "num_attention_heads", "n_head", default=1)
-    head_dim = _cfg_get(hf_config, "head_dim", default=hidden // heads)
-    kv_heads = _cfg_get(hf_config, "num_key_value_heads", default=heads)
-    inter = _cfg_get(hf_config, "intermediate_size", "n_inner", "ffn_dim", default=4 * hidden)
-    model_type = getattr(hf_config, "model_type", "") or ""
-    positions = 0
-    if model_type in _LEARNED_POSITIONS:
-        positions = _cfg_get(hf_config, "n_positions", "max_position_embeddings", default=0)
-    ints = dict(n_layers=n_layers, hidden=hidden, vocab=vocab, heads=heads, head_dim=head_dim, kv_heads=kv_heads,
-                inter=inter, positions=positions)
-    return {k: int(v) for k, v in ints.items()} | {
-        "gated": model_type not in _PLAIN_MLP, "tied": bool(getattr(hf_config, "tie_word_embeddings", True))}
-
-
 def flops_per_token(hf_config: Any, seq_len: int, n_params: int | None = None, lm_head: bool = True) -> float:
     """Training FLOPs per token (forward + backward), PaLM/Megatron accounting.
 
@@ -133,25 +95,26 @@ def flops_per_token(hf_config: Any, seq_len: int, n_params: int | None = None, l
         n_params: total parameter count of the real model (:func:`count_params`); when given,
             ``N_non_embedding`` is derived from it (exact, includes norms and biases). Otherwise it is
             estimated from the config: attention projections (grouped K/V) and a gated (3 matrices)
-            or plain (2 matrices) MLP per layer; norms and biases ignored.
+            or plain (2 matrices) MLP per layer (:func:`pipeline.model_shape.gated_mlp`, the planner's
+            reading too); norms and biases ignored.
 
     Returns:
         FLOPs per trained token.
     """
-    s = _model_shape(hf_config)
-    L, h, V = s["n_layers"], s["hidden"], s["vocab"]
-    attn_width = s["heads"] * s["head_dim"]
+    s = model_shape(hf_config)
+    L, h, V = s.layers, s.hidden, s.vocab
+    attn_width = s.heads * s.head_dim
     if n_params is None:
-        attn = 2 * h * attn_width + 2 * h * s["kv_heads"] * s["head_dim"]  # q, o + k, v
-        non_embedding = L * (attn + (3 if s["gated"] else 2) * h * s["inter"])
+        attn = 2 * h * attn_width + 2 * h * s.kv_heads * s.head_dim  # q, o + k, v
+        non_embedding = L * (attn + (3 if s.gated else 2) * h * s.intermediate)
     else:
-        embedding = V * h * (1 if s["tied"] else 2) + s["positions"] * h
+        embedding = V * h * (1 if s.tied else 2) + s.positions * h
         non_embedding = int(n_params) - embedding
         if non_embedding <= 0:
             raise ValueError(f"n_params={n_params} is not larger than the embeddings ({embedding}); wrong model or config?")
     head = V * h if lm_head else 0  # a sequence classifier has no vocabulary projection
     if not lm_head and n_params is not None:
-        non_embedding += V * h * (0 if s["tied"] else 1)  # its n_params hold no output matrix to subtract
+        non_embedding += V * h * (0 if s.tied else 1)  # its n_params hold no output matrix to subtract
     return float(6 * (non_embedding + head) + 12 * L * attn_width * int(seq_len))
 
 

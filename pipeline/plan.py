@@ -48,6 +48,7 @@ from typing import Any
 
 from pipeline.ds_config import load_ds_json, locate_ds_config, offload, resolve_ds_config, zero_stage
 from pipeline.errors import UserError
+from pipeline.model_shape import model_shape
 
 GiB = 1024 ** 3
 
@@ -100,14 +101,6 @@ class ModelFacts:
     attn: str
 
 
-def _conf_get(conf, *names, default=None):
-    for n in names:
-        v = getattr(conf, n, None)
-        if v is not None:
-            return v
-    return default
-
-
 def model_facts(conf, *, head: str = "causal_lm", attn_implementation: str = "sdpa") -> ModelFacts:
     """Count the parameters of the model ``conf`` describes, built on the ``meta`` device.
 
@@ -125,18 +118,11 @@ def model_facts(conf, *, head: str = "causal_lm", attn_implementation: str = "sd
         model = auto.from_config(conf)
     n = sum(p.numel() for p in model.parameters())
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-    hidden = int(_conf_get(conf, "hidden_size", "n_embd", "d_model"))
-    heads = int(_conf_get(conf, "num_attention_heads", "n_head"))
-    inter = _conf_get(conf, "intermediate_size", "n_inner", "ffn_dim") or 4 * hidden
-    act = str(_conf_get(conf, "hidden_act", "activation_function", default=""))
-    gated = conf.model_type not in ("gpt2", "gpt_neox", "bert", "opt", "gptj", "roberta", "distilbert") and act.startswith(("silu", "swish", "gelu_pytorch_tanh")) or "glu" in act
-    drop = max(float(_conf_get(conf, k, default=0.0) or 0.0) for k in ("attention_dropout", "attn_pdrop", "resid_pdrop", "hidden_dropout_prob", "dropout"))
+    s = model_shape(conf)  # the reading MFU's FLOP count uses too (gated MLP or not, K/V heads)
     return ModelFacts(
-        n_params=int(n), largest_layer=int(largest), hidden=hidden,
-        layers=int(_conf_get(conf, "num_hidden_layers", "n_layer")), heads=heads,
-        kv_heads=int(_conf_get(conf, "num_key_value_heads", default=heads) or heads), intermediate=int(inter),
-        vocab=int(conf.vocab_size), gated_mlp=bool(gated), dropout=drop, lm_head=head != "classification",
-        attn=attn_implementation,
+        n_params=int(n), largest_layer=int(largest), hidden=s.hidden, layers=s.layers, heads=s.heads,
+        kv_heads=s.kv_heads, intermediate=s.intermediate, vocab=s.vocab, gated_mlp=s.gated, dropout=s.dropout,
+        lm_head=head != "classification", attn=attn_implementation,
     )
 
 

@@ -354,3 +354,57 @@ def test_preprocess_bar_is_quiet_in_a_pipe_and_forced_on(tmp_path):
     # (text mode turns tqdm's carriage returns into newlines: look for the bar's own text)
     assert "doc/s" not in outs[""] and "preprocess: /" in outs[""]
     assert "preprocess: 300doc [" in outs["1"] and "doc/s" in outs["1"]
+
+
+# ---------------------------------------------------------------------------- one model-shape reader
+
+_SMALL = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 256,
+          "vocab_size": 128, "max_position_embeddings": 64}
+SHAPES = {  # model_type: (config overrides, gated MLP)
+    "llama": ({"num_key_value_heads": 2}, True),
+    "mistral": ({"num_key_value_heads": 2}, True),
+    "qwen2": ({"num_key_value_heads": 2}, True),
+    "gpt2": ({"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 64, "vocab_size": 128, "bos_token_id": 0,
+              "eos_token_id": 0}, False),
+    "gpt_neox": ({}, False),
+    "phi": ({}, False),
+    "starcoder2": ({"num_key_value_heads": 2}, False),  # read as gated by the planner before (gelu_pytorch_tanh)
+}
+
+
+def _shape_config(model_type: str):
+    from transformers import AutoConfig
+
+    overrides, _ = SHAPES[model_type]
+    return AutoConfig.for_model(model_type, **(overrides if model_type == "gpt2" else {**_SMALL, **overrides}))
+
+
+@pytest.mark.parametrize("model_type", sorted(SHAPES))
+def test_mfu_and_the_planner_read_one_model_shape(model_type: str):
+    """Both count the MLP the architecture really has: the FLOPs estimated from the config's shape
+    match those from the real model's parameter count (within its norms and biases)."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.model_shape import model_shape
+    from pipeline.plan import model_facts
+
+    conf = _shape_config(model_type)
+    gated = SHAPES[model_type][1]
+    shape, facts = model_shape(conf), model_facts(conf)
+    assert shape.gated is gated and facts.gated_mlp is gated
+    assert (facts.hidden, facts.layers, facts.heads, facts.kv_heads, facts.intermediate, facts.vocab) == (
+        shape.hidden, shape.layers, shape.heads, shape.kv_heads, shape.intermediate, shape.vocab)
+    with torch.device("meta"):
+        real = count_params(AutoModelForCausalLM.from_config(conf))
+    assert flops_per_token(conf, 64) == pytest.approx(flops_per_token(conf, 64, n_params=real), rel=0.04)
+
+
+def test_model_shape_of_unknown_families_follows_the_activation():
+    from types import SimpleNamespace
+
+    from pipeline.model_shape import gated_mlp
+
+    assert gated_mlp(SimpleNamespace(model_type="bert", hidden_act="gelu")) is False  # MFU counted BERT as gated
+    assert gated_mlp(SimpleNamespace(model_type="newlm", hidden_act="silu")) is True
+    assert gated_mlp(SimpleNamespace(model_type="newlm", hidden_act="swiglu")) is True
+    assert gated_mlp(SimpleNamespace(model_type="newlm", activation_function="gelu_new")) is False
