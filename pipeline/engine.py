@@ -13,13 +13,14 @@ differ)::
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from pipeline import checkpoint, dist
 from pipeline.config import to_dict, to_yaml
 from pipeline.ds_config import load_ds_json, locate_ds_config, resolve_ds_config, resolve_precision, summarize, zero_stage
+from pipeline.inputs import ModelSource, check_output
 from pipeline.io import atomic_write_json, atomic_write_text
 
 
@@ -63,13 +64,16 @@ class Run:
     """One launch of a training stage. ``cfg`` has ``output``, ``train`` (OptimConfig),
     ``checkpoint``, ``deepspeed``, ``dist`` and ``monitor`` sections.
 
-    The constructor does only cheap checks (DeepSpeed JSON, batch arithmetic, resume
-    point), so user errors surface before the process group or the model exist.
+    The constructor does only cheap checks (the output directory against ``inputs``, the
+    DeepSpeed JSON, batch arithmetic, resume point), so user errors surface before the
+    process group or the model exist.
     """
 
-    def __init__(self, cfg: Any, *, local_rank: int | None, hidden_size: int | None):
+    def __init__(self, cfg: Any, *, local_rank: int | None, hidden_size: int | None,
+                 inputs: Iterable[tuple[str, str]] = ()):
         self.cfg = cfg
         self.local_rank = local_rank
+        check_output(cfg.output, inputs=inputs)
         self.env = dist.detect(local_rank_arg=local_rank)
         self.ds = resolved_ds(cfg, self.env.world_size, hidden_size)
         self.out = Path(cfg.output)
@@ -101,6 +105,28 @@ class Run:
         """Start the process group and seed every generator."""
         self.env = dist.init(self.cfg.dist, self.local_rank)
         seed_everything(self.cfg.train.seed)
+
+    def model_dir(self, source: ModelSource) -> Path:
+        """A Hugging Face directory to build the starting model from: the given one, or the
+        pipeline checkpoint exported (and verified) into ``<output>/init_model`` by rank 0.
+
+        The export is redone when ``init_model`` came from another checkpoint (a relaunch
+        that names a newer step), and reused on a resume of the same start.
+        """
+        if source.kind == "hf":
+            return source.path
+        from pipeline.export import export
+
+        dest = self.out / "init_model"
+        if self.rank == 0:
+            try:
+                made_from = json.loads((dest / "export_meta.json").read_text(encoding="utf-8"))["source_checkpoint"]
+            except (OSError, ValueError, KeyError, TypeError):
+                made_from = None
+            if made_from != str(source.step_dir.resolve()):
+                export(source.path, dest, dtype="fp32", overwrite=True)
+        dist.barrier()
+        return dest
 
     def _write_run_files(self) -> None:
         """The resolved config and DeepSpeed JSON beside the run (rank 0). Written only once the

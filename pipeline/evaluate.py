@@ -40,6 +40,7 @@ from pipeline import dist
 from pipeline.config import to_dict
 from pipeline.dist import DistConfig
 from pipeline.errors import UserError
+from pipeline.inputs import check_data_file, check_model, check_output, max_positions
 from pipeline.io import atomic_write_json, atomic_write_text, publish_dir
 from pipeline.metrics import classification_report, contains, exact_match, generation_scores, perplexity
 
@@ -151,8 +152,7 @@ def read_records(path: str | Path, what: str) -> list[tuple[str, dict]]:
         UserError: missing file, unknown extension, a line that is not a JSON object.
     """
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"data '{path}' does not exist or is not a file; set data= to the {what}")
+    check_data_file(p, "data", f"the {what}")
     suffix = p.suffix.lower()
     out: list[tuple[str, dict]] = []
     if suffix in (".csv", ".tsv"):
@@ -210,15 +210,11 @@ def resolve_model(path: str, role: str, name: str) -> ModelRef:
     """Check that ``path`` exists and find its name, step and config (no weights loaded)."""
     from transformers import AutoConfig
 
-    from pipeline import export
-
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"{role} '{path}' does not exist; give a Hugging Face model directory or a pipeline checkpoint")
-    checkpoint, step, config_dir = None, 0, p
-    if export.is_pipeline_checkpoint(p):
-        step_dir = export.resolve_checkpoint(p)
-        checkpoint, config_dir = str(step_dir), step_dir / "hf"
+    source = check_model(path, role)
+    checkpoint, step, config_dir = None, 0, source.config_dir
+    if source.kind == "checkpoint":
+        step_dir = source.step_dir
+        checkpoint = str(step_dir)
         try:
             step = int(json.loads((step_dir / "meta.json").read_text(encoding="utf-8"))["step"])
         except (OSError, ValueError, KeyError, TypeError):
@@ -226,12 +222,8 @@ def resolve_model(path: str, role: str, name: str) -> ModelRef:
             step = int(m.group(1)) if m else 0
         run = step_dir.parent.parent.name if step_dir.parent.name == "checkpoints" else step_dir.parent.name
         default = f"{run}-step{step}"
-    elif not (p / "config.json").is_file():
-        if (p / "meta.json").is_file() or (p / "checkpoints").is_dir() or (p / "latest").is_file():
-            export.resolve_checkpoint(p)  # raises why this checkpoint is not usable
-        raise UserError(f"{role} '{path}' is neither a Hugging Face model directory (no config.json) nor a pipeline "
-                        "checkpoint (no meta.json, checkpoints/ or latest); point it at one of those")
     else:
+        p = source.path
         default = p.resolve().name
         try:  # an export of a checkpoint (launch/export.py) records the step it came from
             step = int(json.loads((p / "export_meta.json").read_text(encoding="utf-8"))["step"])
@@ -242,15 +234,6 @@ def resolve_model(path: str, role: str, name: str) -> ModelRef:
     except Exception:  # noqa: BLE001 -- read again (with the loader's error) when the weights load
         config = None
     return ModelRef(role, path, _safe_name(name or default), checkpoint, step, config)
-
-
-def max_positions(config: Any) -> int | None:
-    """Longest sequence the model accepts in tokens, when its config says."""
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def check_kind(ref: ModelRef, classes: list[str], task: str) -> None:
@@ -707,6 +690,7 @@ def run(cfg: EvalConfig, local_rank: int | None = None) -> dict:
     started, t0 = time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.perf_counter()
     output = Path(cfg.output)
     work = output.with_name(output.name + ".partial")
+    check_output(output, inputs=[("model", cfg.model), ("compare_to", cfg.compare_to), ("data", cfg.data)])
     if output.exists() and not cfg.overwrite:
         raise UserError(f"output '{output}' already exists; choose another output, or set overwrite=true to replace it")
     if dist.detect(local_rank_arg=local_rank).world_size > 1 and not cfg.zero3:

@@ -16,7 +16,6 @@ only the data and the loss differ:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -28,7 +27,7 @@ from pipeline.data.sft import SFTDataConfig
 from pipeline.dist import DistConfig
 from pipeline.ds_config import DeepSpeedSection, summarize
 from pipeline.engine import Run, describe_ds
-from pipeline.errors import UserError
+from pipeline.inputs import check_data_file, check_model, check_positions
 from pipeline.io import atomic_write_json
 from pipeline.monitor import MonitorConfig
 from pipeline.trainer import OptimConfig
@@ -135,14 +134,34 @@ def evaluate_classification(engine, task: ClassificationTask, batches) -> dict[s
 
 def _hidden_size(path: str) -> int | None:
     """The starting model's hidden size (ZeRO-3 bucket sizes derive from it), read from its config.json."""
-    from pipeline.export import is_pipeline_checkpoint, resolve_checkpoint
-
-    p = Path(path)
-    conf = resolve_checkpoint(p) / "hf" / "config.json" if is_pipeline_checkpoint(p) else p / "config.json"
-    if not conf.exists():
-        raise UserError(f"model.path '{path}' is neither a Hugging Face model directory (config.json) nor a checkpoint of this pipeline")
-    d = json.loads(conf.read_text(encoding="utf-8"))
+    d = check_model(path, "model.path", weights=False).config
     return d.get("hidden_size") or d.get("n_embd") or d.get("d_model")
+
+
+def _data_files(cfg: FinetuneConfig) -> list[tuple[str, str]]:
+    """``(key, path)`` of the task's data files that are set."""
+    section = "sft" if cfg.task == "sft" else "classification"
+    return [(f"{section}.{split}", getattr(getattr(cfg, section), split)) for split in ("train", "val")
+            if getattr(getattr(cfg, section), split).strip()]
+
+
+def _inputs(cfg: FinetuneConfig) -> list[tuple[str, str]]:
+    return [("model.path", cfg.model.path), *_data_files(cfg)]
+
+
+def check_inputs(cfg: FinetuneConfig):
+    """The starting model and the data files, checked before any heavy work; returns the model's
+    :class:`~pipeline.inputs.ModelSource`."""
+    from pipeline.plan import finetune_seq_len
+
+    source = check_model(cfg.model.path, "model.path")
+    what = ("a JSONL file of chat examples (messages, or prompt/response)" if cfg.task == "sft"
+            else "a JSONL or CSV file with text and label fields")
+    for key, path in _data_files(cfg):
+        check_data_file(path, key, what)
+    key = "sft.seq_len" if cfg.task == "sft" else "classification.max_length"
+    check_positions(source.config, finetune_seq_len(cfg), what=f"the sequence length {key}", fix=f"lower {key}")
+    return source
 
 
 def describe(cfg: FinetuneConfig) -> str:
@@ -150,23 +169,6 @@ def describe(cfg: FinetuneConfig) -> str:
         from pipeline.plan import AUTO_NOTE
         return AUTO_NOTE
     return describe_ds(cfg, _hidden_size(cfg.model.path))
-
-
-def _init_dir(cfg: FinetuneConfig, run: Run) -> Path:
-    """A Hugging Face directory to start from: the given one, or the pipeline checkpoint
-    exported (and verified) into ``<output>/init_model`` by rank 0."""
-    from pipeline.export import export, is_pipeline_checkpoint
-
-    if not is_pipeline_checkpoint(cfg.model.path):
-        if not (Path(cfg.model.path) / "config.json").exists():
-            raise UserError(f"model.path '{cfg.model.path}' is neither a Hugging Face model directory (config.json) "
-                            "nor a checkpoint of this pipeline")
-        return Path(cfg.model.path)
-    dest = run.out / "init_model"
-    if run.rank == 0 and not (dest / "config.json").exists():
-        export(cfg.model.path, dest, dtype="fp32", overwrite=True)
-    dist.barrier()
-    return dest
 
 
 class _Data:
@@ -234,11 +236,8 @@ def inspect(cfg: FinetuneConfig, n: int) -> int:
     """``--inspect N``: print N rendered training examples with the trained tokens marked."""
     from transformers import AutoTokenizer
 
-    from pipeline.export import is_pipeline_checkpoint, resolve_checkpoint
-
-    path = Path(cfg.model.path)
-    tok_dir = resolve_checkpoint(path) / "hf" / "tokenizer" if is_pipeline_checkpoint(path) else path
-    tok = AutoTokenizer.from_pretrained(tok_dir)
+    check_inputs(cfg)
+    tok = AutoTokenizer.from_pretrained(check_model(cfg.model.path, "model.path").tokenizer_dir)
     data = _Data(cfg, tok, None)
     if cfg.task == "sft":
         from pipeline.data.sft import inspect as render
@@ -260,12 +259,13 @@ def run(cfg: FinetuneConfig, local_rank: int | None = None) -> int:
     from pipeline.monitor import count_params, flops_per_token
     from pipeline.trainer import Trainer, evaluate_lm
 
+    source = check_inputs(cfg)
     from pipeline.plan import finetune_conf, finetune_head, finetune_seq_len, preflight
     preflight(cfg, finetune_conf(cfg.model.path), seq_len=finetune_seq_len(cfg), head=finetune_head(cfg),  # auto; refuse what cannot fit
               attn=cfg.model.attn_implementation, checkpointing=cfg.model.activation_checkpointing, local_rank=local_rank)
-    run_ = Run(cfg, local_rank=local_rank, hidden_size=_hidden_size(cfg.model.path))
+    run_ = Run(cfg, local_rank=local_rank, hidden_size=_hidden_size(cfg.model.path), inputs=_inputs(cfg))
     run_.start()
-    init = _init_dir(cfg, run_)
+    init = run_.model_dir(source)
     tok = AutoTokenizer.from_pretrained(init)
     data = _Data(cfg, tok, run_)
     dist.print0(f"finetune: {run_.world} rank(s), {summarize(run_.ds)}; {data.describe()}")
@@ -280,9 +280,6 @@ def run(cfg: FinetuneConfig, local_rank: int | None = None) -> int:
             conf.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     if cfg.task == "sft":
         tok.chat_template = data.sft.template  # saved with every checkpoint and the export
-    positions = getattr(conf, "max_position_embeddings", None) or getattr(conf, "n_positions", None)
-    if positions and data.seq_len > positions:
-        raise UserError(f"the sequence length {data.seq_len} is beyond the model's {positions} positions; lower it")
     mcfg = ModelConfig(path=str(init), activation_checkpointing=cfg.model.activation_checkpointing,
                        attn_implementation=cfg.model.attn_implementation)
     model = build_model(mcfg, conf, run_.ds, head=head)

@@ -12,12 +12,12 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from pipeline.errors import UserError
+from pipeline.inputs import TOKENIZER_FILES, check_model, check_positions
 
 # Architecture-specific names of the size fields, for the types we document; any other
 # model type takes its keys verbatim from `model.extra`.
@@ -30,8 +30,9 @@ _KEEPALIVE: list[Any] = []  # HfDeepSpeedConfig objects must outlive model const
 @dataclass
 class ModelConfig:
     path: str = ""
-    """Hugging Face checkpoint directory to continue training from ("" builds a new model
-    from the architecture keys below)."""
+    """The model to continue training: a Hugging Face model directory, or a checkpoint of this
+    pipeline (a run, checkpoints/ or step directory; exported and verified into
+    <output>/init_model first). "" builds a new model from the architecture keys below."""
     model_type: str = "llama"
     """Any causal LM type transformers knows (llama, gpt2, qwen2, mistral, ...), for a new model."""
     hidden_size: int = 256
@@ -45,7 +46,7 @@ class ModelConfig:
     intermediate_size: int = 0
     """Width of the MLP (0: the architecture's default rule, e.g. 4 x hidden for gpt2, 8/3 x hidden rounded for llama)."""
     max_position_embeddings: int = 0
-    """Longest sequence the model supports in tokens (0: data.seq_len)."""
+    """Longest sequence the model supports in tokens (0: data.seq_len; a data.seq_len beyond it is refused)."""
     tie_word_embeddings: bool = False
     """Share the input embedding and output head weights (a new model)."""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -72,22 +73,22 @@ def _llama_intermediate(hidden: int) -> int:
     return 64 * math.ceil(8 * hidden / 3 / 64)
 
 
-def hf_config(cfg: ModelConfig, vocab_size: int, seq_len: int, tokenizer: dict):
-    """The transformers config of the model to train (new or from ``cfg.path``)."""
+def hf_config(cfg: ModelConfig, vocab_size: int, seq_len: int, tokenizer: dict, *, weights: bool = True):
+    """The transformers config of the model to train (new, or from ``cfg.path``: a Hugging Face
+    directory or a pipeline checkpoint, checked by :func:`pipeline.inputs.check_model`).
+
+    Args:
+        weights: whether ``cfg.path`` must hold its weights (the planner reads config.json only).
+    """
     from transformers import AutoConfig
 
     if cfg.path:
-        if not (Path(cfg.path) / "config.json").is_file():  # else transformers talks of hub repo ids
-            what = "does not exist" if not Path(cfg.path).exists() else "has no config.json"
-            raise UserError(f"model.path '{cfg.path}' {what}; point it at a Hugging Face model directory (with config.json), "
-                            "or leave it empty to train a new model from the model.* keys")
+        source = check_model(cfg.path, "model.path", weights=weights)
         try:
-            conf = AutoConfig.from_pretrained(cfg.path)
+            conf = AutoConfig.from_pretrained(source.config_dir, local_files_only=True)
         except (OSError, ValueError) as e:
             raise UserError(f"model.path '{cfg.path}' is not a Hugging Face model directory ({e}); point it at a directory with config.json") from None
-        positions = getattr(conf, "max_position_embeddings", None) or getattr(conf, "n_positions", None)
-        if positions and seq_len > positions:
-            raise UserError(f"data.seq_len={seq_len} is beyond the model's {positions} positions; lower data.seq_len")
+        check_positions(conf, seq_len, what="data.seq_len", fix=f"lower data.seq_len (model.path '{cfg.path}')")
         return conf
     names = _SIZE_KEYS.get(cfg.model_type, {})
     kwargs: dict[str, Any] = {
@@ -108,9 +109,15 @@ def hf_config(cfg: ModelConfig, vocab_size: int, seq_len: int, tokenizer: dict):
             kwargs[key.replace("_id", "_token_id")] = tokenizer[key]
     kwargs.update(cfg.extra)
     try:
-        return AutoConfig.for_model(cfg.model_type, **kwargs)
+        conf = AutoConfig.for_model(cfg.model_type, **kwargs)
     except ValueError as e:
         raise UserError(f"model.model_type '{cfg.model_type}': {e}") from None
+    # A new model's positions come from model.max_position_embeddings (or model.extra): GPT-2's
+    # learned table cannot index past it, and a RoPE model's config would claim fewer positions
+    # than it was trained on, so a longer data.seq_len is refused for every type.
+    check_positions(conf, seq_len, what="data.seq_len",
+                    fix=f"raise model.max_position_embeddings to at least {seq_len} (0 means data.seq_len), or lower data.seq_len")
+    return conf
 
 
 def architecture_fingerprint(conf) -> str:
@@ -130,12 +137,13 @@ def check_tokenizer_match(model_path: str, conf, data_tokenizer: dict, data_dir:
             f"model.path '{model_path}' has {conf.vocab_size} embeddings but the data in {data_dir} was tokenized with "
             f"{vocab} tokens; preprocess with the model's tokenizer (tokenizer.path={model_path})"
         )
-    if not any((Path(model_path) / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+    tok_dir = check_model(model_path, "model.path", weights=False).tokenizer_dir  # a checkpoint keeps it in hf/tokenizer
+    if not any((tok_dir / f).exists() for f in TOKENIZER_FILES):
         raise UserError(
             f"model.path '{model_path}' holds no tokenizer, so the data's tokenizer cannot be checked against it; "
             "copy the model's tokenizer files into that directory"
         )
-    theirs = load_tokenizer(model_path).fingerprint
+    theirs = load_tokenizer(tok_dir).fingerprint
     if theirs != data_tokenizer["fingerprint"]:
         raise UserError(
             f"the tokenizer of model.path '{model_path}' differs from the one {data_dir} was tokenized with "

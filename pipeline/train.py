@@ -13,7 +13,7 @@ and ``checkpoints/`` (see :mod:`pipeline.checkpoint`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -23,6 +23,7 @@ from pipeline.data.shards import read_manifest
 from pipeline.dist import DistConfig
 from pipeline.ds_config import DeepSpeedSection, summarize
 from pipeline.engine import Run, describe_ds
+from pipeline.inputs import check_model
 from pipeline.io import atomic_write_json
 from pipeline.model import ModelConfig
 from pipeline.monitor import MonitorConfig
@@ -100,6 +101,7 @@ def run(cfg: TrainConfig, local_rank: int | None = None) -> int:
     from pipeline.trainer import CausalLMTask, Trainer, evaluate_lm
 
     # -- everything a user can get wrong, before any heavy work
+    source = check_model(cfg.model.path, "model.path") if cfg.model.path else None
     tok_info, tok_dir = _data_tokenizer(cfg)
     conf = hf_config(cfg.model, tok_info["vocab_size"], cfg.data.seq_len, tok_info)
     if cfg.model.path:
@@ -107,14 +109,18 @@ def run(cfg: TrainConfig, local_rank: int | None = None) -> int:
     from pipeline.plan import preflight  # resolves deepspeed.config=auto; refuses a plan that cannot fit
     preflight(cfg, conf, seq_len=cfg.data.seq_len, head="causal_lm", attn=cfg.model.attn_implementation,
               checkpointing=cfg.model.activation_checkpointing, local_rank=local_rank)
-    run_ = Run(cfg, local_rank=local_rank, hidden_size=getattr(conf, "hidden_size", None) or getattr(conf, "n_embd", None))
+    inputs = [("model.path", cfg.model.path)] + [(f"data.datasets.{i}.path", d.path) for i, d in enumerate(cfg.data.datasets)]
+    run_ = Run(cfg, local_rank=local_rank, hidden_size=getattr(conf, "hidden_size", None) or getattr(conf, "n_embd", None),
+               inputs=inputs)
     datasets = [(d.path, d.weight) for d in cfg.data.datasets]
     samples = BlendedSamples(datasets, "train", cfg.data.seq_len, cfg.train.seed, verify=cfg.data.verify)
 
     run_.start()
     rank, world = run_.rank, run_.world
     dist.print0(f"train: {world} rank(s), {summarize(run_.ds)}; data {samples.components}")
-    model = build_model(cfg.model, conf, run_.ds)  # fp32 master weights; DeepSpeed casts for bf16/fp16
+    # continue-training from a pipeline checkpoint starts from its verified export (as fine-tuning does)
+    mcfg = replace(cfg.model, path=str(run_.model_dir(source))) if source is not None else cfg.model
+    model = build_model(mcfg, conf, run_.ds)  # fp32 master weights; DeepSpeed casts for bf16/fp16
     n_params = count_params(model)
     engine = run_.initialize(model)
     start_step = run_.resume({

@@ -67,7 +67,15 @@ CASES: dict[str, Case] = {
     "missing dataset": Case("train.py", (*T, "data.datasets.0.path={files}/nowhere"),
                             ("is not a preprocessed dataset (no manifest.json)", "run launch/preprocess.py first"), "run"),
     "missing model": Case("train.py", (*T, "model.path={files}/nowhere"), ("model.path '{files}/nowhere' does not exist",), "run"),
-    "model dir without config.json": Case("train.py", (*T, "model.path={files}/empty"), ("model.path '{files}/empty' has no config.json",), "run"),
+    "model dir without config.json": Case("train.py", (*T, "model.path={files}/empty"), ("model.path '{files}/empty' is neither a Hugging Face model directory (no config.json)",), "run"),
+    "model dir without weights": Case("train.py", (*T, "model.path={noweights}"),
+                                      ("model.path '{noweights}' has config.json but no weights",), "run"),
+    "output is a file": Case("train.py", (*T, "output={out}/report.json"), ("output '{out}/report.json' is an existing file",), "file"),
+    "gpt2 sequence beyond its positions": Case("train.py", (*T, "model.model_type=gpt2", "model.max_position_embeddings=16"),
+                                               ("data.seq_len=32 is beyond the model's 16 positions",
+                                                "raise model.max_position_embeddings to at least 32")),
+    "llama sequence beyond its positions": Case("train.py", (*T, "model.max_position_embeddings=16"),
+                                                ("data.seq_len=32 is beyond the model's 16 positions",)),
     # -- missing or foreign checkpoints
     "resume from a missing path": Case("train.py", (*T, "checkpoint.resume={files}/nowhere"),
                                        ("checkpoint.resume='{files}/nowhere' does not exist",), "run"),
@@ -90,11 +98,13 @@ CASES: dict[str, Case] = {
                                                                     "tokenizer.path={data}/tokenizer", "val_fraction=0.5"),
                                                   ("overwrite=true",), "dataset"),
     "finetune: missing model": Case("finetune.py", (*F, "model.path={files}/nowhere", "sft.train={files}/sft_ok.jsonl"),
-                                    ("neither a Hugging Face model directory",), "file"),
+                                    ("model.path '{files}/nowhere' does not exist",), "file"),
+    "finetune: model without weights": Case("finetune.py", (*F, "model.path={noweights}", "sft.train={files}/sft_ok.jsonl"),
+                                            ("model.path '{noweights}' has config.json but no weights",), "file"),
     "finetune: bad chat line": Case("finetune.py", (*F, "sft.train={files}/sft_bad.jsonl"),
                                     ("{files}/sft_bad.jsonl:2: 'prompt' is a number, not a string", "sft.bad_records=skip"), "file"),
     "finetune: sequence beyond positions": Case("finetune.py", (*F, "sft.train={files}/sft_ok.jsonl", "sft.seq_len=128"),
-                                                ("the sequence length 128 is beyond the model's 64 positions",), "file"),
+                                                ("the sequence length sft.seq_len=128 is beyond the model's 64 positions", "lower sft.seq_len"), "file"),
     "finetune: no training data": Case("finetune.py", (*F,), ("sft.train: is empty",), "file"),
     "finetune: record without label": Case("finetune.py", (*F, "task=classification", "classification.train={files}/cls.jsonl"),
                                            ("{files}/cls.jsonl:2: the record has no 'label'",), "file"),
@@ -109,7 +119,7 @@ CASES: dict[str, Case] = {
     "export: missing checkpoint": Case("export.py", ("--checkpoint", "{files}/nowhere", "--output", "{out}", "--overwrite"),
                                        ("checkpoint '{files}/nowhere' does not exist",), "file"),
     "export: not a checkpoint": Case("export.py", ("--checkpoint", "{hf}", "--output", "{out}", "--overwrite"),
-                                     ("looks like a Hugging Face model directory",), "file"),
+                                     ("is a Hugging Face model directory, which needs no export",), "file"),
     "export: bad shard size": Case("export.py", ("--checkpoint", "{run}", "--output", "{out}", "--overwrite", "--max-shard-size", "lots"),
                                    ("is not a size",), "file"),
 }
@@ -151,6 +161,8 @@ def catalogue(request, tmp_path_factory, tiny_dataset: Path, tiny_hf_model: Path
     shutil.copytree(tiny_hf_model, other_tok)
     for f in tiny_tokenizer.iterdir():
         shutil.copy2(f, other_tok / f.name)
+    noweights = base / "noweights"  # config and tokenizer without the weights
+    shutil.copytree(tiny_hf_model, noweights, ignore=shutil.ignore_patterns("*.safetensors"))
     run = base / "run"  # a finished one-step run: the prior result of the train/finetune cases
     r = _run("train.py", [a.format(data=tiny_dataset, out=run) for a in T if "max_steps" not in a] + ["train.max_steps=1"], base)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -172,7 +184,7 @@ def catalogue(request, tmp_path_factory, tiny_dataset: Path, tiny_hf_model: Path
             shutil.copytree(tiny_dataset, out)
         elif case.prior == "file":
             shutil.copytree(report, out)
-        subs = {"data": tiny_dataset, "hf": tiny_hf_model, "other_tok": other_tok, "run": run, "out": out, "files": files}
+        subs = {"data": tiny_dataset, "hf": tiny_hf_model, "other_tok": other_tok, "run": run, "out": out, "files": files, "noweights": noweights}
         args = [a.format(**subs) for a in case.args]
         started[name] = (pool.submit(_run, case.script, args, base), out, _tree(out), subs)
     yield started
