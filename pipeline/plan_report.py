@@ -125,6 +125,13 @@ def cli(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         ns = p.parse_args(argv)
+        # a zero or negative count reached DeepSpeed's batch arithmetic as a ValueError traceback
+        checks = (("--nodes", ns.nodes, 1, "at least 1"), ("--gpus-per-node", ns.gpus_per_node, 1, "at least 1"),
+                  ("--gpu-memory", ns.gpu_memory, 0, "0 GiB (CPU ranks) or more"),
+                  ("--cpu-memory", ns.cpu_memory, 1e-9, "more than 0 GiB"), ("--nvme", ns.nvme, 0, "0 GiB or more"))
+        for flag, value, low, need in checks:
+            if value is not None and value < low:
+                p.error(f"{flag} must be {need}, got {value:g}")
         stage = ns.stage or _stage_of(ns.config)
         if stage == "finetune":
             from pipeline.finetune import FinetuneConfig as cls

@@ -352,3 +352,16 @@ def measure_case(name: str, tmp_path: Path, data: Path) -> dict:
 def test_estimate_is_within_tolerance_of_measured_peak_rss(name: str, tmp_path: Path, tiny_dataset: Path):
     m = measure_case(name, tmp_path, tiny_dataset)
     assert -TOLERANCE_UNDER <= m["error"] <= TOLERANCE_OVER, m
+
+
+@pytest.mark.parametrize("args, says", [(["--nodes", "0"], "--nodes must be at least 1, got 0"),
+                                        (["--gpus-per-node", "-1"], "--gpus-per-node must be at least 1, got -1"),
+                                        (["--cpu-memory", "0"], "--cpu-memory must be more than 0 GiB, got 0"),
+                                        (["--gpu-memory", "-5"], "--gpu-memory must be 0 GiB (CPU ranks) or more, got -5")])
+def test_plan_cli_refuses_impossible_targets_with_one_message(args: list[str], says: str, capsys):
+    from pipeline.plan_report import cli
+
+    with pytest.raises(SystemExit) as exc:
+        cli(["model.num_layers=2", *args])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and says in err and "Traceback" not in err
