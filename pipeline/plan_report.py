@@ -116,8 +116,11 @@ def cli(argv: list[str] | None = None) -> int:
     p.add_argument("--gpus-per-node", type=int, help="GPUs (ranks) per node (default: detected; CPU ranks: 1)")
     p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
     p.add_argument("--gpu-memory", type=float, help="GiB per GPU (default: detected free memory; 0 = CPU ranks)")
-    p.add_argument("--cpu-memory", type=float, help="GiB of CPU RAM per node available to the job (default: MemAvailable; for GPUs given with --gpu-memory on a machine without GPUs: 128 GiB per GPU, said in the output)")
-    p.add_argument("--nvme", type=float, help="GiB free on the NVMe offload disk per node (default: free space at deepspeed.nvme_path)")
+    p.add_argument("--cpu-memory", type=float,
+                   help="GiB of CPU RAM per node available to the job (default: MemAvailable; for GPUs given with "
+                        "--gpu-memory on a machine without GPUs: 128 GiB per GPU, said in the output)")
+    p.add_argument("--nvme", type=float,
+                   help="GiB free on the NVMe offload disk per node (default: free space at deepspeed.nvme_path)")
     p.add_argument("--precision", choices=("bf16", "fp16", "fp32"),
                    help="training precision (default: deepspeed.precision; auto = bf16 on GPUs, fp32 on CPU)")
     p.add_argument("--vocab-size", type=int, default=32000, help="vocabulary of a new model when its data is not there yet")
