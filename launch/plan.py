@@ -5,7 +5,9 @@
 
 Prints, for each shipped ds_configs/ file, the estimated memory per GPU (per rank on CPU) and per
 node, whether it fits, the largest micro batch that fits, and the fastest choice. The target
-defaults to this machine (its GPUs, or CPU ranks, and the available RAM).
+defaults to this machine (its GPUs, or CPU ranks, and the available RAM); GPUs described with
+--gpu-memory from a machine without any get 128 GiB of CPU RAM per GPU unless --cpu-memory is
+given (the output says so).
 
 Exit codes: 0 something fits, 1 nothing fits, 2 bad config or arguments.
 """
