@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from pipeline import monitor as mon
+from pipeline import peak as peak_mod
 from pipeline.monitor import (
     Monitor,
     MonitorConfig,
@@ -90,28 +91,28 @@ def test_gpu_peak_table():
 
 def test_cpu_peak_measured_and_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(mon, "_PEAK_CACHE", {})
+    monkeypatch.setattr(peak_mod, "_PEAK_CACHE", {})
     flops, source = peak_flops("cpu", "fp32")
     assert flops > 0 and source.startswith("measured")
     cache = tmp_path / "pipeline" / "cpu_peak.json"
     assert cache.exists()
-    monkeypatch.setattr(mon, "_measure_matmul", lambda *a, **k: pytest.fail("measured again"))
+    monkeypatch.setattr(peak_mod, "_measure_matmul", lambda *a, **k: pytest.fail("measured again"))
     assert peak_flops("cpu", "fp32") == (flops, source)  # in-process cache
     # a fresh process (empty in-process cache) reads the disk cache instead of measuring
-    monkeypatch.setattr(mon, "_PEAK_CACHE", {})
+    monkeypatch.setattr(peak_mod, "_PEAK_CACHE", {})
     again, src2 = peak_flops("cpu", "float32")
     assert again == flops and src2.startswith("measured") and "cached" in src2
 
 
 def test_cpu_peak_is_the_best_of_several_bursts_and_a_cached_peak_never_falls(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(mon, "_PEAK_CACHE", {})
+    monkeypatch.setattr(peak_mod, "_PEAK_CACHE", {})
     bursts = iter([30e9, 90e9, 60e9])  # the first and last taken while something else ran
-    monkeypatch.setattr(mon, "_measure_matmul", lambda *a, **k: next(bursts))
+    monkeypatch.setattr(peak_mod, "_measure_matmul", lambda *a, **k: next(bursts))
     flops, source = peak_flops("cpu", "fp32")
     assert flops == 90e9 and "best of 3" in source
-    key = mon._cpu_cache_key("fp32")
-    assert mon._store_cpu_peak(key, 40e9) == 90e9  # a lower measurement does not replace it
+    key = peak_mod._cpu_cache_key("fp32")
+    assert peak_mod._store_cpu_peak(key, 40e9) == 90e9  # a lower measurement does not replace it
     assert json.loads((tmp_path / "pipeline" / "cpu_peak.json").read_text())[key]["flops"] == 90e9
 
 
@@ -119,14 +120,14 @@ def _beaten_run(tmp_path, monkeypatch, remeasured: float) -> tuple[list[str], di
     """Two logged intervals of a monitor whose CPU peak came from a cache written on a busy machine
     (1 MFLOP/s: any step beats it); re-measuring gives ``remeasured``."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(mon, "_PEAK_CACHE", {})
-    key = mon._cpu_cache_key("fp32")
+    monkeypatch.setattr(peak_mod, "_PEAK_CACHE", {})
+    key = peak_mod._cpu_cache_key("fp32")
     cache = tmp_path / "pipeline" / "cpu_peak.json"
     cache.parent.mkdir(parents=True)
     cache.write_text(json.dumps({key: {"flops": 1e6}}))
     peak, source = peak_flops("cpu", "fp32")
     assert peak == 1e6 and "cached" in source
-    monkeypatch.setattr(mon, "_measure_matmul", lambda *a, **k: remeasured)
+    monkeypatch.setattr(peak_mod, "_measure_matmul", lambda *a, **k: remeasured)
     lines: list[str] = []
     m = Monitor(MonitorConfig(log_every=2), tmp_path / "tb", enabled=True, world_size=2, flops_per_token=1e9,
                 peak_flops_per_device=peak, tokens_per_step=512, samples_per_step=4, device="cpu", echo=lines.append)
@@ -151,7 +152,7 @@ def test_mfu_never_exceeds_one_when_a_step_beats_the_cached_peak(tmp_path, monke
     # the cache rose to the rate the step reached, for this process and the next
     assert cached == pytest.approx(tb["perf/peak_tflops"][-1] * 1e12, rel=1e-6) and cached > 1e9
     assert peak_flops("cpu", "fp32")[0] == cached
-    mon._PEAK_CACHE.clear()
+    peak_mod._PEAK_CACHE.clear()
     assert peak_flops("cpu", "fp32")[0] == cached
 
 
@@ -162,11 +163,11 @@ def test_a_beaten_peak_is_re_measured(tmp_path, monkeypatch):
 
 
 def test_a_datasheet_peak_is_kept_when_beaten_and_mfu_still_bounded(monkeypatch):
-    monkeypatch.setattr(mon, "_PEAK_CACHE", {"cuda|NVIDIA H100 80GB HBM3|bf16": (989.4e12, "table: H100/H200 ...")})
-    monkeypatch.setattr(mon, "_measure_matmul", lambda *a, **k: pytest.fail("a datasheet peak is not measured"))
+    monkeypatch.setattr(peak_mod, "_PEAK_CACHE", {"cuda|NVIDIA H100 80GB HBM3|bf16": (989.4e12, "table: H100/H200 ...")})
+    monkeypatch.setattr(peak_mod, "_measure_matmul", lambda *a, **k: pytest.fail("a datasheet peak is not measured"))
     peak, why = mon.raise_peak("cuda", 989.4e12, 1.2e15)
     assert peak == 1.2e15 and "over-count" in why
-    assert mon._PEAK_CACHE["cuda|NVIDIA H100 80GB HBM3|bf16"][0] == 989.4e12
+    assert peak_mod._PEAK_CACHE["cuda|NVIDIA H100 80GB HBM3|bf16"][0] == 989.4e12
 
 
 PEAK = 1e16
