@@ -12,6 +12,8 @@ validation shard plus a small progress record (input cursor, statistics, the
 de-duplication keys of its documents). A killed run restarts after its last committed
 segment and, because every boundary depends only on the input, produces byte-identical
 output. Everything is written in ``<output>.partial`` and renamed to ``<output>`` at the end.
+Inputs are checked before ``.partial`` is touched, and a run that stops before committing anything
+removes the ``.partial`` it made: only a run with something to resume leaves one.
 """
 
 from __future__ import annotations
@@ -37,8 +39,10 @@ from pipeline.data import sample as builtin_sample
 from pipeline.data.clean import CleanConfig, Cleaner, SeenHashes, content_hash, dedup_key, is_validation, task_of
 from pipeline.data.shards import ShardWriter, dtype_for_vocab, file_entries, read_manifest, write_manifest
 from pipeline.data.sources import SourceConfig, iter_records, resolve_files, source_name
-from pipeline.data.tokenizer import TokenizerConfig, load_tokenizer, train_sentencepiece
+from pipeline.data.tokenizer import TokenizerConfig, load_tokenizer
+from pipeline.data.tokenizer_train import train_on_sources
 from pipeline.errors import UserError
+from pipeline.inputs import check_output
 from pipeline.io import atomic_write_json, atomic_write_text, publish_dir
 from pipeline.progress import progress_bar
 
@@ -256,6 +260,16 @@ class Preprocessor:
         self.progress_dir = work / ".progress"
         self.tokenizer_dir = tokenizer_dir
         self.shard_tag = f"{task[0]:05d}-" if task[1] > 1 else ""
+        self._given: object = None  # the handle of a given tokenizer, loaded by check_inputs
+        self._fresh = False  # this run made the work directory (see prepare)
+
+    def check_inputs(self) -> None:
+        """Find input errors before the work directory is touched: a failed start must leave an
+        earlier partial run (and anything else) as it was."""
+        self.sources(check_only=True)
+        src_dir = self.cfg.tokenizer.path or (str(self.tokenizer_dir) if self.tokenizer_dir else "")
+        if src_dir:
+            self._given = load_tokenizer(src_dir)  # loaded once (0.2-0.5 s), copied by tokenizer()
 
     # -- set-up
 
@@ -269,6 +283,7 @@ class Preprocessor:
             else:
                 print(f"discarding {self.work}: it is a partial run of a different config", file=sys.stderr)
                 shutil.rmtree(self.work)
+        self._fresh = not self.work.exists()  # made by this run: nothing of an earlier run in it
         self.progress_dir.mkdir(parents=True, exist_ok=True)
         for sub in ("train", "val"):
             (self.work / sub).mkdir(exist_ok=True)
@@ -276,18 +291,26 @@ class Preprocessor:
             stray.unlink()  # a shard being written when the last run died
         atomic_write_text(marker, wanted)
 
-    def sources(self) -> list[tuple[SourceConfig, str, list]]:
+    def sources(self, check_only: bool = False) -> list[tuple[SourceConfig, str, list]]:
+        """``(source, name, files)`` of each source; ``check_only``: only look, write no sample."""
         out = []
         for i, src in enumerate(self.cfg.sources):
             try:
                 if src.path.startswith(BUILTIN_PREFIX):
                     if src.path != "builtin:sample":
                         raise UserError(f"unknown built-in corpus '{src.path}'; the only one is builtin:sample")
+                    if check_only:
+                        continue
                     path = builtin_sample.write_sample(self.progress_dir / "sample.jsonl", self.cfg.sample_docs, self.cfg.seed)
                     src = SourceConfig(**{**to_dict(src), "path": str(path), "format": "jsonl", "text_field": "text"})
-                out.append((src, source_name(self.cfg.sources[i]), resolve_files(src)))
+                files = resolve_files(src)
             except UserError as e:
                 raise UserError(f"sources.{i} ({self.cfg.sources[i].path}): {e}") from None
+            name, path = source_name(self.cfg.sources[i]), self.cfg.sources[i].path
+            # every file 0 bytes: said now, not after training a tokenizer on nothing
+            if all(f.compression is None and f.format != "hf_disk" and os.path.getsize(f.path) == 0 for f in files):
+                raise _no_documents(name, path, "every input file is empty (0 bytes)")
+            out.append((src, name, files))
         return out
 
     def tokenizer(self, sources) -> object:
@@ -296,16 +319,14 @@ class Preprocessor:
         dest = self.work / "tokenizer"
         handle = None
         if not dest.exists():
-            src_dir = cfg.tokenizer.path or (str(self.tokenizer_dir) if self.tokenizer_dir else "")
-            if src_dir:
-                handle = load_tokenizer(src_dir)  # validate before copying; loaded once (0.2-0.5 s)
+            if self._given is not None:
                 tmp = self.work / ".tokenizer.tmp"
                 shutil.rmtree(tmp, ignore_errors=True)
-                shutil.copytree(src_dir, tmp)
+                handle = self._given.copy_to(tmp)  # type: ignore[attr-defined]  # not a model's weights beside it
                 os.replace(tmp, dest)
                 handle.path = dest  # the copy is what the output records and later stages read
             else:
-                train_tokenizer(cfg, sources, dest, _threads(cfg))
+                train_on_sources(sources, cfg.clean, cfg.bad_records, cfg.tokenizer, dest, _threads(cfg))
         if handle is None:
             handle = load_tokenizer(dest)
         handle.set_threads(_threads(cfg), concurrent_calls=True)  # one thread per encode call
@@ -314,9 +335,23 @@ class Preprocessor:
     # -- the main loop
 
     def run(self) -> dict:
-        cfg = self.cfg
         t0 = time.time()
-        self.prepare()
+        self.check_inputs()  # before the work directory (or its parent) is made
+        try:
+            self.prepare()
+            return self._run(t0)
+        except BaseException:
+            if self._fresh and not self._resumable():
+                shutil.rmtree(self.work, ignore_errors=True)  # it never started: nothing to resume
+            raise
+
+    def _resumable(self) -> bool:
+        """The work directory holds work a rerun would resume: a committed segment or a trained tokenizer."""
+        trained = not (self.cfg.tokenizer.path or self.tokenizer_dir) and (self.work / "tokenizer").exists()
+        return trained or any(self.progress_dir.glob("*.json"))
+
+    def _run(self, t0: float) -> dict:
+        cfg = self.cfg
         sources = self.sources()
         handle = self.tokenizer(sources)
         dtype = dtype_for_vocab(handle.vocab_size, cfg.dtype)
@@ -384,6 +419,8 @@ class Preprocessor:
                     bar.set_postfix_str(f"{self._new_tokens / max(time.time() - self._t0, 1e-9):,.0f} tok/s", refresh=False)
                     if _BATCH_DELAY:
                         time.sleep(_BATCH_DELAY)
+                if batch.cursor is None and not batch.stats.get("records"):
+                    raise _no_documents(name, src.path)  # before committing: a rerun reads it again
                 if batch.cursor is None or writers["train"].tokens >= cfg.shard_tokens:
                     self._commit(name, k, writers, keys, batch)
                     if batch.cursor is None:
@@ -444,7 +481,7 @@ class Preprocessor:
             for rec in recs:
                 shards.extend(rec["shards"])
             if not stats.get("records"):
-                raise UserError(f"source '{name}' ({orig.path}) holds no documents; check the path and format")
+                raise _no_documents(name, orig.path)
             source_entries.append({"name": name, "weight": orig.weight, "files": len(files), "stats": stats})
             for key, v in stats.items():
                 stats_sum[key] = stats_sum.get(key, 0) + v
@@ -485,34 +522,8 @@ class Preprocessor:
         return {"manifest": manifest, "seconds": seconds, "new_tokens": new_tokens, "tokenizer_backend": handle.backend}
 
 
-def train_tokenizer(cfg: PreprocessConfig, sources, dest: Path, threads: int) -> None:
-    """Train SentencePiece on the first ``tokenizer.sample_chars`` cleaned characters.
-
-    Each source contributes a share of the budget proportional to its weight, taken from
-    its beginning (cheap and deterministic; shuffle the inputs if their start is atypical).
-    """
-    total_w = sum(s.weight for s, _, _ in sources)
-    clean_stats: dict[str, int] = {}
-    cleaner = Cleaner(cfg.clean, clean_stats)
-
-    def texts():
-        seen: set[bytes] = set()
-        for src, _, files in sources:
-            budget = cfg.tokenizer.sample_chars * src.weight / total_w
-            for text, _, _ in iter_records(files, src, bad_records=cfg.bad_records, stats={}):
-                text = cleaner(text)
-                if text is None:
-                    continue
-                digest = content_hash(text)
-                if digest in seen:
-                    continue
-                seen.add(digest)
-                yield text
-                budget -= len(text)
-                if budget <= 0:
-                    break
-
-    train_sentencepiece(texts(), cfg.tokenizer, dest, threads)
+def _no_documents(name: str, path: str, why: str = "") -> UserError:
+    return UserError(f"source '{name}' ({path}) holds no documents{': ' + why if why else ''}; check the path and format")
 
 
 def _summary(result: dict, output: Path) -> str:
@@ -559,7 +570,8 @@ def _check_existing(cfg: PreprocessConfig, output: Path) -> bool:
 
 def run(cfg: PreprocessConfig) -> dict | None:
     """Run the configured step. Returns the result summary of a shards/all step."""
-    output = Path(cfg.output)
+    output = check_output(cfg.output, inputs=[("tokenizer.path", cfg.tokenizer.path),
+                                               *((f"sources.{i}.path", s.path) for i, s in enumerate(cfg.sources))])
     index, count = _tasks(cfg)
     tasks_dir = output.with_name(output.name + ".tasks")
     if cfg.step == "all" and count > 1:
@@ -578,12 +590,11 @@ def run(cfg: PreprocessConfig) -> dict | None:
     if _check_existing(cfg, output):
         print(f"{output} is already complete for this config; nothing to do", file=sys.stderr)
         return None
-    output.parent.mkdir(parents=True, exist_ok=True)
     work = output.with_name(output.name + ".partial")
     tok_dir = tasks_dir / "tokenizer" if count > 1 and not cfg.tokenizer.path else None
     if tok_dir is not None and not (tok_dir / "tokenizer_config.json").exists():
         raise UserError(f"no tokenizer at {tok_dir}; run step=tokenizer once before step=shards, or set tokenizer.path")
-    result = Preprocessor(cfg, work, (index, count), tok_dir).run()
+    result = Preprocessor(cfg, work, (index, count), tok_dir).run()  # prepare() makes the parent
     publish_dir(work, output)
     print(_summary(result, output), file=sys.stderr)
     return result
@@ -595,14 +606,15 @@ def _step_tokenizer(cfg: PreprocessConfig, dest: Path) -> None:
     if dest.exists():
         print(f"tokenizer already trained at {dest}", file=sys.stderr)
         return None
-    dest.parent.mkdir(parents=True, exist_ok=True)
     work = dest.with_name(dest.name + ".partial")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir()
     pre = Preprocessor(cfg, work, (0, 1), None)
-    pre.progress_dir.mkdir()
-    train_tokenizer(cfg, pre.sources(), work / "tokenizer", _threads(cfg))
-    publish_dir(work / "tokenizer", dest)
+    pre.check_inputs()  # before anything is made
     shutil.rmtree(work, ignore_errors=True)
+    pre.progress_dir.mkdir(parents=True)
+    try:
+        train_on_sources(pre.sources(), cfg.clean, cfg.bad_records, cfg.tokenizer, work / "tokenizer", _threads(cfg))
+        publish_dir(work / "tokenizer", dest)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # made afresh by every run: nothing in it to resume
     print(f"tokenizer trained: {dest}", file=sys.stderr)
     return None

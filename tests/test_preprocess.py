@@ -200,9 +200,16 @@ def test_malformed_line_fails_then_skip_counts(tmp_path: Path, tiny_tokenizer: P
         ("sources.0.text_field=body", "text_field"),
         ("tokenizer.path=missing_tok", "missing_tok"),
         ("dtype=uint16 tokenizer.path=BIG", "does not fit dtype=uint16"),
+        ("sources.0.path=EMPTY", "holds no documents: every input file is empty (0 bytes)"),
+        ("sources.0.path=BLANK tokenizer.path=TOK", "holds no documents"),  # found at its end, after reading
     ],
 )
-def test_bad_input_messages(tmp_path: Path, corpus: Path, override: str, message: str):
+def test_bad_input_messages(tmp_path: Path, corpus: Path, tiny_tokenizer: Path, override: str, message: str):
+    """Exit 2, the message, and nothing left behind: no output, no .partial of a run that never started."""
+    (tmp_path / "EMPTY.jsonl").write_bytes(b"")
+    (tmp_path / "BLANK.jsonl").write_text("\n  \n\n")
+    override = override.replace("EMPTY", str(tmp_path / "EMPTY.jsonl")).replace("BLANK", str(tmp_path / "BLANK.jsonl"))
+    override = override.replace("TOK", str(tiny_tokenizer))
     if "BIG" in override:
         from tokenizers import Tokenizer, models, pre_tokenizers
         from transformers import PreTrainedTokenizerFast
@@ -213,10 +220,102 @@ def test_bad_input_messages(tmp_path: Path, corpus: Path, override: str, message
         t.pre_tokenizer = pre_tokenizers.Whitespace()
         PreTrainedTokenizerFast(tokenizer_object=t, eos_token="w1", unk_token="[UNK]").save_pretrained(tmp_path / "BIG")
         override = override.replace("BIG", str(tmp_path / "BIG"))
+    before = sorted(tmp_path.iterdir())
     r = run_script("preprocess.py", f"sources.0.path={corpus}", "output=out", *override.split(), cwd=tmp_path)
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr
-    assert not (tmp_path / "out").exists()
+    assert sorted(tmp_path.iterdir()) == before  # neither out nor out.partial
+
+
+def _kill_after_commits(args: list[str], cwd: Path, commits: int) -> None:
+    """Start a slowed-down run and SIGKILL it once ``commits`` segments are committed."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PIPELINE_TEST_BATCH_DELAY": "0.3"}
+    progress = cwd / "out.partial" / ".progress"
+    p = subprocess.Popen([sys.executable, str(ROOT / "launch" / "preprocess.py"), *args], cwd=cwd, env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(progress.glob("*.json"))) < commits:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert len(list(progress.glob("*.json"))) >= commits, "the run ended before it was killed"
+
+
+def test_failed_start_leaves_earlier_partial_and_output_untouched(tmp_path: Path, tiny_tokenizer: Path):
+    args = _args(tmp_path, tiny_tokenizer, "output=out")
+    _kill_after_commits(args, tmp_path, 2)
+    partial = _tree(tmp_path / "out.partial")
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    failing = [("sources.0.path=missing.jsonl", "no input matches"),
+               ("tokenizer.path=missing_tok", "missing_tok"),
+               (f"sources.1.path={tmp_path / 'empty.jsonl'}", "holds no documents")]
+    for override, message in failing:  # each a different config: the partial run must not be discarded
+        r = run_script("preprocess.py", *args, override, cwd=tmp_path)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert _tree(tmp_path / "out.partial") == partial, override
+    r = run_script("preprocess.py", *args, cwd=tmp_path)
+    assert r.returncode == 0 and "resuming the partial run" in r.stderr, r.stderr
+    published = _tree(tmp_path / "out")
+    r = run_script("preprocess.py", *args, "sources.0.path=missing.jsonl", "overwrite=true", cwd=tmp_path)
+    assert r.returncode == 2 and "no input matches" in r.stderr
+    assert _tree(tmp_path / "out") == published and not (tmp_path / "out.partial").exists()
+
+
+def test_empty_source_is_not_committed(tmp_path: Path, corpus: Path, tiny_tokenizer: Path):
+    """An input with no records stops the run once read, and is not recorded as done: the
+    other sources' committed work is kept, and the fixed input is read on the rerun."""
+    b = tmp_path / "b.jsonl"
+    b.write_text("\n\n")
+    args = [f"sources=[{{path: {corpus}, name: a}}, {{path: {b}, name: b}}]", "output=out",
+            f"tokenizer.path={tiny_tokenizer}", "shard_tokens=2000", "batch_chars=3000"]
+    r = run_script("preprocess.py", *args, cwd=tmp_path)
+    assert r.returncode == 2 and f"source 'b' ({b}) holds no documents" in r.stderr, r.stderr
+    assert list((tmp_path / "out.partial" / ".progress").glob("a-*.json"))  # resumable: kept
+    assert not list((tmp_path / "out.partial" / ".progress").glob("b-*.json"))
+    write_jsonl(b, [{"text": t} for t in make_docs(5, prefix="late")])
+    r = run_script("preprocess.py", *args, cwd=tmp_path)
+    assert r.returncode == 0 and "resuming the partial run" in r.stderr, r.stderr
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert [s["stats"]["kept"] for s in m["sources"]] == [300, 5]
+
+
+def test_tokenizer_from_model_dir_copies_tokenizer_files_only(tmp_path: Path, corpus: Path, tiny_tokenizer: Path):
+    """tokenizer.path = a Hugging Face model directory: its weights and config stay behind (not
+    copied, not hashed), the dataset records the tokenizer a tokenizer-only directory gives,
+    and the model's tokenizer check passes."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+
+    from pipeline.config import load_config
+    from pipeline.data.shards import read_manifest, verify
+    from pipeline.model import check_tokenizer_match
+    from pipeline.preprocess import PreprocessConfig, run
+
+    model = tmp_path / "model"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(model)
+    for f in tiny_tokenizer.iterdir():
+        shutil.copy2(f, model / f.name)
+    (model / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    left_behind = {"config.json", "generation_config.json", "model.safetensors"}
+    assert left_behind <= {p.name for p in model.iterdir()}
+    base = [f"sources.0.path={corpus}", "workers=1"]
+    run(load_config(PreprocessConfig, None, [*base, f"output={tmp_path / 'from_model'}", f"tokenizer.path={model}"]))
+    run(load_config(PreprocessConfig, None, [*base, f"output={tmp_path / 'from_tok'}", f"tokenizer.path={tiny_tokenizer}"]))
+    out = tmp_path / "from_model"
+    verify(out, thorough=True)
+    tok_files = sorted(p.name for p in (out / "tokenizer").iterdir())
+    assert tok_files == sorted([p.name for p in tiny_tokenizer.iterdir()] + ["chat_template.jinja"])
+    m = read_manifest(out)
+    hashed = {Path(f).name for f in m["files"]}
+    assert not hashed & left_behind and "tokenizer.json" in hashed
+    plain = read_manifest(tmp_path / "from_tok")
+    assert m["tokenizer"] == plain["tokenizer"]  # fingerprint included: as from the tokenizer alone
+    assert _tree(tmp_path / "from_tok" / "tokenizer") == _tree(tiny_tokenizer)  # a tokenizer-only dir: copied whole
+    check_tokenizer_match(str(model), AutoConfig.from_pretrained(model), m["tokenizer"], str(out))
 
 
 def test_existing_output_is_never_damaged(tmp_path: Path, corpus: Path, tiny_tokenizer: Path):

@@ -213,6 +213,76 @@ def test_fingerprint(trained, tmp_path):
     assert load_tokenizer(trained["unigram"]).fingerprint != fp
 
 
+# -- copying a tokenizer out of a model directory --------------------------------------------------
+
+def _model_dir(tok: Path, dest: Path, model_type: str = "llama") -> Path:
+    """A tiny model saved by save_pretrained (weights, config.json, generation_config.json) with ``tok``'s
+    files, a chat template and a named one beside it, and files that are neither."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    conf = AutoConfig.for_model(model_type, vocab_size=load_tokenizer(tok).vocab_size, hidden_size=32,
+                                intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                n_embd=32, n_layer=1, n_head=2, max_position_embeddings=32, n_positions=32)
+    AutoModelForCausalLM.from_config(conf).save_pretrained(dest)
+    for f in tok.iterdir():
+        shutil.copy2(f, dest / f.name)
+    (dest / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    (dest / "additional_chat_templates").mkdir()
+    (dest / "additional_chat_templates" / "tool_use.jinja").write_text("{{ messages }}")
+    (dest / "README.md").write_text("model card")
+    (dest / "training_args.bin").write_bytes(b"\0" * 64)
+    return dest
+
+
+_MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors", "README.md", "training_args.bin"}
+
+
+def test_copy_from_model_dir_takes_tokenizer_files_only(trained, tmp_path):
+    model = _model_dir(trained["bpe"], tmp_path / "model")
+    assert _MODEL_FILES <= {p.name for p in model.iterdir()}  # what there is to leave behind
+    src = load_tokenizer(model)
+    copy = src.copy_to(tmp_path / "copy")
+    got = sorted(str(p.relative_to(tmp_path / "copy")) for p in (tmp_path / "copy").rglob("*") if p.is_file())
+    assert got == ["additional_chat_templates/tool_use.jinja", "chat_template.jinja", "tokenizer.json",
+                   "tokenizer.model", "tokenizer_config.json"]
+    assert copy.fingerprint == src.fingerprint == load_tokenizer(trained["bpe"]).fingerprint
+    assert copy.path == tmp_path / "copy"
+    tok = AutoTokenizer.from_pretrained(tmp_path / "copy")
+    assert tok.chat_template == {"default": (model / "chat_template.jinja").read_text(), "tool_use": "{{ messages }}"}
+    # a tokenizer-only directory is copied whole, byte for byte
+    load_tokenizer(trained["bpe"]).copy_to(tmp_path / "plain")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "plain").iterdir()} == {
+        p.name: p.read_bytes() for p in trained["bpe"].iterdir()}
+
+
+def test_tokenizer_file_names_known_layouts(tmp_path):
+    from pipeline.data.tokenizer_files import tokenizer_file_names
+
+    names = ["vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json", "tokenizer.model.v3",
+             "tokenizer.3.1.json", "qwen.tiktoken", "spiece.model", "vocab.txt", "chat_template.json",
+             "config.json", "model-00001-of-00002.safetensors", "pytorch_model.bin", "optimizer.pt", "merges.txt.bak"]
+    for n in names:
+        (tmp_path / n).write_text("x")
+    (tmp_path / "additional_chat_templates").mkdir()
+    (tmp_path / "additional_chat_templates" / "notes.txt").write_text("x")
+    assert tokenizer_file_names(tmp_path) == sorted(names[:10])
+    assert "optimizer.pt" in tokenizer_file_names(tmp_path, extra={"optimizer.pt"})
+
+
+def test_copy_adds_config_json_where_it_picks_the_class(trained, tmp_path):
+    """transformers picks the class of a tokenizer whose tokenizer_config.json names none from the model's
+    config.json (gpt2: GPT2Tokenizer, which rebuilds the pipeline): the copy keeps that file then."""
+    model = _model_dir(trained["bpe"], tmp_path / "model", model_type="gpt2")
+    cfg = json.loads((model / "tokenizer_config.json").read_text())
+    del cfg["tokenizer_class"]
+    (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+    src = load_tokenizer(model)
+    assert src.fingerprint != load_tokenizer(trained["bpe"]).fingerprint  # config.json matters here
+    copy = src.copy_to(tmp_path / "copy")
+    assert copy.fingerprint == src.fingerprint
+    assert (tmp_path / "copy" / "config.json").is_file() and not (tmp_path / "copy" / "model.safetensors").exists()
+
+
 # -- loading without transformers --------------------------------------------------------------------
 
 def _same_handles(a, b) -> None:

@@ -42,6 +42,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -61,6 +62,8 @@ from pipeline.data.tokenizer_files import (  # noqa: F401 - re-exported
     _cache_read,
     _cache_write,
     _fingerprint,
+    copy_tokenizer_files,
+    tokenizer_file_names,
     tokenizer_fingerprint,
 )
 from pipeline.data.tokenizer_train import _bounded_sample, train_sentencepiece  # noqa: F401 - re-exported
@@ -325,6 +328,33 @@ class TokenizerHandle:
         if self._hf is None:
             self._hf = _load_transformers(self.path)
         return self._hf
+
+    def copy_to(self, dest: str | os.PathLike) -> TokenizerHandle:
+        """Copy the tokenizer's files into new directory ``dest``; returns the copy's handle.
+
+        Only the tokenizer's files (:func:`tokenizer_file_names`): given a Hugging Face model
+        directory, its weights and ``config.json`` stay behind (a 135M model's directory is 542 MB,
+        its tokenizer 3.5 MB). The copy is loaded and must have this tokenizer's fingerprint.
+        transformers picks the class of a tokenizer whose ``tokenizer_config.json`` names none from
+        the model's ``config.json``: that file is added when the copy differs without it.
+
+        Raises:
+            UserError: the copy is another tokenizer even so (files this module does not know of).
+        """
+        dest = Path(dest)
+        # the class's own file names, should a transformers release add one not in the static list
+        extra = set(getattr(self._hf, "vocab_files_names", {}).values()) if self._hf is not None else set()
+        copy_tokenizer_files(self.path, dest, extra)
+        copy = load_tokenizer(dest)
+        if copy.fingerprint != self.fingerprint and (self.path / "config.json").is_file():
+            shutil.copy2(self.path / "config.json", dest / "config.json")
+            copy = load_tokenizer(dest)
+        if copy.fingerprint != self.fingerprint:
+            raise UserError(f"the tokenizer files of {str(self.path)!r} ({', '.join(tokenizer_file_names(self.path, extra))}) "
+                            "load as another tokenizer when copied alone; save the tokenizer into a directory of its "
+                            "own (AutoTokenizer.from_pretrained(dir).save_pretrained(new_dir)) and set tokenizer.path "
+                            "to it")
+        return copy
 
     def __repr__(self) -> str:
         return (f"TokenizerHandle(path={str(self.path)!r}, vocab_size={self.vocab_size}, backend={self.backend!r}, "

@@ -1,16 +1,20 @@
 """Tokenizer directory files: their names, the fingerprint, and the cache of what they determine.
 
-Split from :mod:`pipeline.data.tokenizer` (which re-exports what callers use): the fingerprint that
-identifies a tokenizer, and the per-machine cache that lets a run after the first skip parsing
+Split from :mod:`pipeline.data.tokenizer` (which re-exports what callers use): which files of a
+directory make up its tokenizer (:func:`tokenizer_file_names`, so a Hugging Face model directory
+given as ``tokenizer.path`` is copied without its weights), the fingerprint that identifies a
+tokenizer, and the per-machine cache that lets a run after the first skip parsing
 ``tokenizer.json`` (see :func:`_cache_key`).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +22,67 @@ UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"  # ids 0, 1, 2, 3 in a trai
 SP_MODEL_FILE = "tokenizer.model"
 HF_TOKENIZER_FILE = "tokenizer.json"
 _SPECIAL = ("bos", "eos", "pad", "unk")
+
+# ----------------------------------------------------------------------------------------------
+# Which files are the tokenizer's
+# ----------------------------------------------------------------------------------------------
+
+# What transformers' tokenizer loading reads from a directory (transformers 5.25,
+# ``PreTrainedTokenizerBase.from_pretrained``): the files every class may have ...
+_GENERIC_FILES = frozenset({
+    HF_TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "chat_template.jinja", "chat_template.json",  # the latter: the older (processor) chat template file
+})
+# ... plus its class's ``vocab_files_names``: every value any tokenizer class of transformers 5.25
+# declares (collected from its sources), so the list needs no transformers import. A class loaded by
+# transformers adds its own names too (``extra`` of tokenizer_file_names), should a later release
+# add one.
+_VOCAB_FILES = frozenset({
+    SP_MODEL_FILE, "vocab.json", "vocab.txt", "merges.txt", "spiece.model", "sentencepiece.bpe.model",
+    "sentencepiece.model", "spm.model", "spm_char.model", "source.spm", "target.spm", "bpe.codes", "dict.txt",
+    "emoji.json", "entity_vocab.json", "normalizer.json", "byte_maps.json", "target_vocab.json", "vocab-src.json",
+    "vocab-tgt.json", "word_pronunciation.json", "word_shape.json", "prophetnet.tokenizer", "tekken.json",
+    "tiktoken.model",
+})
+# Versioned tokenizer.json files (tokenizer_config.json's fast_tokenizer_files), Mistral's
+# tokenizer.model.v3 and the like, tiktoken vocabularies.
+_FILE_PATTERNS = ("tokenizer.*.json", "tokenizer.model.*", "*.tiktoken")
+CHAT_TEMPLATE_DIR = "additional_chat_templates"  # named templates, <name>.jinja each
+
+
+def tokenizer_file_names(directory: str | os.PathLike, extra: frozenset[str] | set[str] = frozenset()) -> list[str]:
+    """The files of ``directory`` that make up its tokenizer, as sorted relative paths.
+
+    A Hugging Face model directory also holds the model (``config.json``, weights,
+    ``generation_config.json``): those are left out, so copying a tokenizer from it copies
+    kilobytes, not the model. A directory made only of tokenizer files is listed whole.
+
+    Args:
+        extra: more file names to take (the ``vocab_files_names`` of a class transformers loaded).
+    """
+    p = Path(directory)
+    names = sorted(f.name for f in p.iterdir() if f.is_file() and (
+        f.name in _GENERIC_FILES or f.name in _VOCAB_FILES or f.name in extra
+        or any(fnmatch.fnmatchcase(f.name, pat) for pat in _FILE_PATTERNS)))
+    templates = p / CHAT_TEMPLATE_DIR
+    if templates.is_dir():
+        names += sorted(f"{CHAT_TEMPLATE_DIR}/{f.name}" for f in templates.glob("*.jinja") if f.is_file())
+    return names
+
+
+def copy_tokenizer_files(src: str | os.PathLike, dest: str | os.PathLike, extra: frozenset[str] | set[str] = frozenset()) -> list[str]:
+    """Copy the tokenizer files of ``src`` (:func:`tokenizer_file_names`) into new directory ``dest``.
+
+    Returns:
+        the relative paths copied.
+    """
+    names = tokenizer_file_names(src, extra)
+    Path(dest).mkdir(parents=True)
+    for name in names:
+        (Path(dest) / name).parent.mkdir(exist_ok=True)
+        shutil.copy2(Path(src) / name, Path(dest) / name)
+    return names
+
 
 # ----------------------------------------------------------------------------------------------
 # Fingerprint

@@ -1,6 +1,7 @@
 """Training a SentencePiece tokenizer saved as a Hugging Face directory (see :mod:`pipeline.data.tokenizer`).
 
-Split from :mod:`pipeline.data.tokenizer`, which re-exports :func:`train_sentencepiece`.
+Split from :mod:`pipeline.data.tokenizer`, which re-exports :func:`train_sentencepiece`;
+:func:`train_on_sources` is the preprocess stage's sampling of its corpora for it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pipeline.errors import UserError
 from pipeline.io import atomic_write_bytes, atomic_write_json, publish_dir
 
 if TYPE_CHECKING:
+    from pipeline.data.clean import CleanConfig
     from pipeline.data.tokenizer import TokenizerConfig
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,45 @@ def _bounded_sample(texts: Iterable[str], sample_chars: int, piece_chars: int) -
             if left <= 0:
                 return out
     return out
+
+
+def train_on_sources(sources: list, clean: CleanConfig, bad_records: str, cfg: TokenizerConfig, dest: Path,
+                     threads: int) -> None:
+    """Train SentencePiece on the first ``cfg.sample_chars`` cleaned, de-duplicated characters.
+
+    Each source contributes a share of the budget proportional to its weight, taken from
+    its beginning (cheap and deterministic; shuffle the inputs if their start is atypical).
+
+    Args:
+        sources: ``(SourceConfig, name, files)`` of each source, as the preprocess stage resolves them.
+        clean: the stage's cleaning settings; ``bad_records``: its ``fail``/``skip`` choice.
+    """
+    # imported here: every stage imports this module (through pipeline.data.tokenizer), only
+    # preprocessing reads corpora
+    from pipeline.data.clean import Cleaner, content_hash
+    from pipeline.data.sources import iter_records
+
+    total_w = sum(s.weight for s, _, _ in sources)
+    cleaner = Cleaner(clean, {})
+
+    def texts():
+        seen: set[bytes] = set()
+        for src, _, files in sources:
+            budget = cfg.sample_chars * src.weight / total_w
+            for text, _, _ in iter_records(files, src, bad_records=bad_records, stats={}):
+                text = cleaner(text)
+                if text is None:
+                    continue
+                digest = content_hash(text)
+                if digest in seen:
+                    continue
+                seen.add(digest)
+                yield text
+                budget -= len(text)
+                if budget <= 0:
+                    break
+
+    train_sentencepiece(texts(), cfg, dest, threads)
 
 
 def train_sentencepiece(texts: Iterable[str], cfg: TokenizerConfig, out_dir: Path, threads: int) -> None:
