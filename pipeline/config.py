@@ -11,7 +11,10 @@ line after the field). It is built from, in order of precedence:
    only where the field may be null).
 
 Every unknown key, wrong type and inconsistent value (a dataclass's ``check()``) is
-collected into ONE :class:`~pipeline.errors.ConfigError` naming each key and the fix.
+collected into ONE :class:`~pipeline.errors.ConfigError` naming each key and the fix. An
+unknown key that another tool spells differently (``learning_rate``, ``max_seq_length``) or that
+belongs to another section is pointed at its name here (:data:`_ALIASES`); a DeepSpeed JSON given
+as ``--config`` is one problem saying where it goes, not one per key.
 """
 
 from __future__ import annotations
@@ -143,10 +146,132 @@ def to_yaml(obj: Any) -> str:
     return text
 
 
-def _suggest(name: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(name, valid, n=1)
-    hint = f"did you mean '{close[0]}'? " if close else ""
+# Names users bring from other tools -> (names here, a note where the meaning differs). From the
+# Hugging Face Trainer (TrainingArguments) and TRL, DeepSpeed JSON, Megatron-LM / GPT-NeoX and
+# nanoGPT. A name here is a leaf key, or a dotted tail of one (``tokenizer.path``); the first one
+# the stage's config has wins, in the section the key was written in, else anywhere in the config.
+# tests/test_config.py checks that every name here exists in some stage's config.
+_STEPS_NOT_EPOCHS = "training length is counted in optimizer steps here, not epochs"
+_ALIASES: dict[str, tuple[tuple[str, ...], str]] = {
+    "learning_rate": (("lr",), ""),
+    "per_device_train_batch_size": (("micro_batch_size",), ""),
+    "train_micro_batch_size_per_gpu": (("micro_batch_size",), ""),
+    "gradient_accumulation_steps": (("grad_accum",), ""),
+    "train_batch_size": (("global_batch_size",), ""),
+    "num_train_epochs": (("max_steps",), _STEPS_NOT_EPOCHS),
+    "epochs": (("max_steps",), _STEPS_NOT_EPOCHS),
+    "train_iters": (("max_steps",), ""),
+    "max_iters": (("max_steps",), ""),
+    "warmup_ratio": (("warmup_steps",), "warm-up is counted in optimizer steps here, not as a fraction"),
+    "warmup_iters": (("warmup_steps",), ""),
+    "lr_warmup_iters": (("warmup_steps",), ""),
+    "lr_scheduler_type": (("schedule",), ""),
+    "lr_decay_style": (("schedule",), ""),
+    "min_lr": (("min_lr_ratio",), "a fraction of lr here, not a learning rate"),
+    "max_grad_norm": (("grad_clip",), ""),
+    "gradient_clipping": (("grad_clip",), ""),
+    "clip_grad": (("grad_clip",), ""),
+    "adam_beta1": (("beta1",), ""),
+    "adam_beta2": (("beta2",), ""),
+    "adam_epsilon": (("eps",), ""),
+    "adam_eps": (("eps",), ""),
+    "max_seq_length": (("seq_len",), ""),
+    "max_seq_len": (("seq_len",), ""),
+    "seq_length": (("seq_len",), ""),
+    "block_size": (("seq_len",), ""),
+    "context_length": (("seq_len",), ""),
+    "output_dir": (("output",), ""),
+    "save_steps": (("checkpoint.every",), ""),
+    "save_interval": (("checkpoint.every",), ""),
+    "save_total_limit": (("keep_last",), ""),
+    "logging_steps": (("log_every",), ""),
+    "log_interval": (("log_every",), ""),
+    "eval_steps": (("eval_every",), ""),
+    "eval_interval": (("eval_every",), ""),
+    "eval_iters": (("eval_batches",), ""),
+    "per_device_eval_batch_size": (("batch_size",), ""),
+    "gradient_checkpointing": (("activation_checkpointing",), ""),
+    "checkpoint_activations": (("activation_checkpointing",), ""),
+    "bf16": (("precision",), "one key: precision=bf16"),
+    "fp16": (("precision",), "one key: precision=fp16"),
+    "model_name_or_path": (("model.path", "model"), ""),
+    "tokenizer_name_or_path": (("tokenizer.path",), ""),
+    "tokenizer_name": (("tokenizer.path",), ""),
+    "deepspeed_config": (("deepspeed.config",), ""),
+    "dataset_text_field": (("text_field",), ""),
+    "num_hidden_layers": (("num_layers",), ""),
+    "n_layer": (("num_layers",), ""),
+    "num_attention_heads": (("num_heads",), ""),
+    "n_head": (("num_heads",), ""),
+    "num_key_value_heads": (("num_kv_heads",), ""),
+    "n_embd": (("hidden_size",), ""),
+    "d_model": (("hidden_size",), ""),
+    "ffn_hidden_size": (("intermediate_size",), ""),
+    "n_positions": (("max_position_embeddings",), ""),
+}
+
+
+@lru_cache(maxsize=None)
+def leaf_keys(cls: type, prefix: str = "") -> tuple[str, ...]:
+    """Every leaf key of dataclass ``cls``, dotted (``data.seq_len``; list elements as ``sources.N.path``)."""
+    out: list[str] = []
+    for f in dataclasses.fields(cls):
+        tp, key = _hints(cls)[f.name], f"{prefix}{f.name}"
+        elem = get_args(tp)[0] if get_origin(tp) is list and get_args(tp) else None
+        if dataclasses.is_dataclass(tp):
+            out.extend(leaf_keys(tp, key + "."))
+        elif elem is not None and dataclasses.is_dataclass(elem):
+            out.extend(leaf_keys(elem, key + ".N."))
+        else:
+            out.append(key)
+    return tuple(out)
+
+
+def _suggest(name: str, valid: list[str], root: type | None = None) -> str:
+    """The message for unknown key ``name`` among ``valid``: another tool's name for one of them
+    (:data:`_ALIASES`), a key of that name in another section of ``root``, else a close spelling."""
+    names, note = _ALIASES.get(name, ((), ""))
+    hint = ""
+    for target in (*names, name):
+        if target in valid:
+            hint = f"'{target}'"
+        elif root is not None:
+            found = [k for k in leaf_keys(root) if k == target or k.endswith("." + target)]
+            hint = " or ".join(f"'{k}'" for k in found)
+        if hint:
+            hint = f"did you mean {hint}? " + (f"({note}) " if note and target in names else "")
+            break
+    if not hint:
+        close = difflib.get_close_matches(name, valid, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
     return f"unknown key; {hint}valid keys here: {', '.join(valid)}"
+
+
+# Top-level keys of a DeepSpeed JSON; the first three appear in no stage recipe and mark one.
+_DEEPSPEED_MARKS = ("zero_optimization", "train_micro_batch_size_per_gpu", "train_batch_size")
+_DEEPSPEED_KEYS = {
+    *_DEEPSPEED_MARKS, "gradient_accumulation_steps", "optimizer", "scheduler", "fp16", "bf16", "amp", "gradient_clipping",
+    "steps_per_print", "wall_clock_breakdown", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer",
+    "activation_checkpointing", "flops_profiler", "comms_logger", "aio", "prescale_gradients",
+    "gradient_predivide_factor", "communication_data_type", "data_types", "sparse_attention", "elasticity",
+    "tensorboard", "wandb", "csv_monitor", "memory_breakdown", "sequence_parallel_size", "checkpoint",
+    "compression_training", "dump_state", "data_efficiency", "autotuning",
+}
+
+
+def _deepspeed_problem(cls: type, config_file: str, loaded: dict) -> str | None:
+    """The one problem to report when ``loaded`` is a DeepSpeed JSON rather than a ``cls`` recipe."""
+    keys = {str(k) for k in loaded if not str(k).startswith("_")}  # "_comment": stripped by the pipeline
+    ds = keys & _DEEPSPEED_KEYS
+    if not ds & set(_DEEPSPEED_MARKS) or len(ds) <= len(keys - ds):
+        return None
+    ordered = [k for k in _DEEPSPEED_MARKS if k in ds] + sorted(ds - set(_DEEPSPEED_MARKS))
+    shown = ", ".join(ordered[:3]) + (", ..." if len(ds) > 3 else "")
+    where = (f"pass it as deepspeed.config={config_file} and give --config a recipe for this stage (or none)"
+             if "deepspeed.config" in leaf_keys(cls) else
+             "this stage takes no DeepSpeed config (the training stages take one as deepspeed.config=FILE); give "
+             "--config a recipe for this stage (see --help)")
+    return f"'{config_file}' is a DeepSpeed config ({shown}), not a recipe: {where}"
 
 
 _NULLS = ("null", "Null", "NULL", "~")
@@ -181,8 +306,11 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _coerce(value: Any, tp: Any, key: str, problems: Problems) -> Any:
-    """Convert ``value`` to type ``tp`` or record a problem and return ``None``."""
+def _coerce(value: Any, tp: Any, key: str, problems: Problems, root: type | None = None) -> Any:
+    """Convert ``value`` to type ``tp`` or record a problem and return ``None``.
+
+    ``root``: the stage's config class, for unknown keys that belong to another section.
+    """
     origin, args = get_origin(tp), get_args(tp)
     text = value.text if isinstance(value, _Override) else None  # the override as typed
     if origin in (Union, types.UnionType):
@@ -191,7 +319,7 @@ def _coerce(value: Any, tp: Any, key: str, problems: Problems) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         if len(inner) == 1:
-            return _coerce(value, inner[0], key, problems)
+            return _coerce(value, inner[0], key, problems, root)
         problems.append((key, f"unsupported union type {type_name(tp)}"))
         return None
     if text is not None and (tp is str or (origin is Literal and text in args)):
@@ -200,7 +328,7 @@ def _coerce(value: Any, tp: Any, key: str, problems: Problems) -> Any:
     if tp is Any:
         return _plain(value)
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key, problems)
+        return _build(tp, value, key, problems, root)
     if origin is Literal:
         for choice in args:
             if value == choice or (isinstance(value, (int, float, bool)) and str(value) == str(choice)):
@@ -211,12 +339,12 @@ def _coerce(value: Any, tp: Any, key: str, problems: Problems) -> Any:
         if not isinstance(value, list):
             problems.append((key, f"expected a list, got {_plain(value)!r}"))
             return None
-        return [_coerce(v, args[0], f"{key}.{i}", problems) for i, v in enumerate(value)]
+        return [_coerce(v, args[0], f"{key}.{i}", problems, root) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             problems.append((key, f"expected a mapping, got {_plain(value)!r}"))
             return None
-        return {str(k): _coerce(v, args[1], f"{key}.{k}", problems) for k, v in value.items()}
+        return {str(k): _coerce(v, args[1], f"{key}.{k}", problems, root) for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -259,7 +387,8 @@ def _fail() -> Any:
     raise ValueError
 
 
-def _build(cls: type, data: Any, prefix: str, problems: Problems) -> Any:
+def _build(cls: type, data: Any, prefix: str, problems: Problems, root: type | None = None) -> Any:
+    root = root or cls
     where = prefix or "the config"
     if data is None:
         data = {}
@@ -269,13 +398,13 @@ def _build(cls: type, data: Any, prefix: str, problems: Problems) -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     for k in data:
         if k not in names:
-            problems.append((f"{prefix}.{k}" if prefix else str(k), _suggest(str(k), names)))
+            problems.append((f"{prefix}.{k}" if prefix else str(k), _suggest(str(k), names, root)))
     kwargs = {}
     before = len(problems)
     for f in dataclasses.fields(cls):
         if f.name in data:
             key = f"{prefix}.{f.name}" if prefix else f.name
-            kwargs[f.name] = _coerce(data[f.name], _hints(cls)[f.name], key, problems)
+            kwargs[f.name] = _coerce(data[f.name], _hints(cls)[f.name], key, problems, root)
     if len(problems) > before:
         # Build with defaults for broken fields so later checks still run on the rest.
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
@@ -350,6 +479,7 @@ def load_config(cls: type, config_file: str | None = None, overrides: list[str] 
         UserError: when the YAML file cannot be read or parsed.
     """
     data = to_dict(cls())
+    problems: Problems = []
     if config_file:
         try:
             with open(config_file, encoding="utf-8") as f:
@@ -360,8 +490,11 @@ def load_config(cls: type, config_file: str | None = None, overrides: list[str] 
             raise UserError(f"config file '{config_file}' is not valid YAML: {e}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise UserError(f"config file '{config_file}' must hold a mapping of keys, not {type(loaded).__name__}")
-        data = _merge(data, loaded or {})
-    problems: Problems = []
+        ds_problem = _deepspeed_problem(cls, config_file, loaded) if loaded else None
+        if ds_problem:
+            problems.append(("--config", ds_problem))  # its keys are not merged: one line, not one per key
+        else:
+            data = _merge(data, loaded or {})
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep or not key:

@@ -147,3 +147,71 @@ def test_generated_config_docs_are_current():
     from pipeline.docgen import main
 
     assert main(["--check"]) == 0, "docs/config is stale: run python -m pipeline.docgen"
+
+
+def test_names_from_other_tools_point_at_ours():
+    """Hugging Face / DeepSpeed / Megatron names, and our names in the wrong section, are pointed at the key here."""
+    from pipeline.train import TrainConfig
+
+    with pytest.raises(ConfigError) as e:
+        load_config(TrainConfig, None, ["train.learning_rate=1e-4", "per_device_train_batch_size=4",
+                                        "train.gradient_accumulation_steps=2", "train.num_train_epochs=3",
+                                        "data.max_seq_length=512", "lr=3e-4", "train.max_step=5", "train.warmup_ratio=0.1"])
+    got = dict(e.value.problems)
+    assert got["train.learning_rate"].startswith("unknown key; did you mean 'lr'? valid keys here: ")
+    assert "did you mean 'train.micro_batch_size'?" in got["per_device_train_batch_size"]
+    assert "did you mean 'grad_accum'?" in got["train.gradient_accumulation_steps"]
+    assert "did you mean 'max_steps'? (training length is counted in optimizer steps here, not epochs)" in got["train.num_train_epochs"]
+    assert "did you mean 'warmup_steps'? (warm-up is counted in optimizer steps" in got["train.warmup_ratio"]
+    assert "did you mean 'seq_len'?" in got["data.max_seq_length"]
+    assert "did you mean 'train.lr'?" in got["lr"]  # our own name, one section off
+    assert "did you mean 'max_steps'?" in got["train.max_step"]  # a misspelling: the closest name, as before
+    with pytest.raises(ConfigError) as e:  # the test config: the alias resolves wherever its target lives
+        load_config(Cfg, None, ["learning_rate=1"])
+    assert "did you mean 'train.lr'?" in str(e.value)
+
+
+def test_every_alias_names_a_real_key():
+    """The alias table must follow renames: each entry names a key of some stage config."""
+    from pipeline.config import _ALIASES, leaf_keys
+    from pipeline.docgen import stages
+
+    keys = {k for cls in stages().values() for k in leaf_keys(cls)}
+    for foreign, (ours, _) in _ALIASES.items():
+        assert foreign not in {k.rsplit(".", 1)[-1] for k in keys}, f"{foreign} is a key here: not an alias"
+        for name in ours:
+            assert any(k == name or k.endswith("." + name) for k in keys), f"alias {foreign} -> {name}: no such key"
+
+
+def test_deepspeed_json_as_config_is_one_problem(tmp_path: Path):
+    from pipeline.preprocess import PreprocessConfig
+    from pipeline.train import TrainConfig
+
+    files = sorted((ROOT / "ds_configs").glob("*.json"))
+    assert files
+    for f in files:
+        with pytest.raises(ConfigError) as e:
+            load_config(TrainConfig, str(f))
+        assert len(e.value.problems) == 1, e.value
+        key, msg = e.value.problems[0]
+        assert key == "--config" and "is a DeepSpeed config (zero_optimization" in msg
+        assert f"pass it as deepspeed.config={f}" in msg
+        with pytest.raises(ConfigError) as e:
+            load_config(PreprocessConfig, str(f))
+        assert len(e.value.problems) == 1 and "this stage takes no DeepSpeed config" in str(e.value)
+    # a recipe with one DeepSpeed name in it is a recipe with an unknown key, not a DeepSpeed config
+    recipe = tmp_path / "pretrain.yaml"
+    recipe.write_text("train:\n  lr: 1.0e-4\ngradient_accumulation_steps: 4\noptimizer: adamw\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(TrainConfig, str(recipe))
+    got = dict(e.value.problems)
+    assert set(got) == {"gradient_accumulation_steps", "optimizer"}
+    assert "did you mean 'train.grad_accum'?" in got["gradient_accumulation_steps"]
+
+
+def test_cli_deepspeed_json_as_config(tmp_path: Path):
+    r = run_script("train.py", "--config", str(ROOT / "ds_configs" / "zero3.json"), cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "invalid config (1 problem):" in r.stderr and "is a DeepSpeed config" in r.stderr
+    assert f"pass it as deepspeed.config={ROOT / 'ds_configs' / 'zero3.json'}" in r.stderr
+    assert not any(tmp_path.iterdir())
