@@ -10,6 +10,7 @@ any model is built); each test then judges its own case. Faults that need a runn
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -54,6 +55,9 @@ CASES: dict[str, Case] = {
     "override without =": Case("train.py", (*T, "train.max_steps"), ("an override must look like key=value",), "run"),
     "missing config file": Case("train.py", ("--config", "{files}/nothere.yaml"), ("cannot read config file", "Check the --config path")),
     "config file not YAML": Case("train.py", ("--config", "{files}/bad.yaml"), ("is not valid YAML",)),
+    "a name from another tool": Case("train.py", (*T, "train.learning_rate=1e-4"), ("train.learning_rate: unknown key; did you mean 'lr'?",), "run"),
+    "a DeepSpeed JSON as the recipe": Case("train.py", ("--config", "{root}/ds_configs/zero3.json"),
+                                           ("is a DeepSpeed config", "pass it as deepspeed.config={root}/ds_configs/zero3.json")),
     "config file not a mapping": Case("train.py", ("--config", "{files}/list.yaml"), ("must hold a mapping of keys, not list",)),
     # -- batch arithmetic, positions, tokenizer, precision
     "batch arithmetic": Case("train.py", (*T, "train.global_batch_size=6", "train.micro_batch_size=4"),
@@ -67,7 +71,8 @@ CASES: dict[str, Case] = {
     "missing dataset": Case("train.py", (*T, "data.datasets.0.path={files}/nowhere"),
                             ("is not a preprocessed dataset (no manifest.json)", "run launch/preprocess.py first"), "run"),
     "missing model": Case("train.py", (*T, "model.path={files}/nowhere"), ("model.path '{files}/nowhere' does not exist",), "run"),
-    "model dir without config.json": Case("train.py", (*T, "model.path={files}/empty"), ("model.path '{files}/empty' is neither a Hugging Face model directory (no config.json)",), "run"),
+    "model dir without config.json": Case("train.py", (*T, "model.path={files}/empty"),
+                                          ("model.path '{files}/empty' is neither a Hugging Face model directory (no config.json)",), "run"),
     "model dir without weights": Case("train.py", (*T, "model.path={noweights}"),
                                       ("model.path '{noweights}' has config.json but no weights",), "run"),
     "output is a file": Case("train.py", (*T, "output={out}/report.json"), ("output '{out}/report.json' is an existing file",), "file"),
@@ -91,6 +96,7 @@ CASES: dict[str, Case] = {
     "missing text field": Case("preprocess.py", ("sources.0.path={files}/nofield.jsonl", *P),
                                ("{files}/nofield.jsonl:1: no field 'text' (fields: body)", "text_field"), "dataset"),
     "malformed CSV row": Case("preprocess.py", ("sources.0.path={files}/bad.csv", *P), ("{files}/bad.csv", "set bad_records=skip"), "dataset"),
+    "empty input file": Case("preprocess.py", ("sources.0.path={files}/empty.jsonl", *P), ("every input file is empty (0 bytes)",)),
     "missing input": Case("preprocess.py", ("sources.0.path={files}/none/*.jsonl", *P), ("no input matches",), "dataset"),
     "missing tokenizer": Case("preprocess.py", ("sources.0.path={files}/nofield.jsonl", *P[:2], "tokenizer.path={files}/nowhere", "workers=1"),
                               ("{files}/nowhere",), "dataset"),
@@ -120,6 +126,7 @@ CASES: dict[str, Case] = {
                                        ("checkpoint '{files}/nowhere' does not exist",), "file"),
     "export: not a checkpoint": Case("export.py", ("--checkpoint", "{hf}", "--output", "{out}", "--overwrite"),
                                      ("is a Hugging Face model directory, which needs no export",), "file"),
+    "plan: no nodes": Case("plan.py", ("--nodes", "0"), ("--nodes must be at least 1, got 0",)),
     "export: bad shard size": Case("export.py", ("--checkpoint", "{run}", "--output", "{out}", "--overwrite", "--max-shard-size", "lots"),
                                    ("is not a size",), "file"),
 }
@@ -137,6 +144,7 @@ def _files(d: Path, docs: list[str]) -> None:
     (d / "bad.yaml").write_text("train: [1,\n")
     (d / "list.yaml").write_text("- 1\n")
     (d / "empty").mkdir(exist_ok=True)
+    (d / "empty.jsonl").write_text("")
 
 
 def _tree(d: Path) -> dict[str, bytes]:
@@ -184,7 +192,8 @@ def catalogue(request, tmp_path_factory, tiny_dataset: Path, tiny_hf_model: Path
             shutil.copytree(tiny_dataset, out)
         elif case.prior == "file":
             shutil.copytree(report, out)
-        subs = {"data": tiny_dataset, "hf": tiny_hf_model, "other_tok": other_tok, "run": run, "out": out, "files": files, "noweights": noweights}
+        subs = {"data": tiny_dataset, "hf": tiny_hf_model, "other_tok": other_tok, "run": run, "out": out, "files": files,
+                "noweights": noweights, "root": ROOT}
         args = [a.format(**subs) for a in case.args]
         started[name] = (pool.submit(_run, case.script, args, base), out, _tree(out), subs)
     yield started
@@ -198,7 +207,8 @@ def test_user_error(catalogue, name: str):
     r = future.result()
     assert r.returncode == 2, f"exit {r.returncode}\n{r.stdout[-1500:]}\n{r.stderr[-3000:]}"
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
-    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    # ours: "error: ..."; argparse's usage errors: "launch/X.py: error: ..."
+    errors = [line for line in r.stderr.splitlines() if re.match(r"(launch/\w+\.py: )?error: ", line)]
     assert len(errors) == 1, r.stderr[-3000:]  # one message (it may go on over the following lines)
     for phrase in case.phrases:
         assert phrase.format(**subs) in r.stderr, f"{phrase!r} not in:\n{r.stderr[-3000:]}"
@@ -207,3 +217,5 @@ def test_user_error(catalogue, name: str):
     assert not lost, f"the failed run changed or removed {lost}"
     if case.prior is None:
         assert not out.exists(), "a run refused at its config check must not write anything"
+    partial = out.with_name(out.name + ".partial")
+    assert not partial.exists(), f"a run refused before it started left {partial}"

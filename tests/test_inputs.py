@@ -171,7 +171,8 @@ def inputs(tmp_path_factory, tiny_dataset: Path, tiny_hf_model: Path) -> dict[st
     models.mkdir()
     (models / "a file").write_text("not a model\n")
     (models / "empty directory").mkdir()
-    for name, text in (("config.json not JSON", '{"model_type": "llama",'), ("config.json without model_type", '{"hidden_size": 8}')):
+    for name, text in (("config.json not JSON", '{"model_type": "llama",'),
+                       ("config.json without model_type", '{"hidden_size": 8}')):
         shutil.copytree(tiny_hf_model, models / name, ignore=shutil.ignore_patterns("config.json"))
         (models / name / "config.json").write_text(text)
     shutil.copytree(tiny_hf_model, models / "no weights", ignore=shutil.ignore_patterns("*.safetensors"))
