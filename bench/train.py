@@ -57,7 +57,6 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -172,12 +171,6 @@ def prepare(workdir: Path, data_root: Path, m: dict, max_steps: int, warmup: int
 # ---------------------------------------------------------------------------- one run
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _busy_seconds() -> float:
     import psutil
 
@@ -208,7 +201,10 @@ def wait_quiet(max_wait: float, threshold: float = 0.25, window: float = 3.0) ->
 
 
 def command(c: str, workdir: Path, m: dict, data: Path, max_steps: int, warmup: int, out: Path) -> list[str]:
-    port = str(_free_port())
+    sys.path.insert(0, str(ROOT))
+    from pipeline.rendezvous import free_port
+
+    port = str(free_port())
     if c in STAGES:
         return ["deepspeed", "--num_gpus", str(RANKS), "--master_port", port, str(ROOT / "launch" / "train.py"),
                 *stage_overrides(m, data, out, max_steps, warmup, "auto" if c == "e" else "ds_configs/zero3_offload.json")]

@@ -17,6 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from pipeline.dist import finish  # noqa: E402  (imports pipeline.quiet: known library noise off)
 from pipeline.cli import report_errors  # noqa: E402
 from pipeline.export import ExportVerificationError, export  # noqa: E402
 
@@ -39,4 +40,4 @@ def main(argv=None) -> int:
                                         tolerance=ns.tolerance, overwrite=ns.overwrite) and 0, ExportVerificationError)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    finish(main())

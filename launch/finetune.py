@@ -11,6 +11,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from pipeline.dist import finish  # noqa: E402  (imports pipeline.quiet: known library noise off)
 from pipeline.cli import run_stage  # noqa: E402
 from pipeline.finetune import FinetuneConfig, describe, inspect, run  # noqa: E402
 
@@ -24,4 +25,4 @@ def _main(cfg, ns):
 
 
 if __name__ == "__main__":
-    sys.exit(run_stage(FinetuneConfig, _main, prog="launch/finetune.py", description=__doc__, extra=_extra, describe=describe))
+    finish(run_stage(FinetuneConfig, _main, prog="launch/finetune.py", description=__doc__, extra=_extra, describe=describe))

@@ -14,9 +14,10 @@ The training scripts run under four launchers, which describe the job differentl
 :func:`detect` turns any of these into a :class:`DistEnv`, :func:`export_env` writes the
 standard variables that ``torch.distributed`` and DeepSpeed read, and :func:`init` does
 both and starts the process group through ``deepspeed.init_distributed`` (also for a single
-process, so DeepSpeed works the same there). Finish with :func:`shutdown`: a DeepSpeed
-process was seen to abort at exit ("terminate called without an active exception") when
-its process group was left alive.
+process, so DeepSpeed works the same there). Stages end with :func:`shutdown`; entry
+scripts end the process with :func:`finish`, which skips the interpreter's teardown, where
+DeepSpeed's leftover groups made a rank abort ("terminate called without an active
+exception") after its work was done. The port rules live in :mod:`pipeline.rendezvous`.
 
 The small helpers (:func:`rank`, :func:`world_size`, :func:`is_main`, :func:`print0`,
 :func:`barrier`, the ``all_reduce_*`` functions) work before :func:`init` and in
@@ -33,17 +34,17 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Literal, Mapping
+from typing import Literal, Mapping, NoReturn
 
+from pipeline import quiet
 from pipeline.errors import UserError
+from pipeline.rendezvous import (  # noqa: F401  (re-exported: callers know them as dist.*)
+    DEFAULT_PORT, SLURM_PORT_BASE, SLURM_PORT_SPAN, free_port, is_addr_in_use, port_in_use_message, slurm_port)
 
 Launcher = Literal["deepspeed/torchrun", "slurm", "single"]
 
-SLURM_PORT_BASE = 10000
-"""First port a Slurm job can derive; with the span, ports stay below Linux's ephemeral
-range (32768-60999), where outgoing connections take their local ports."""
-SLURM_PORT_SPAN = 20000
 DEFAULT_ADDR = "127.0.0.1"
+_started = False  # a process group was started in this process (finish() then skips teardown)
 _SCONTROL_TIMEOUT_S = 10  # seconds; scontrol answers locally, a hang means a broken setup
 
 
@@ -188,22 +189,6 @@ def first_host(nodelist: str) -> str:
         ) from None
 
 
-def slurm_port(job_id: int) -> int:
-    """The rendezvous port of Slurm job ``job_id``: ``10000 + job_id % 20000``.
-
-    Every rank of a job computes the same port without talking to the others; two jobs on
-    one node collide only when their ids are equal modulo 20000.
-    """
-    return SLURM_PORT_BASE + job_id % SLURM_PORT_SPAN
-
-
-def free_port() -> int:
-    """A TCP port that was free on this host a moment ago (bound to port 0, then closed)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _slurm_tasks_on_node(spec: str, node_id: int) -> int | None:
     """Entry ``node_id`` of a Slurm tasks-per-node string such as ``2(x3),1``."""
     counts: list[int] = []
@@ -274,7 +259,7 @@ def detect(environ: Mapping[str, str] | None = None, local_rank_arg: int | None 
         if node_rank is None:
             node_rank = rank // local_world
         addr = addr or DEFAULT_ADDR
-        port = port or 29500  # torch's default; both launchers always set MASTER_PORT anyway
+        port = port or DEFAULT_PORT  # torch's default; both launchers always set MASTER_PORT anyway
     elif launcher == "slurm":
         node_rank = _int(environ, "SLURM_NODEID") or 0
         local_rank = _int(environ, "SLURM_LOCALID") or 0
@@ -300,7 +285,7 @@ def detect(environ: Mapping[str, str] | None = None, local_rank_arg: int | None 
             addr = first_host(nodelist) if nodelist else DEFAULT_ADDR
         if port is None:
             job_id = _first_int(environ, "SLURM_JOB_ID", "SLURM_JOBID")
-            port = slurm_port(job_id) if job_id is not None else 29500
+            port = slurm_port(job_id) if job_id is not None else DEFAULT_PORT
     else:
         local_rank, local_world, node_rank = 0, 1, 0
         addr = addr or DEFAULT_ADDR
@@ -411,14 +396,23 @@ def init(cfg: DistConfig, local_rank_arg: int | None = None) -> DistEnv:
                 f"of the node's GPUs (--gpus-per-node, not --gpus-per-task or --gpu-bind)."
             )
 
+    quiet.install()  # before DeepSpeed's import, whichever entry point got here
     import deepspeed
 
-    deepspeed.init_distributed(
-        dist_backend=backend,
-        auto_mpi_discovery=False,  # every variable is exported above: never probe mpi4py
-        distributed_port=env.master_port,
-        timeout=timedelta(seconds=cfg.timeout_s),
-    )
+    try:
+        with quiet.stdout_filtered():  # DeepSpeed prints a banner per rank here
+            deepspeed.init_distributed(
+                dist_backend=backend,
+                auto_mpi_discovery=False,  # every variable is exported above: never probe mpi4py
+                distributed_port=env.master_port,
+                timeout=timedelta(seconds=cfg.timeout_s),
+            )
+    except RuntimeError as e:  # torch's DistNetworkError; only rank 0 listens, so only it says so
+        if env.rank == 0 and is_addr_in_use(e):
+            raise UserError(port_in_use_message(env.master_addr, env.master_port, env.launcher)) from None
+        raise
+    global _started
+    _started = True
     got = torch.distributed.get_world_size()
     if got != env.world_size:  # a bug or a group started elsewhere with other settings
         raise RuntimeError(f"process group has {got} ranks but the launcher says {env.world_size}")
@@ -559,3 +553,48 @@ def shutdown() -> None:
         import torch.distributed as tdist
 
         tdist.destroy_process_group()
+
+
+DONE_MARKER_ENV = "PIPELINE_RANK_DONE"  # file for finish() to write the code to; set and read by slurm/rank.sh
+
+
+def finish(code: int | None) -> NoReturn:
+    """End an entry script's process with its stage's exit ``code`` (None: 0).
+
+    Destroys the process group if the stage left one, writes the completion marker
+    (:data:`DONE_MARKER_ENV`) when the stage ended with 0 or 75, and exits. A process that
+    started a process group skips the interpreter's teardown: it runs what Python's exit
+    would run first (joining non-daemon threads and ``concurrent.futures`` workers, then the
+    ``atexit`` handlers: logging, TensorBoard, temp files), flushes, and ends with
+    ``os._exit``. Why (measured on a 2-rank ZeRO-3 run): after :func:`shutdown`, and after
+    the stage returned and ``gc.collect()``, the DeepSpeed engine is still alive (its
+    parameters' gradient-accumulation hooks, C++ autograd nodes, hold its bound method: a
+    cycle through C++ that Python's gc cannot see), and with it its optimizer's groups: two
+    gloo backends (``gloo_tcp_loop`` and 2 ``pt_gloo_runloop`` threads each) and rank 0's
+    TCP store (``pt_tcpstore_uv``) keep running. They are freed only in the interpreter's
+    teardown, in whatever order it reaches them; a C++ thread that then touches a Python
+    object (a tensor of a finished gloo work item) needs the GIL of a dying interpreter,
+    which ends that thread with a forced unwind, and an unwind through a ``noexcept`` frame
+    is ``std::terminate``: "terminate called without an active exception", SIGABRT (the
+    mechanism pytorch/pytorch#179291 describes; seen here in 1 of ~28 launches, after the
+    outputs were complete). Every output is written and closed before this is called; the
+    teardown also cost ~2 s per rank.
+    """
+    code = int(code or 0)
+    started = _started or _initialized()
+    shutdown()
+    marker = os.environ.get(DONE_MARKER_ENV)
+    if marker and code in (0, 75):
+        with open(marker, "w", encoding="utf-8") as f:
+            f.write(f"{code}\n")
+    if not started:
+        sys.exit(code)
+    import atexit
+    import threading
+
+    # What Py_FinalizeEx runs before the teardown, in its order (CPython internals, 3.8+).
+    getattr(threading, "_shutdown", lambda: None)()
+    getattr(atexit, "_run_exitfuncs", lambda: None)()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

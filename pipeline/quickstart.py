@@ -37,7 +37,6 @@ import json
 import math
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -47,6 +46,7 @@ from typing import Any
 
 from pipeline.errors import UserError
 from pipeline.io import atomic_write_json, atomic_write_text
+from pipeline.rendezvous import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "configs" / "sample"
@@ -90,12 +90,6 @@ class StageFailed(Exception):
 # ---------------------------------------------------------------------------- commands
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _overrides(opts: Options, stage: str) -> list[str]:
     return (TINY.get(stage, []) if opts.tiny else []) + opts.overrides.get(stage, [])
 
@@ -103,7 +97,7 @@ def _overrides(opts: Options, stage: str) -> list[str]:
 def _deepspeed(opts: Options, script: str) -> list[str]:
     # A free port per launch: two quickstarts (or tests) on one machine must not collide on 29500.
     return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(opts.ranks),
-            "--master_port", str(_free_port()), str(ROOT / "launch" / script)]
+            "--master_port", str(free_port()), str(ROOT / "launch" / script)]
 
 
 def commands(opts: Options) -> dict[str, list[str]]:

@@ -19,12 +19,14 @@ export PIPELINE_ROOT
     pipeline_die "not inside a Slurm job: submit with \`sbatch $0 ...\` (or run it inside an salloc allocation)"
 
 # Rendezvous: rank 0 runs on the first node; the port follows from the job id (the formula of
-# pipeline.dist.slurm_port), so two jobs sharing a node never collide and a requeued job keeps
-# its port. Set here, before the hook, so that the hook can change them (another interface).
+# pipeline.rendezvous.slurm_port), so two jobs of this project sharing a node do not collide
+# and a requeued job keeps its port. Set here, before the hook, so that the hook can change
+# them (another interface); stepped past a busy port below.
 mapfile -t _pipeline_hosts < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
 [ ${#_pipeline_hosts[@]} -gt 0 ] || pipeline_die "\`scontrol show hostnames $SLURM_JOB_NODELIST\` gave no host"
 export MASTER_ADDR=${_pipeline_hosts[0]}
-export MASTER_PORT=$((10000 + SLURM_JOB_ID % 20000))
+_pipeline_derived_port=$((10000 + SLURM_JOB_ID % 20000))
+export MASTER_PORT=$_pipeline_derived_port
 
 # The environment hook, the one place for modules and venv/conda activation (slurm/env.sh,
 # or the file PIPELINE_ENV_HOOK names). srun passes the resulting environment to every task.
@@ -37,6 +39,20 @@ set -eu
 PIPELINE_PYTHON=${PIPELINE_PYTHON:-python3}
 command -v "$PIPELINE_PYTHON" >/dev/null ||
     pipeline_die "$PIPELINE_PYTHON not found: activate the environment in $PIPELINE_ENV_HOOK or set PIPELINE_PYTHON"
+# Another process on this node (another job's rank 0, any server) may hold the derived port.
+# This shell runs on the job's first node, where rank 0 listens, so it can look: the first
+# free port from the derived one, stepping by one (the same busy ports give the same answer;
+# a requeued job starts from the same port). The ranks cannot do this themselves: they share
+# no channel before the rendezvous. A port taken between here and rank 0's start still fails,
+# with a message from rank 0 that says so. A MASTER_PORT the hook set is kept as it is.
+if [ "$MASTER_PORT" = "$_pipeline_derived_port" ]; then
+    MASTER_PORT=$("$PIPELINE_PYTHON" -c 'import sys; sys.path.insert(0, sys.argv[1]); from pipeline.rendezvous import main; sys.exit(main(sys.argv[2:]))' \
+        "$PIPELINE_ROOT" slurm-port "$SLURM_JOB_ID") ||
+        pipeline_die "no free rendezvous port near $_pipeline_derived_port on $(hostname -s) (message above)"
+    if [ "$MASTER_PORT" != "$_pipeline_derived_port" ]; then
+        pipeline_log "rendezvous port $_pipeline_derived_port (from the job id) is in use on $(hostname -s): using $MASTER_PORT"
+    fi
+fi
 # One thread per allocated CPU (torch would otherwise start one per core of the node, per rank).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 export PYTHONUNBUFFERED=1

@@ -4,9 +4,10 @@
 #
 #   slurm/pipeline.sh [options] RECIPE_DIR
 #
-# RECIPE_DIR holds the stage recipes: preprocess.yaml, pretrain.yaml, finetune.yaml,
-# evaluate.yaml. Each one present is a stage, in that order; then export publishes the
-# output of the last training stage (finetune, else pretrain) as a Hugging Face model.
+# RECIPE_DIR (relative: from the current directory, else from the project) holds the stage
+# recipes: preprocess.yaml, pretrain.yaml, finetune.yaml, evaluate.yaml. Each one present is a
+# stage, in that order; then export publishes the output of the last training stage
+# (finetune, else pretrain) as a Hugging Face model.
 # Prints one "STAGE JOBID" line per job. A failing stage cancels the jobs after it.
 #
 # Options (quote multi-word values):
@@ -40,7 +41,9 @@ while [ $# -gt 0 ]; do
     esac
 done
 [ -n "$RECIPES" ] || die "give the recipe directory, e.g. slurm/pipeline.sh configs/sample (see --help)"
-[ -d "$RECIPES" ] || die "$RECIPES is not a directory"
+# Resolved as the batch scripts resolve a recipe: from here, else from the project.
+if [ ! -d "$RECIPES" ] && [[ $RECIPES != /* ]] && [ -d "$ROOT/$RECIPES" ]; then RECIPES=$ROOT/$RECIPES; fi
+[ -d "$RECIPES" ] || die "recipe directory $RECIPES not found (in $(pwd), nor in the project $ROOT)"
 command -v sbatch >/dev/null || die "sbatch not found: run this on a Slurm login node"
 
 if [ -n "$ONLY" ]; then

@@ -13,6 +13,12 @@ fi
 
 # Slurm signals every process of a task (this shell and CMD). Keep this shell alive to report,
 # and pass the signal on in case only this shell got it (CMD latches the first stop signal).
+# The stage's completion marker (pipeline.dist.finish writes its exit code there once the
+# stage has returned and its process group is gone): lets a rank that dies at interpreter
+# exit after finishing its work count as done.
+export PIPELINE_RANK_DONE="${TMPDIR:-/tmp}/pipeline-rank-done.${SLURM_JOB_ID:-0}.${SLURM_STEP_ID:-0}.${SLURM_PROCID:-0}.$$"
+rm -f "$PIPELINE_RANK_DONE"
+
 child=""
 trap '[ -n "$child" ] && kill -USR1 "$child" 2>/dev/null' USR1
 trap '[ -n "$child" ] && kill -TERM "$child" 2>/dev/null' TERM
@@ -30,6 +36,17 @@ while kill -0 "$child" 2>/dev/null; do
 done
 wait "$child"
 rc=$?
+done_code=""
+if [ -f "$PIPELINE_RANK_DONE" ]; then done_code=$(tr -cd 0-9 <"$PIPELINE_RANK_DONE"); fi
+rm -f "$PIPELINE_RANK_DONE"
+# SIGABRT (134) after the marker: the abort happened in the process's exit, after the stage
+# had written its outputs (pipeline.dist.finish's docstring has the case). Take the stage's own code.
+if [ "$rc" -eq 134 ] && [ -n "$done_code" ]; then
+    echo "pipeline: rank ${SLURM_PROCID:-?} of ${SLURM_NTASKS:-?} (node ${SLURMD_NODENAME:-$(hostname -s)}) was killed by" \
+        "SIGABRT while exiting, after its stage had finished with code $done_code (completion marker written):" \
+        "counted as exit code $done_code" >&2
+    rc=$done_code
+fi
 
 if [ "$rc" -eq 0 ] || { [ "$training" -eq 1 ] && [ "$rc" -eq 75 ]; }; then
     exit "$rc"

@@ -91,12 +91,7 @@ def tiny_hf_model(tmp_path_factory, tiny_dataset) -> Path:
     return out
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from pipeline.rendezvous import free_port  # noqa: E402  (standard library only: no heavy import here)
 
 
 def run_deepspeed(script: str, *args: str, ranks: int = 2, cwd=None, env: dict | None = None, timeout: float = 600):
