@@ -204,6 +204,9 @@ def _run_in_process(script: str, argv: list[str], monkeypatch, capsys) -> tuple[
         raise _HeavyWork(f"{script} went past its input checks into heavy work")
 
     monkeypatch.setattr(pipeline.dist, "init", tripwire)  # train, finetune (and evaluate zero3)
+    # dist.finish ends a process that ever started a process group with os._exit; an earlier
+    # test in this process may have (and shut it down again): these runs start none.
+    monkeypatch.setattr(pipeline.dist, "_started", False)
     monkeypatch.setattr(pipeline.evaluate, "load", tripwire)  # evaluate: weights
     monkeypatch.setattr(pipeline.export, "consolidate", tripwire)  # export: weights
     monkeypatch.setattr(sys, "argv", [str(ROOT / "launch" / script), *argv])
