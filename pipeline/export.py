@@ -2,8 +2,9 @@
 
     python launch/export.py --checkpoint RUN|CHECKPOINTS|STEP_DIR --output DIR [--dtype ...] [--overwrite]
 
-Flow: resolve the step directory -> consolidate the ZeRO shards (any stage, any number of ranks)
-into one fp32 state dict with DeepSpeed's ``zero_to_fp32`` (lazy mode, a tensor at a time) -> a
+Flow: resolve the step directory (complete for its ZeRO stage) -> consolidate the ZeRO shards (any
+stage, any number of ranks) into one fp32 state dict, a tensor at a time (:mod:`pipeline.consolidate`:
+DeepSpeed's ``zero_to_fp32`` in lazy mode for ZeRO-1/2/3, the mapped model states for ZeRO-0) -> a
 model built from ``hf/config.json`` on those tensors -> reference logits on a fixed batch -> cast
 and write safetensors, config, generation config, tokenizer and chat template into
 ``<output>.tmp-<pid>`` -> free the model, reload the written directory with transformers, compare
@@ -17,24 +18,19 @@ The evaluate and fine-tune stages use :func:`resolve_checkpoint`, :func:`is_pipe
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
-import gc
-import io
 import json
 import math
 import os
 import re
 import shutil
-import sys
-import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from pipeline.consolidate import PageOut, consolidate_step, free_memory, missing_files, zero_stage
 from pipeline.errors import UserError
 from pipeline.io import atomic_write_json, publish_dir, sha256_file
 
@@ -52,8 +48,10 @@ CORRUPT_ENV = "PIPELINE_TEST_CORRUPT_EXPORT"
 verification must fail."""
 _STEP_TAG = re.compile(r"^step-\d{8}$")
 _EXPECTED = ("a step directory of this pipeline (step-NNNNNNNN/ holding meta.json, hf/config.json and DeepSpeed's "
-             "*_model_states.pt / *_optim_states.pt), a checkpoints/ directory with a `latest` file, or a training "
-             "run directory holding checkpoints/latest")
+             "*_model_states.pt, plus its *_optim_states.pt under ZeRO-1/2/3), a checkpoints/ directory with a `latest` "
+             "file, or a training run directory holding checkpoints/latest")
+_NO_CHECKPOINT_YET = ("train it until a checkpoint is saved (one every checkpoint.every steps, and one when it reaches "
+                      "train.max_steps or is preempted), or give the step directory of another run")
 _WRITTEN = {"config.json", "generation_config.json", "export_meta.json", "model.safetensors", "model.safetensors.index.json"}
 
 
@@ -69,9 +67,10 @@ class ExportVerificationError(Exception):
 def _read_latest(root: Path) -> Path:
     tag = (root / "latest").read_text(encoding="utf-8").strip()
     if not _STEP_TAG.match(tag) or not (root / tag).is_dir():
-        found = sorted(p.name for p in root.glob("step-*") if _STEP_TAG.match(p.name))
-        raise UserError(f"{root / 'latest'} names '{tag}', which is not a complete checkpoint; export a step directory "
-                        f"instead (present: {', '.join(found) or 'none'})")
+        found = sorted(p for p in root.glob("step-*") if _STEP_TAG.match(p.name) and p.is_dir())
+        fix = (f"give one of its step directories instead ({', '.join(str(p) for p in found[-3:])})" if found else
+               f"it holds no complete step directory yet: {_NO_CHECKPOINT_YET}")
+        raise UserError(f"{root / 'latest'} names '{tag}', which is not a complete checkpoint; {fix}")
     return root / tag
 
 
@@ -94,8 +93,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     elif (p / "checkpoints" / "latest").is_file():
         step = _read_latest(p / "checkpoints")
     elif (p / "checkpoints").is_dir():
-        raise UserError(f"'{p}' is a run directory without a complete checkpoint (no checkpoints/latest); train until "
-                        "a checkpoint is saved, or give a step directory")
+        raise UserError(f"'{p}' is a run directory without a complete checkpoint (no checkpoints/latest); {_NO_CHECKPOINT_YET}")
     else:
         step = p
     if step.name.endswith(".tmp"):
@@ -107,10 +105,15 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         raise UserError(f"'{step}' is a DeepSpeed universal checkpoint (for resuming on another number of ranks), which "
                         "export does not read; export the regular checkpoint it was converted from (converted_from in "
                         "its meta.json) or one the resumed run wrote")
-    missing = [name for name in ("hf/config.json", "*_model_states.pt", "*_optim_states.pt")
-               if not ((step / name).is_file() if "*" not in name else any(step.glob(name)))]
-    if missing:
-        raise UserError(f"checkpoint '{step}' is incomplete (missing {', '.join(missing)}); export another step")
+    # what is complete depends on the ZeRO stage: ZeRO-0 keeps everything in mp_rank_00_model_states.pt
+    meta = _meta(step)
+    stage = zero_stage(step, meta)
+    if missing := missing_files(step, meta, stage):
+        world = meta.get("world_size")
+        ranks = f", {world} rank{'s' * (world != 1)}" if isinstance(world, int) else ""
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        raise UserError(f"checkpoint '{step}' (ZeRO-{stage}{ranks}) is incomplete (missing {shown}); give another step "
+                        "directory of the run")
     return step
 
 
@@ -156,144 +159,11 @@ def _plain_quiet() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-class _PageOut:
-    """While open, hands this process's resident pages of memory-mapped ``files`` back to the
-    kernel (``madvise(MADV_PAGEOUT)``), from a thread every 0.1 s and on :meth:`add`.
-
-    DeepSpeed reads the optimizer shards with ``torch.load(mmap=True)`` (transformers the
-    safetensors likewise): every page read stays in this process's RSS until the file is closed,
-    a second copy of the model at the peak. ``MADV_PAGEOUT`` reclaims clean file pages and never
-    discards data (a page touched again is read back), so it is safe on any mapping. Not Linux,
-    or a kernel < 5.4: a no-op."""
-
-    MADV_PAGEOUT, EINVAL = 21, 22
-
-    def __init__(self, files: Iterable[str | os.PathLike]):
-        self.files = {os.path.realpath(f) for f in files}
-        # a synchronous pass every 1/128 of the mapped bytes (at least 16 MiB) processed
-        self.every, self.pending = max(16 << 20, sum(os.path.getsize(f) for f in self.files) // 128), 0
-        self.lock, self.stop, self.libc = threading.Lock(), threading.Event(), None
-        if self.files and sys.platform.startswith("linux"):
-            with contextlib.suppress(OSError, AttributeError):
-                self.libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-                self.libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        self.thread = threading.Thread(target=self._loop, name="pageout", daemon=True) if self.libc else None
-
-    def run_pass(self) -> None:
-        with self.lock:
-            self.pending = 0
-            if self.libc is None:
-                return
-            with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
-                ranges = [parts[0].split("-") for parts in (line.rstrip("\n").split(maxsplit=5) for line in f)
-                          if len(parts) == 6 and parts[5] in self.files]
-            for lo, hi in ((int(a, 16), int(b, 16)) for a, b in ranges):
-                if self.libc.madvise(lo, hi - lo, self.MADV_PAGEOUT) and ctypes.get_errno() == self.EINVAL:
-                    self.libc = None  # this kernel has no MADV_PAGEOUT
-                    return
-
-    def add(self, nbytes: int) -> None:
-        self.pending += nbytes
-        if self.pending >= self.every:
-            self.run_pass()
-
-    def _loop(self) -> None:
-        while not self.stop.wait(0.1):
-            self.run_pass()
-
-    def __enter__(self) -> _PageOut:
-        if self.thread is not None:
-            self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        if self.thread is not None:
-            self.thread.join()
-        self.run_pass()
-
-
-def _free_memory() -> None:
-    """Collect garbage and give freed heap back to the OS (glibc ``malloc_trim``): a freed model's
-    tensors are mostly heap blocks glibc would keep, and the next model would come on top."""
-    gc.collect()
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(ctypes.util.find_library("c") or None).malloc_trim(0)
-
-
-class _Zero2Slice:
-    """One parameter of a ZeRO-1/2 checkpoint, read on :meth:`contiguous` from the (memory-mapped)
-    fp32 partitions of its parameter group: the lazy counterpart of DeepSpeed's ZeRO-3
-    ``GatheredTensor`` that ``zero_to_fp32`` lacks for stages 1/2."""
-
-    def __init__(self, partitions: list[torch.Tensor], offset: int, numel: int, shape: torch.Size):
-        self.partitions, self.offset, self.numel, self.shape = partitions, offset, numel, torch.Size(shape)
-        self.dtype = torch.float32
-
-    def contiguous(self) -> torch.Tensor:
-        """The parameter as its own fp32 tensor: the pieces of the partitions it spans, copied."""
-        out, start, filled = torch.empty(self.numel, dtype=torch.float32), 0, 0
-        for part in self.partitions:  # rank order = the order DeepSpeed concatenates them in
-            lo, hi = max(self.offset, start), min(self.offset + self.numel, start + part.numel())
-            if lo < hi:
-                out[lo - self.offset:hi - self.offset].copy_(part[lo - start:hi - start])
-                filled += hi - lo
-            start += part.numel()
-        if filled != self.numel:
-            raise ValueError(f"the fp32 partitions hold {filled} of a parameter's {self.numel} elements")
-        return out.view(self.shape)
-
-
-def _zero2_lazy_merge(state_dict, world_size, fp32_flat_groups, zero_model_states, param_alignment_paddings=None):
-    """Stand-in for ``zero_to_fp32._zero2_merge_trainable_params`` (same arguments, same layout
-    rules and sanity check): DeepSpeed's version ``torch.cat``s each group's partitions into one
-    fp32 vector and returns views of it, which holds a whole copy of the model that cannot be freed
-    piecewise (2x the fp32 size at the export's peak); this one puts a :class:`_Zero2Slice` per
-    parameter, so a parameter is read from the mapped shards only when it is materialised."""
-    for group, shapes in enumerate(zero_model_states[0].param_shapes):
-        partitions = [ranks[group] for ranks in fp32_flat_groups]
-        avail = sum(p.numel() for p in partitions)
-        paddings = param_alignment_paddings[group] if param_alignment_paddings is not None else None
-        if paddings is not None and len(paddings) != len(shapes):
-            raise ValueError(f"expected {len(shapes)} parameter alignment paddings for group {group}, found {len(paddings)}")
-        offset = 0
-        for i, (name, shape) in enumerate(shapes.items()):
-            numel = math.prod(shape)
-            state_dict[name] = _Zero2Slice(partitions, offset, numel, shape)
-            offset += numel + (paddings[i] if paddings is not None else 0)
-        align = 2 * world_size  # DeepSpeed pads each group to a multiple of 2 x world size (its check)
-        if align * math.ceil(offset / align) != align * math.ceil(avail / align):
-            raise ValueError(f"consumed {offset} numels out of {avail} in parameter group {group}")
-
-
-def _lazy_state_dict(step: Path) -> dict[str, Any]:
-    """DeepSpeed's consolidated state dict in lazy mode: values whose ``.contiguous()`` makes the
-    tensor (ZeRO-3: DeepSpeed's gather; ZeRO-1/2: :func:`_zero2_lazy_merge` in place of DeepSpeed's
-    merge). Its prints are dropped, its bars follow ours."""
-    from deepspeed.utils import zero_to_fp32 as z
-
-    from pipeline.progress import progress_bar
-
-    saved, saved_merge = z.tqdm, z._zero2_merge_trainable_params
-    z.tqdm = lambda iterable=None, **kw: progress_bar(iterable=iterable, leave=False, **kw)
-    z._zero2_merge_trainable_params = _zero2_lazy_merge
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            return z.get_fp32_state_dict_from_zero_checkpoint(str(step.parent), tag=step.name, lazy_mode=True)
-    except (FileNotFoundError, ValueError, KeyError, EOFError, RuntimeError) as e:
-        raise UserError(f"DeepSpeed cannot consolidate '{step}' ({type(e).__name__}: {e}); the checkpoint is incomplete "
-                        "or damaged (every rank's *_model_states.pt and *_optim_states.pt must be there): export another "
-                        "step") from None
-    finally:
-        z.tqdm, z._zero2_merge_trainable_params = saved, saved_merge
-
-
 def consolidate(step_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The checkpoint's full fp32 state dict, keyed by the training module's parameter names.
 
-    DeepSpeed's ``zero_to_fp32`` (any ZeRO stage, any number of ranks) in lazy mode, materialised
-    a tensor at a time; tied parameters stay one shared tensor. Peak: about one fp32 model copy.
+    Any ZeRO stage, any number of ranks (:func:`pipeline.consolidate.consolidate_step`), a tensor
+    at a time; tied parameters stay one shared tensor. Peak: about one fp32 model copy.
 
     Args:
         step_dir: a step, checkpoints or run directory (see :func:`resolve_checkpoint`).
@@ -301,29 +171,8 @@ def consolidate(step_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
     Raises:
         UserError: not a checkpoint, or shards missing/damaged.
     """
-    from pipeline.progress import progress_bar
-
     step = resolve_checkpoint(step_dir)
-    out: dict[str, torch.Tensor] = {}
-    first: dict[int, str] = {}  # id of a lazy value (all alive from the start) -> its first name: ties stay ties
-    with _PageOut(step.glob("*_optim_states.pt")) as pager:
-        lazy = _lazy_state_dict(step)
-        gc.collect()  # the loaded optimizer dicts hold reference cycles; free what DeepSpeed let go
-        with progress_bar(total=len(lazy), desc="consolidate", unit="tensor") as bar:
-            while lazy:
-                name, t = next(iter(lazy.items()))
-                del lazy[name]  # the last reference to a ZeRO-3 lazy tensor keeps the shards mapped
-                if id(t) in first:
-                    out[name] = out[first[id(t)]]
-                else:
-                    first[id(t)] = name
-                    v = t.contiguous()
-                    out[name] = v.float() if v.is_floating_point() and v.dtype != torch.float32 else v
-                    pager.add(v.numel() * v.element_size())
-                bar.update()
-        t = v = None
-    gc.collect()
-    return out
+    return consolidate_step(step, zero_stage(step, _meta(step)))
 
 
 # ---------------------------------------------------------------------------- models
@@ -530,7 +379,7 @@ def _reload_as_fp32(directory: Path, head: str, torch_dtype: torch.dtype):
     with _plain_quiet():
         model = _auto_class(head).from_pretrained(str(directory), dtype=torch_dtype, local_files_only=True)
     if torch_dtype != torch.float32:
-        with _PageOut(directory.glob("*.safetensors")) as pager, torch.no_grad():
+        with PageOut(directory.glob("*.safetensors")) as pager, torch.no_grad():
             for p in model.parameters():
                 pager.add(p.data.nbytes)
                 p.data = p.data.float()
@@ -559,11 +408,11 @@ def export(checkpoint: str | os.PathLike, output: str | os.PathLike, *, max_shar
         ExportVerificationError: logits beyond the tolerance; nothing published (exit 1).
     """
     t0 = time.time()
-    step, out = resolve_checkpoint(checkpoint), Path(output)
-    if out.resolve() == step.resolve() or out.resolve() in step.resolve().parents:  # --overwrite would delete it
-        raise UserError(f"output '{out}' holds the checkpoint {step}; choose an --output outside the training run")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output '{out}' exists and is not a directory; choose another --output")
+    from pipeline.inputs import check_model, check_output
+
+    step = check_model(checkpoint, "--checkpoint", hf=False).step_dir
+    # an output holding the checkpoint would be deleted by --overwrite
+    out = check_output(output, "--output", inputs=[("--checkpoint", str(checkpoint)), ("its step directory", str(step))])
     if out.exists() and not overwrite:
         raise UserError(f"output '{out}' already exists; pass --overwrite to replace it (the old one stays until the new "
                         "export is verified), or choose another --output")
@@ -604,7 +453,7 @@ def export(checkpoint: str | os.PathLike, output: str | os.PathLike, *, max_shar
         with _plain_quiet():
             model.save_pretrained(str(tmp), max_shard_size=shard_bytes)
         del model
-        _free_memory()
+        free_memory()
         _copy_tokenizer(step, tmp)
         conf_json = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
         conf_json["dtype"] = conf_json["torch_dtype"] = str(torch_dtype).removeprefix("torch.")  # transformers 5 and 4 keys
@@ -614,7 +463,7 @@ def export(checkpoint: str | os.PathLike, output: str | os.PathLike, *, max_shar
         _tokenizer(tmp)
         diff = float((_logits(written, batch) - reference).abs().max())
         del written
-        _free_memory()
+        free_memory()
         log(f"export: verification on {batch.shape[0]}x{batch.shape[1]} tokens: max |Δlogit| = {diff:.3g} (tolerance {tol:.3g})")
         if not diff <= tol:  # NaN fails too
             hint = "" if math.isfinite(diff) else (

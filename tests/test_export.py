@@ -167,12 +167,19 @@ def test_verification_failure_publishes_nothing_and_keeps_the_old_export(z3_run:
 
 @pytest.mark.parametrize("case, message", [
     ("missing", "does not exist"),
-    ("empty dir", "is not a checkpoint of this pipeline (no meta.json)"),
-    ("hf dir", "looks like a Hugging Face model directory"),
-    ("no optimizer shards", "incomplete (missing *_optim_states.pt)"),
-    ("run without checkpoint", "without a complete checkpoint"),
+    ("empty dir", "nor a checkpoint of this pipeline (no meta.json, checkpoints/ or latest)"),
+    ("hf dir", "is a Hugging Face model directory, which needs no export"),
+    ("no optimizer shards", ("(ZeRO-3, 2 ranks) is incomplete (missing zero_pp_rank_0_mp_rank_00_optim_states.pt, "
+                             "zero_pp_rank_1_mp_rank_00_optim_states.pt)")),
+    ("one rank's model states", "(ZeRO-3, 2 ranks) is incomplete (missing zero_pp_rank_1_mp_rank_00_model_states.pt)"),
+    ("run without checkpoint", ("without a complete checkpoint (no checkpoints/latest); train it until a checkpoint is "
+                                "saved (one every checkpoint.every steps")),
+    ("latest names no step", ("names 'step-00000009', which is not a complete checkpoint; it holds no complete step "
+                              "directory yet: train it until a checkpoint is saved")),
+    ("latest names a removed step", ("names 'step-00000009', which is not a complete checkpoint; give one of its step "
+                                     "directories instead (")),
     ("output exists", "already exists; pass --overwrite"),
-    ("output holds the checkpoint", "holds the checkpoint"),
+    ("output holds the checkpoint", "the run would write over its own input; choose another --output"),
     ("bad shard size", "is not a size"),
 ])
 def test_user_errors(tmp_path: Path, z3_run: Path, tiny_hf_model: Path, case: str, message: str):
@@ -188,9 +195,19 @@ def test_user_errors(tmp_path: Path, z3_run: Path, tiny_hf_model: Path, case: st
     elif case == "no optimizer shards":
         checkpoint = tmp_path / STEP
         shutil.copytree(step, checkpoint, ignore=shutil.ignore_patterns("*_optim_states.pt"))
+    elif case == "one rank's model states":
+        checkpoint = tmp_path / STEP
+        shutil.copytree(step, checkpoint, ignore=shutil.ignore_patterns("zero_pp_rank_1_*_model_states.pt"))
     elif case == "run without checkpoint":
         checkpoint = tmp_path / "run"
         (checkpoint / "checkpoints").mkdir(parents=True)
+    elif case.startswith("latest names"):  # a run whose latest step was deleted (by hand, or keep_last elsewhere)
+        checkpoint = tmp_path / "run" / "checkpoints"
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "latest").write_text("step-00000009")
+        if case.endswith("removed step"):
+            shutil.copytree(step, checkpoint / STEP)
+            message += str(checkpoint / STEP) + ")"
     elif case == "output exists":
         out.mkdir()
     elif case == "output holds the checkpoint":
@@ -204,7 +221,7 @@ def test_user_errors(tmp_path: Path, z3_run: Path, tiny_hf_model: Path, case: st
 
 def test_user_error_exits_2_with_one_message(tmp_path: Path):
     r = run_script("export.py", "--checkpoint", str(tmp_path / "nowhere"), "--output", str(tmp_path / "out"))
-    assert r.returncode == 2 and r.stderr.startswith("error: checkpoint") and "Traceback" not in r.stderr
+    assert r.returncode == 2 and r.stderr.startswith("error: --checkpoint") and "Traceback" not in r.stderr
     assert not (tmp_path / "out").exists()
 
 
@@ -260,7 +277,7 @@ from pathlib import Path
 import torch, deepspeed
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-out, tok_dir, port, head, stage, precision, hidden, inter, layers = sys.argv[1:]
+out, tok_dir, port, head, stage, precision, hidden, inter, layers, optimizer = sys.argv[1:]
 out, stage, hidden, inter, layers = Path(out), int(stage), int(hidden), int(inter), int(layers)
 os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
 deepspeed.init_distributed(dist_backend="gloo")
@@ -272,7 +289,12 @@ conf = LlamaConfig(vocab_size=512, hidden_size=hidden, intermediate_size=inter, 
 model = cls(conf)
 ds = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
       "bf16": {"enabled": precision == "bf16"}}
-engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2), config=ds)
+if optimizer == "deepspeed":  # DeepSpeed's AdamW on the pipeline's groups, as launch/train.py builds it
+    from pipeline.model import param_groups
+    ds["optimizer"] = {"type": "AdamW", "params": {"lr": 1e-2}}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.1), config=ds)
+else:
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2), config=ds)
 ids = torch.randint(4, 512, (2, 8))
 loss = engine(input_ids=ids, labels=torch.tensor([0, 2]) if head == "cls" else ids).loss
 engine.backward(loss)
@@ -290,10 +312,11 @@ if head == "cls":
 
 
 def _engine_checkpoint(run: Path, tokenizer: Path, head: str, stage: int, precision: str,
-                       size: tuple[int, int, int] = (64, 128, 2)) -> Path:
-    """A 1-rank checkpoint (see _ENGINE_CHECKPOINT); ``size``: hidden size, MLP size, layers."""
+                       size: tuple[int, int, int] = (64, 128, 2), optimizer: str = "torch") -> Path:
+    """A 1-rank checkpoint (see _ENGINE_CHECKPOINT); ``size``: hidden size, MLP size, layers;
+    ``optimizer``: torch's AdamW on one group, or ``deepspeed``'s on the pipeline's groups."""
     r = subprocess.run([sys.executable, "-c", _ENGINE_CHECKPOINT, str(run), str(tokenizer), str(free_port()), head, str(stage),
-                        precision, *map(str, size)], env={**os.environ, "PYTHONPATH": str(ROOT), **ENV}, capture_output=True, text=True,
+                        precision, *map(str, size), optimizer], env={**os.environ, "PYTHONPATH": str(ROOT), **ENV}, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return run / "checkpoints" / "step-00000001"
@@ -321,6 +344,42 @@ def test_bf16_trained_zero2_classifier_keeps_its_labels_and_fp32_master_weights(
     assert model.config.id2label[1] == "neutral" and (_logits(model) - ref).abs().max() <= 1e-5
     loaded, _ = load_model(step)
     assert type(loaded).__name__ == "LlamaForSequenceClassification" and loaded.config.id2label[2] == "pos"
+
+
+@pytest.mark.parametrize("optimizer", ["torch", "deepspeed"])
+def test_zero0_bf16_exports_the_fp32_master_weights(tmp_path: Path, tiny_dataset: Path, optimizer: str):
+    """ZeRO-0 writes no *_optim_states.pt: the module's state dict in mp_rank_00_model_states.pt holds
+    the weights and, trained in bf16, DeepSpeed's FP16 optimizer keeps the fp32 master weights beside
+    it (per parameter with torch's AdamW; one flat tensor per group with DeepSpeed's fused AdamW)."""
+    from transformers import AutoModelForCausalLM
+
+    step = _engine_checkpoint(tmp_path / "z0", tiny_dataset / "tokenizer", "causal", 0, "bf16", optimizer=optimizer)
+    assert not list(step.glob("*_optim_states.pt"))
+    states = torch.load(step / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    masters = "fp32_groups" if optimizer == "torch" else "fp32_groups_flat"
+    assert masters in states["optimizer"]
+    name = "model.layers.0.mlp.up_proj.weight"
+    master = consolidate(step)[name]
+    assert master.dtype == torch.float32 and not master.requires_grad and (master.bfloat16().float() != master).any()  # not the bf16 module weight
+    assert torch.equal(master.bfloat16(), states["module"][name])  # ... but the master weight it was rounded from
+    ref = _logits(_reference(step))
+    summary = export(step, tmp_path / "out", dtype="fp32", log=_quiet)
+    assert (summary["zero_stage"], summary["world_size"]) == (0, 1) and summary["max_abs_logit_diff"] <= 1e-4
+    assert (_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "out")) - ref).abs().max() <= 1e-5
+
+    # master weights that are not the module's (another grouping, other values) are refused, not exported
+    if optimizer == "torch":
+        states["optimizer"][masters][0][0].data.add_(1.0)
+        message = "does not round to the module's torch.bfloat16 weight"
+    else:
+        states["optimizer"][masters].reverse()
+        message = "do not match the parameter groups of this pipeline's optimizer"
+    torch.save(states, step / "mp_rank_00_model_states.pt")
+    with pytest.raises(UserError, match=re.escape(message)):
+        consolidate(step)
+    (step / "mp_rank_00_model_states.pt").unlink()
+    with pytest.raises(UserError, match=re.escape("(ZeRO-0, 1 rank) is incomplete (missing mp_rank_00_model_states.pt)")):
+        export(step, tmp_path / "again", log=_quiet)
 
 
 _BASELINE = r"""
@@ -353,14 +412,19 @@ def _peak_rss(*cmd: str) -> tuple[int, str]:
 
 
 @pytest.mark.slow
-def test_zero1_export_peak_memory_is_about_one_fp32_copy(tmp_path: Path, tiny_dataset: Path):
+@pytest.mark.parametrize("stage", [1, 0])
+def test_export_peak_memory_is_about_one_fp32_copy(tmp_path: Path, tiny_dataset: Path, stage: int):
     """ZeRO-1/2 keep each parameter group's fp32 master weights as flat partitions; the export must
-    not hold a merged copy beside the model (it did: 2.03x fp32, 1.52x bf16, docs/export.md)."""
+    not hold a merged copy beside the model (it did: 2.03x fp32, 1.52x bf16, docs/export.md).
+    ZeRO-0 keeps the weights with both Adam moments in one file (3x the weights): only the weights
+    may be read, and their pages handed back."""
     tok = tiny_dataset / "tokenizer"
     # 38.3M parameters (146 MiB fp32): the weights dominate the process, and it trains a step in seconds
-    big = _engine_checkpoint(tmp_path / "big", tok, "causal", 1, "fp32", size=(1024, 2816, 3))
-    fp32_bytes = 4 * sum(s.numel() for s in torch.load(big / "mp_rank_00_model_states.pt", map_location="cpu",
-                                                          weights_only=False)["param_shapes"][0].values())
+    big = _engine_checkpoint(tmp_path / "big", tok, "causal", stage, "fp32", size=(1024, 2816, 3))
+    states = torch.load(big / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False, mmap=True)
+    shapes = states["param_shapes"][0] if stage else {k: t.shape for k, t in states["module"].items()}
+    fp32_bytes = 4 * sum(s.numel() for s in shapes.values())
+    del states
     assert fp32_bytes > 140 * 2**20
     # the baseline, measured here on the same machine and versions: 427 MiB, vs 431 MiB for a whole
     # export of a 0.2M-parameter checkpoint (docs/export.md), so it errs on the strict side

@@ -1,0 +1,151 @@
+"""Every shipped DeepSpeed config, and what ``deepspeed.config=auto`` picks, round-trips: a short
+training run's checkpoint exports with verified logits, evaluates from the checkpoint itself (the
+same perplexity as its export) and fine-tunes from it."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_MODEL, run_deepspeed, run_script, write_jsonl
+
+from pipeline.export import consolidate, export, resolve_checkpoint
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ENV = {"OMP_NUM_THREADS": "1"}
+CONFIGS = {  # case -> (deepspeed.config, ranks, the ZeRO stage its checkpoint must record)
+    "zero0": ("ds_configs/zero0.json", 1, 0),  # nothing partitioned: one rank writes the same files as two
+    "zero1": ("ds_configs/zero1.json", 2, 1),
+    "zero2": ("ds_configs/zero2.json", 2, 2),
+    "zero2_offload": ("ds_configs/zero2_offload.json", 2, 2),
+    "zero3": ("ds_configs/zero3.json", 2, 3),
+    "zero3_offload": ("ds_configs/zero3_offload.json", 2, 3),
+    "zero3_offload_nvme": ("ds_configs/zero3_offload_nvme.json", 2, 3),
+    "auto": ("auto", 2, 0),  # a model this small fits on every rank: the planner picks ds_configs/zero0.json
+}
+
+
+def _nvme_unavailable(directory: Path) -> str | None:
+    """Why ZeRO-3 NVMe offload cannot run here (None: it can). It needs DeepSpeed's async_io op,
+    which links libaio, and a directory that takes O_DIRECT I/O (not tmpfs)."""
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("AsyncIOBuilder")
+    if builder is None or not builder.is_compatible():
+        return ("DeepSpeed's async_io op (ZeRO NVMe offload) cannot be built: libaio's headers and library are missing "
+                "(Debian: apt-get install libaio-dev)")
+    probe = directory / "o_direct_probe"
+    try:
+        os.close(os.open(probe, os.O_CREAT | os.O_WRONLY | os.O_DIRECT, 0o600))
+    except OSError as e:
+        return f"{directory} does not take O_DIRECT I/O ({e}), which DeepSpeed's NVMe offload uses"
+    finally:
+        probe.unlink(missing_ok=True)
+    return None
+
+
+@pytest.fixture(scope="module")
+def sft_data(tmp_path_factory) -> Path:
+    from pipeline.data.sample import generate_qa
+
+    return write_jsonl(tmp_path_factory.mktemp("qa") / "qa.jsonl", list(generate_qa(40)))
+
+
+def _train(run: Path, data: Path, config: str, ranks: int, *extra: str):
+    args = [f"output={run}", f"data.datasets.0.path={data}", *TINY_MODEL, "train.micro_batch_size=2", "train.warmup_steps=1",
+            "train.eval_batches=2", "train.eval_every=0", "checkpoint.every=0", "train.max_steps=2", "train.lr=3e-3",
+            f"deepspeed.config={config}", *extra]
+    return run_deepspeed("train.py", *args, ranks=ranks, env=ENV) if ranks > 1 else run_script("train.py", *args, env=ENV)
+
+
+def _logits(model) -> torch.Tensor:
+    ids = torch.randint(4, 512, (3, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+def _val_loss(model, data: Path) -> float:
+    """The training stage's final validation loss, recomputed on its fixed validation batches."""
+    from pipeline.data.sampler import Validation
+    from pipeline.trainer import CausalLMTask
+
+    total = count = 0.0
+    with torch.no_grad():
+        for batch, _ in Validation([(str(data), 1.0)], 32, 2, 2, rank=0, world=1, verify="none"):
+            loss, n = CausalLMTask().loss(model, batch)
+            total, count = total + float(loss), count + int(n)
+    return total / count
+
+
+def _checkpoint_model(step: Path):
+    """The checkpoint's own weights in a model built from hf/config.json (strict load_state_dict),
+    not through pipeline.export's loader."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(step / "hf"))
+    model.load_state_dict(consolidate(step), strict=True)
+    return model.eval()
+
+
+@pytest.mark.parametrize("case", list(CONFIGS))
+def test_checkpoint_exports_evaluates_and_finetunes(case: str, tmp_path: Path, tiny_dataset: Path, sft_data: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.config import load_config
+    from pipeline.evaluate import EvalConfig
+    from pipeline.evaluate import run as evaluate
+
+    config, ranks, stage = CONFIGS[case]
+    extra = []
+    if case == "zero3_offload_nvme":
+        nvme = Path(tempfile.mkdtemp(prefix="nvme-", dir=tmp_path))
+        if reason := _nvme_unavailable(nvme):
+            pytest.skip(f"{reason}; on a machine with libaio and a local NVMe disk this test runs the NVMe path")
+        extra = [f"deepspeed.nvme_path={nvme}"]
+    run = tmp_path / "run"
+    r = _train(run, tiny_dataset, config, ranks, *extra)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    step = resolve_checkpoint(run)
+    meta = json.loads((step / "meta.json").read_text())
+    assert (meta["step"], meta["zero_stage"], meta["world_size"]) == (2, stage, ranks)
+
+    # export: verified against the checkpoint by the stage itself, then checked here with plain transformers
+    summary = export(run, tmp_path / "export", log=lambda *_: None)
+    assert (summary["zero_stage"], summary["world_size"], summary["dtype"]) == (stage, ranks, "fp32")
+    assert summary["max_abs_logit_diff"] <= summary["tolerance"] == 1e-4
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    assert (_logits(exported) - _logits(_checkpoint_model(step))).abs().max() <= 1e-5
+    # ... and the checkpoint holds what was trained: the run's last validation loss, recomputed
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    logged = events.Scalars("eval/loss")[-1]
+    assert logged.step == 2 and _val_loss(exported, tiny_dataset) == pytest.approx(logged.value, abs=1e-5)
+
+    # evaluate the checkpoint directly, and its export beside it: the same numbers
+    report = evaluate(load_config(EvalConfig, None, [f"output={tmp_path / 'eval'}", f"model={run}", f"compare_to={tmp_path / 'export'}",
+                                                     f"data={tiny_dataset}", "max_batches=2", "batch_size=4"]))
+    ckpt, exp = (m["metrics"] for m in report["models"])
+    assert report["models"][0]["checkpoint"] == str(step) and report["models"][0]["step"] == 2
+    assert ckpt["tokens"] == exp["tokens"] > 0 and ckpt["ppl"] == pytest.approx(exp["ppl"], rel=1e-6)
+    if case == "auto":  # evaluate's ZeRO-3 mode on 2 ranks: rank 0 consolidates the checkpoint for both (once is enough)
+        r = run_deepspeed("evaluate.py", f"output={tmp_path / 'eval_z3'}", f"model={run}", f"data={tiny_dataset}", "max_batches=2",
+                          "batch_size=4", "zero3=true", env=ENV)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        z3 = json.loads((tmp_path / "eval_z3" / "report.json").read_text())["models"][0]["metrics"]
+        assert z3["tokens"] == ckpt["tokens"] and z3["loss"] == pytest.approx(ckpt["loss"], abs=1e-4)
+
+    # fine-tune one step from the checkpoint (on one rank: reading the checkpoint is what is tested)
+    ft = tmp_path / "ft"
+    r = run_script("finetune.py", f"output={ft}", f"model.path={run}", "task=sft", f"sft.train={sft_data}", "sft.seq_len=32",
+                   "sft.val_fraction=0", "train.micro_batch_size=2", "train.max_steps=1", "train.warmup_steps=0",
+                   "train.eval_every=0", "train.eval_batches=0", "checkpoint.every=0",
+                   f"deepspeed.config={'auto' if case == 'auto' else 'ds_configs/zero0.json'}", env=ENV)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert json.loads((ft / "checkpoints" / "step-00000001" / "meta.json").read_text())["step"] == 1
+    assert json.loads((ft / "init_model" / "export_meta.json").read_text())["source_checkpoint"] == str(step.resolve())
