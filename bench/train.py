@@ -6,7 +6,7 @@
 
 On one model (a tiny Llama: 4 layers, hidden 256, 4 heads, seq 256), one preprocessed dataset
 (made by ``launch/preprocess.py`` from the built-in sample), one DeepSpeed JSON
-(``ds_configs/zero3_offload.json`` resolved by :func:`pipeline.train.resolved_ds`, so every
+(``ds_configs/zero3_offload.json`` resolved by :func:`pipeline.stages.train.resolved_ds`, so every
 contender gets the very same dict), fp32, AdamW (lr 1e-3, betas 0.9/0.95, eps 1e-8, weight decay
 0.1, clip 1.0), micro-batch 4, no accumulation, two CPU ranks with ``OMP_NUM_THREADS=1`` each:
 
@@ -126,13 +126,13 @@ def prepare(workdir: Path, data_root: Path, m: dict, max_steps: int, warmup: int
     sys.path.insert(0, str(ROOT))
     from pipeline.config import load_config
     from pipeline.data.shards import read_manifest
-    from pipeline.model import architecture_fingerprint, hf_config
-    from pipeline.train import TrainConfig
+    from pipeline.training.model import architecture_fingerprint, hf_config
+    from pipeline.stages.train import TrainConfig
 
-    try:  # where the stage resolves its DeepSpeed JSON (moved to pipeline.engine in faa4a00)
-        from pipeline.engine import resolved_ds
+    try:  # where the stage resolves its DeepSpeed JSON (moved to pipeline.training.engine in faa4a00)
+        from pipeline.training.engine import resolved_ds
     except ImportError:
-        from pipeline.train import resolved_ds
+        from pipeline.stages.train import resolved_ds
 
     data = make_dataset(data_root, m)
     cfg = load_config(TrainConfig, None, stage_overrides(m, data, workdir / "unused", max_steps, warmup))
@@ -153,7 +153,7 @@ def prepare(workdir: Path, data_root: Path, m: dict, max_steps: int, warmup: int
     # (e) and (f): the config `auto` resolves to for this model on this machine (the planner's choice)
     import dataclasses
 
-    from pipeline.plan import auto_config, detect_target, recipe_from
+    from pipeline.training.plan import auto_config, detect_target, recipe_from
 
     recipe = recipe_from(cfg, conf, seq_len=cfg.data.seq_len, head="causal_lm", attn="sdpa", checkpointing=False, precision="fp32")
     chosen = auto_config(recipe, detect_target(RANKS))
@@ -396,7 +396,7 @@ def run_one(c: str, workdir: Path, m: dict, prep: dict, max_steps: int, warmup: 
 def _stage_fingerprint(out: Path) -> str | None:
     from transformers import AutoConfig
 
-    from pipeline.model import architecture_fingerprint
+    from pipeline.training.model import architecture_fingerprint
 
     conf_dir = out / ".hf_config"
     return architecture_fingerprint(AutoConfig.from_pretrained(conf_dir)) if (conf_dir / "config.json").exists() else None

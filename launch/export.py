@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline.dist import finish  # noqa: E402  (imports pipeline.quiet: known library noise off)
 from pipeline.cli import report_errors  # noqa: E402
-from pipeline.export import ExportVerificationError, export  # noqa: E402
+from pipeline.stages.export import ExportVerificationError, export  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline.dist import finish  # noqa: E402  (imports pipeline.quiet: known library noise off)
 from pipeline.cli import run_stage  # noqa: E402
-from pipeline.finetune import FinetuneConfig, describe, inspect, run  # noqa: E402
+from pipeline.stages.finetune import FinetuneConfig, describe, inspect, run  # noqa: E402
 
 
 def _extra(parser):

@@ -18,7 +18,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pipeline.quiet  # noqa: E402,F401  (known library noise off before DeepSpeed is imported)
-from pipeline.plan import cli  # noqa: E402
+from pipeline.stages.plan import cli  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(cli())

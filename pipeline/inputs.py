@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from pipeline.checkpoint_paths import resolve_checkpoint
 from pipeline.errors import UserError
 
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -125,8 +126,6 @@ def check_model(path: str | os.PathLike, key: str, *, checkpoint: bool = True, h
             _check_weights(p, key, shown)
         return ModelSource("hf", p, p, p)
     if looks_like_checkpoint(p):
-        from pipeline.export import resolve_checkpoint  # the checkpoint layout rules live there
-
         try:
             step = resolve_checkpoint(p)
         except UserError as e:

@@ -1,7 +1,7 @@
 # One task of an srun step (run by slurm/common.sh as `srun ... bash slurm/rank.sh [--training] CMD...`).
 #
 # Runs CMD and, when it fails, names the rank, its node and its exit code in the job's log.
-# With --training, exit code 75 (checkpoint saved after a stop request, pipeline.preemption)
+# With --training, exit code 75 (checkpoint saved after a stop request, pipeline.training.preemption)
 # is not a failure, and a real failure stops every other rank of the step at once (the
 # training steps run srun with --kill-on-bad-exit=0, which would treat 75 as a failure).
 
@@ -23,7 +23,7 @@ child=""
 trap '[ -n "$child" ] && kill -USR1 "$child" 2>/dev/null' USR1
 trap '[ -n "$child" ] && kill -TERM "$child" 2>/dev/null' TERM
 if [ "$training" -eq 1 ]; then
-    # SIGUSR1 ignored until the rank installs its own handler (pipeline.preemption, after the
+    # SIGUSR1 ignored until the rank installs its own handler (pipeline.training.preemption, after the
     # imports): a stop request that comes earlier is dropped instead of killing the rank, and
     # the batch script repeats it until the ranks stop.
     (trap '' USR1 && exec "$@") &

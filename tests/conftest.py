@@ -45,7 +45,8 @@ def make_docs(n: int, seed: int = 0, prefix: str = "doc") -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory) -> Path:
     """A 512-token SentencePiece BPE tokenizer in Hugging Face format, trained once."""
-    from pipeline.data.tokenizer import TokenizerConfig, train_sentencepiece
+    from pipeline.data.tokenizer import TokenizerConfig
+    from pipeline.data.tokenizer_train import train_sentencepiece
 
     out = tmp_path_factory.mktemp("tok") / "tokenizer"
     train_sentencepiece(iter(make_docs(400)), TokenizerConfig(vocab_size=512, sample_chars=10**6), out, threads=1)
@@ -65,7 +66,7 @@ TINY_MODEL = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4",
 def tiny_dataset(tmp_path_factory) -> Path:
     """A preprocessed dataset (built-in sample, 1500 documents, 512-token tokenizer), made once."""
     from pipeline.config import load_config
-    from pipeline.preprocess import PreprocessConfig, run
+    from pipeline.stages.preprocess import PreprocessConfig, run
 
     out = tmp_path_factory.mktemp("data") / "data"
     cfg = load_config(PreprocessConfig, None, [f"output={out}", "sample_docs=1500", "tokenizer.vocab_size=512", "val_fraction=0.05", "workers=1"])

@@ -1,4 +1,4 @@
-"""pipeline.checkpoint: world-size checks and the universal conversion's refusals (no ranks started)."""
+"""pipeline.training.checkpoint: world-size checks and the universal conversion's refusals (no ranks started)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.checkpoint import check_world_size, to_universal, universal_path
+from pipeline.training.checkpoint import check_world_size, to_universal, universal_path
 from pipeline.errors import UserError
 
 

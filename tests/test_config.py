@@ -103,7 +103,7 @@ def test_parse_value():
 
 
 def test_every_stage_config_documents_every_key():
-    from pipeline.docgen import stages
+    from pipeline.stages.docgen import stages
 
     for cls in stages().values():
         for key, _, _, doc in describe_keys(cls):
@@ -111,7 +111,7 @@ def test_every_stage_config_documents_every_key():
 
 
 def test_every_shipped_yaml_loads():
-    from pipeline.docgen import stages as stage_configs
+    from pipeline.stages.docgen import stages as stage_configs
 
     stages = {**stage_configs(), "continue_train": stage_configs()["pretrain"]}
     files = sorted((ROOT / "configs").rglob("*.yaml")) + sorted((ROOT / "examples").rglob("*.yaml"))
@@ -144,14 +144,14 @@ def test_cli_help_and_print_config(tmp_path: Path):
 
 
 def test_generated_config_docs_are_current():
-    from pipeline.docgen import main
+    from pipeline.stages.docgen import main
 
-    assert main(["--check"]) == 0, "docs/config is stale: run python -m pipeline.docgen"
+    assert main(["--check"]) == 0, "docs/config is stale: run python -m pipeline.stages.docgen"
 
 
 def test_names_from_other_tools_point_at_ours():
     """Hugging Face / DeepSpeed / Megatron names, and our names in the wrong section, are pointed at the key here."""
-    from pipeline.train import TrainConfig
+    from pipeline.stages.train import TrainConfig
 
     with pytest.raises(ConfigError) as e:
         load_config(TrainConfig, None, ["train.learning_rate=1e-4", "per_device_train_batch_size=4",
@@ -174,7 +174,7 @@ def test_names_from_other_tools_point_at_ours():
 def test_every_alias_names_a_real_key():
     """The alias table must follow renames: each entry names a key of some stage config."""
     from pipeline.config import _ALIASES, leaf_keys
-    from pipeline.docgen import stages
+    from pipeline.stages.docgen import stages
 
     keys = {k for cls in stages().values() for k in leaf_keys(cls)}
     for foreign, (ours, _) in _ALIASES.items():
@@ -184,8 +184,8 @@ def test_every_alias_names_a_real_key():
 
 
 def test_deepspeed_json_as_config_is_one_problem(tmp_path: Path):
-    from pipeline.preprocess import PreprocessConfig
-    from pipeline.train import TrainConfig
+    from pipeline.stages.preprocess import PreprocessConfig
+    from pipeline.stages.train import TrainConfig
 
     files = sorted((ROOT / "ds_configs").glob("*.json"))
     assert files

@@ -19,10 +19,10 @@ _BLOCK = re.compile(r"```yaml\n(# launch/(\w+)\.py\n.*?)```", re.S)
 
 
 def _classes() -> dict:
-    from pipeline.evaluate import EvalConfig
-    from pipeline.finetune import FinetuneConfig
-    from pipeline.preprocess import PreprocessConfig
-    from pipeline.train import TrainConfig
+    from pipeline.stages.evaluate import EvalConfig
+    from pipeline.stages.finetune import FinetuneConfig
+    from pipeline.stages.preprocess import PreprocessConfig
+    from pipeline.stages.train import TrainConfig
 
     return {"preprocess": PreprocessConfig, "train": TrainConfig, "finetune": FinetuneConfig, "evaluate": EvalConfig}
 

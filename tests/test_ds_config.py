@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline.config import field_docs, load_config
-from pipeline.ds_config import (
+from pipeline.training.ds_config import (
     DeepSpeedSection,
     load_ds_json,
     locate_ds_config,

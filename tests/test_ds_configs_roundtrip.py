@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import TINY_MODEL, run_deepspeed, run_script, write_jsonl
 
-from pipeline.export import consolidate, export, resolve_checkpoint
+from pipeline.stages.export import consolidate, export, resolve_checkpoint
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -72,7 +72,7 @@ def _logits(model) -> torch.Tensor:
 def _val_loss(model, data: Path) -> float:
     """The training stage's final validation loss, recomputed on its fixed validation batches."""
     from pipeline.data.sampler import Validation
-    from pipeline.trainer import CausalLMTask
+    from pipeline.training.trainer import CausalLMTask
 
     total = count = 0.0
     with torch.no_grad():
@@ -84,7 +84,7 @@ def _val_loss(model, data: Path) -> float:
 
 def _checkpoint_model(step: Path):
     """The checkpoint's own weights in a model built from hf/config.json (strict load_state_dict),
-    not through pipeline.export's loader."""
+    not through pipeline.stages.export's loader."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(step / "hf"))
@@ -98,8 +98,8 @@ def test_checkpoint_exports_evaluates_and_finetunes(case: str, tmp_path: Path, t
     from transformers import AutoModelForCausalLM
 
     from pipeline.config import load_config
-    from pipeline.evaluate import EvalConfig
-    from pipeline.evaluate import run as evaluate
+    from pipeline.stages.evaluate import EvalConfig
+    from pipeline.stages.evaluate import run as evaluate
 
     config, ranks, stage = CONFIGS[case]
     extra = []

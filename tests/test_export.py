@@ -16,7 +16,7 @@ import torch
 
 from conftest import ROOT, TINY_MODEL, free_port, run_deepspeed, run_script
 from pipeline.errors import UserError
-from pipeline.export import consolidate, export, is_pipeline_checkpoint, load_model, resolve_checkpoint, stop_token_ids
+from pipeline.stages.export import consolidate, export, is_pipeline_checkpoint, load_model, resolve_checkpoint, stop_token_ids
 from pipeline.io import sha256_file
 
 pytestmark = pytest.mark.integration
@@ -53,7 +53,7 @@ def z3_export(z3_run: Path) -> tuple[Path, subprocess.CompletedProcess]:
 
 
 def _reference(step: Path, head: str = "causal"):
-    """The checkpoint's own model, built without pipeline.export's loader: a model from
+    """The checkpoint's own model, built without pipeline.stages.export's loader: a model from
     hf/config.json and ``load_state_dict`` of the consolidated fp32 weights (strict)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -73,7 +73,7 @@ def _logits(model, seed: int = 1, vocab: int = 512) -> torch.Tensor:
 def _eval_loss(model, data: Path) -> float:
     """The training stage's validation loss, recomputed on the same fixed val batches."""
     from pipeline.data.sampler import Validation
-    from pipeline.trainer import CausalLMTask
+    from pipeline.training.trainer import CausalLMTask
 
     total = count = 0.0
     with torch.no_grad():
@@ -290,7 +290,7 @@ model = cls(conf)
 ds = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
       "bf16": {"enabled": precision == "bf16"}}
 if optimizer == "deepspeed":  # DeepSpeed's AdamW on the pipeline's groups, as launch/train.py builds it
-    from pipeline.model import param_groups
+    from pipeline.training.model import param_groups
     ds["optimizer"] = {"type": "AdamW", "params": {"lr": 1e-2}}
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.1), config=ds)
 else:
@@ -387,7 +387,7 @@ _BASELINE = r"""
 import sys, torch
 from deepspeed.utils import zero_to_fp32
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-import pipeline.export as pe
+import pipeline.stages.export as pe
 tok = AutoTokenizer.from_pretrained(sys.argv[1])
 conf = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
 pe._logits(LlamaForCausalLM(conf).eval(), pe.verification_batch(tok, conf))

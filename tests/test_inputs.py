@@ -197,8 +197,8 @@ def inputs(tmp_path_factory, tiny_dataset: Path, tiny_hf_model: Path) -> dict[st
 def _run_in_process(script: str, argv: list[str], monkeypatch, capsys) -> tuple[int, str]:
     """Run ``launch/<script>`` as ``__main__`` in this process; returns (exit code, stderr)."""
     import pipeline.dist
-    import pipeline.evaluate
-    import pipeline.export
+    import pipeline.stages.evaluate
+    import pipeline.stages.export
 
     def tripwire(*a, **k):
         raise _HeavyWork(f"{script} went past its input checks into heavy work")
@@ -207,8 +207,8 @@ def _run_in_process(script: str, argv: list[str], monkeypatch, capsys) -> tuple[
     # dist.finish ends a process that ever started a process group with os._exit; an earlier
     # test in this process may have (and shut it down again): these runs start none.
     monkeypatch.setattr(pipeline.dist, "_started", False)
-    monkeypatch.setattr(pipeline.evaluate, "load", tripwire)  # evaluate: weights
-    monkeypatch.setattr(pipeline.export, "consolidate", tripwire)  # export: weights
+    monkeypatch.setattr(pipeline.stages.evaluate, "load", tripwire)  # evaluate: weights
+    monkeypatch.setattr(pipeline.stages.export, "consolidate", tripwire)  # export: weights
     monkeypatch.setattr(sys, "argv", [str(ROOT / "launch" / script), *argv])
     capsys.readouterr()
     try:

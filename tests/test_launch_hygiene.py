@@ -108,7 +108,7 @@ def test_port_held_by_another_job_is_one_message_from_rank_zero(tmp_path: Path, 
 # ---------------------------------------------------------------------------- noise
 
 # The pipeline's own lines in a pre-training run's log: the stage's summary, step, eval and
-# checkpoint lines and its `error:`/`warning:` lines (pipeline/train.py, monitor.py, cli.py).
+# checkpoint lines and its `error:`/`warning:` lines (pipeline/stages/train.py, monitor.py, cli.py).
 PIPELINE_LINE = re.compile(r"^(train: |step \d+ \||eval step \d+ \||checkpoint |resumed from |already trained |warning: |error: )")
 # The DeepSpeed launcher's own lines (its runner and launch processes, not the ranks):
 # `[date] [LEVEL] [runner.py:N:fn] ...` and `[date] [LEVEL] [launch.py:N:fn] ...`, plus its

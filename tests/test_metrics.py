@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.metrics import (
+from pipeline.eval.metrics import (
     accuracy,
     classification_report,
     confusion_matrix,

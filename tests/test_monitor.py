@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import monitor as mon
-from pipeline import peak as peak_mod
-from pipeline.monitor import (
+from pipeline.training import monitor as mon
+from pipeline.training import peak as peak_mod
+from pipeline.training.monitor import (
     Monitor,
     MonitorConfig,
     count_params,
@@ -294,7 +294,7 @@ def test_memory_stats_and_config_check():
 
 
 def test_flatten_and_hparam_values():
-    from pipeline.monitor import _hparam_value, flatten_dict
+    from pipeline.training.monitor import _hparam_value, flatten_dict
 
     assert flatten_dict({"a": {"b": 1, "c": {"d": "x"}}, "e": {}}) == {"a/b": 1, "a/c/d": "x", "e": {}}
     assert _hparam_value([1, 2]) == "[1, 2]" and _hparam_value(None) == "null" and _hparam_value(2) == 2
@@ -386,8 +386,8 @@ def test_mfu_and_the_planner_read_one_model_shape(model_type: str):
     match those from the real model's parameter count (within its norms and biases)."""
     from transformers import AutoModelForCausalLM
 
-    from pipeline.model_shape import model_shape
-    from pipeline.plan import model_facts
+    from pipeline.training.model_shape import model_shape
+    from pipeline.training.plan import model_facts
 
     conf = _shape_config(model_type)
     gated = SHAPES[model_type][1]
@@ -403,7 +403,7 @@ def test_mfu_and_the_planner_read_one_model_shape(model_type: str):
 def test_model_shape_of_unknown_families_follows_the_activation():
     from types import SimpleNamespace
 
-    from pipeline.model_shape import gated_mlp
+    from pipeline.training.model_shape import gated_mlp
 
     assert gated_mlp(SimpleNamespace(model_type="bert", hidden_act="gelu")) is False  # MFU counted BERT as gated
     assert gated_mlp(SimpleNamespace(model_type="newlm", hidden_act="silu")) is True

@@ -32,9 +32,9 @@ def _recipe(data: Path, *overrides: str, ranks: int = 2, memory_gib: float = 64.
     """(plan, target) for a train recipe as the stage would see it on ``ranks`` CPU ranks."""
     from pipeline.config import load_config
     from pipeline.data.shards import read_manifest
-    from pipeline.model import hf_config
-    from pipeline.plan import Target, recipe_from
-    from pipeline.train import TrainConfig
+    from pipeline.training.model import hf_config
+    from pipeline.training.plan import Target, recipe_from
+    from pipeline.stages.train import TrainConfig
 
     cfg = load_config(TrainConfig, None, [f"data.datasets.0.path={data}", *overrides])
     tok = read_manifest(data)["tokenizer"]
@@ -57,12 +57,12 @@ def test_parameter_count_from_the_meta_device_matches_the_real_model(tiny_datase
     from transformers import AutoModelForCausalLM
 
     r, _ = _recipe(tiny_dataset, *TINY_MODEL)
-    from pipeline.model import hf_config
+    from pipeline.training.model import hf_config
     from pipeline.data.shards import read_manifest
 
     tok = read_manifest(tiny_dataset)["tokenizer"]
     from pipeline.config import load_config
-    from pipeline.train import TrainConfig
+    from pipeline.stages.train import TrainConfig
 
     cfg = load_config(TrainConfig, None, [f"data.datasets.0.path={tiny_dataset}", *TINY_MODEL])
     real = AutoModelForCausalLM.from_config(hf_config(cfg.model, tok["vocab_size"], 32, tok))
@@ -75,7 +75,7 @@ def test_model_states_follow_deepspeed_estimators_and_shrink_with_partitioning()
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-    from pipeline.plan import ModelFacts, Target, _model_states
+    from pipeline.training.plan import ModelFacts, Target, _model_states
 
     f = ModelFacts(n_params=7_000_000_000, largest_layer=131_072_000, hidden=4096, layers=32, heads=32, kv_heads=8,
                    intermediate=14336, vocab=32000, gated_mlp=True, dropout=0.0, lm_head=True, attn="sdpa")
@@ -96,7 +96,7 @@ def test_model_states_follow_deepspeed_estimators_and_shrink_with_partitioning()
 
 
 def test_activations_grow_with_batch_and_sequence_and_checkpointing_cuts_them():
-    from pipeline.plan import ModelFacts, activation_bytes
+    from pipeline.training.plan import ModelFacts, activation_bytes
 
     f = ModelFacts(n_params=0, largest_layer=0, hidden=4096, layers=32, heads=32, kv_heads=8, intermediate=14336,
                    vocab=32000, gated_mlp=True, dropout=0.0, lm_head=True, attn="sdpa")
@@ -124,7 +124,7 @@ def test_plan_cli_prints_the_table_and_the_fastest_config_that_fits(tiny_dataset
 
 def test_plan_recommends_offload_when_the_model_is_big(tiny_dataset: Path):
     """A Llama-2-7B-like model, bf16, 4k tokens, micro batch 1, on 8 GPUs."""
-    from pipeline.plan import Target, make_plan
+    from pipeline.training.plan import Target, make_plan
 
     r, _ = _recipe(tiny_dataset, *BIG)
     r.precision = "bf16"
@@ -150,7 +150,7 @@ def test_offload_cpu_per_node_does_not_grow_with_the_node_count(tiny_dataset: Pa
     """DeepSpeed's ZeRO-2 offload estimator returns the job's total host memory; the table shows it per node."""
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-    from pipeline.plan import GPU_RANK_HOST_RUNTIME, Target, _estimate_config
+    from pipeline.training.plan import GPU_RANK_HOST_RUNTIME, Target, _estimate_config
 
     r, _ = _recipe(tiny_dataset, *BIG)
     r.precision = "bf16"
@@ -179,12 +179,12 @@ def test_offload_cpu_per_node_does_not_grow_with_the_node_count(tiny_dataset: Pa
 
 def _cli(capsys, monkeypatch, tiny_dataset: Path, *args: str) -> tuple[int, str]:
     """``launch/plan.py`` in process, on a machine without a GPU and with 8 GiB available (a login node)."""
-    from pipeline import plan_report
-    from pipeline.plan import Target
+    from pipeline.stages import plan as plan_cli
+    from pipeline.training.plan import Target
 
-    monkeypatch.setattr(plan_report, "detect_target", lambda per_node, nodes, nvme_path: Target(
+    monkeypatch.setattr(plan_cli, "detect_target", lambda per_node, nodes, nvme_path: Target(
         gpus_per_node=per_node or 1, nodes=nodes, gpu_memory=0, cpu_memory=8 * GiB, detected="detected: no GPU"))
-    rc = plan_report.cli([f"data.datasets.0.path={tiny_dataset}", *BIG, *args])
+    rc = plan_cli.cli([f"data.datasets.0.path={tiny_dataset}", *BIG, *args])
     return rc, capsys.readouterr().out
 
 
@@ -215,7 +215,7 @@ def test_print_config_with_auto_says_the_planner_decides_at_launch(tiny_dataset:
 @pytest.mark.slow
 @pytest.mark.integration
 def test_training_refuses_a_plan_that_cannot_fit_and_names_one_that_does(tmp_path: Path, tiny_dataset: Path):
-    from pipeline.plan import available_cpu_memory, make_plan
+    from pipeline.training.plan import available_cpu_memory, make_plan
 
     # A model sized to this machine: on 2 CPU ranks ZeRO-0 (a full copy of the states per rank)
     # exceeds the available memory even at 0.8x of it, and a partitioned config fits even at 1.25x
@@ -328,7 +328,7 @@ def measure_case(name: str, tmp_path: Path, data: Path) -> dict:
     """Estimated and measured peak memory per rank of one case (also used to write the docs' table)."""
     import os
 
-    from pipeline.plan import _estimate_config
+    from pipeline.training.plan import _estimate_config
 
     ranks, overrides = MEASURED_CASES[name]
     overrides = [*overrides, "train.max_steps=4", "deepspeed.memory_check=false"]
@@ -359,7 +359,7 @@ def test_estimate_is_within_tolerance_of_measured_peak_rss(name: str, tmp_path: 
                                         (["--cpu-memory", "0"], "--cpu-memory must be more than 0 GiB, got 0"),
                                         (["--gpu-memory", "-5"], "--gpu-memory must be 0 GiB (CPU ranks) or more, got -5")])
 def test_plan_cli_refuses_impossible_targets_with_one_message(args: list[str], says: str, capsys):
-    from pipeline.plan_report import cli
+    from pipeline.stages.plan import cli
 
     with pytest.raises(SystemExit) as exc:
         cli(["model.num_layers=2", *args])

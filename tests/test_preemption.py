@@ -1,4 +1,4 @@
-"""pipeline.preemption: signal flags, handler restore, and agreement across two real ranks."""
+"""pipeline.training.preemption: signal flags, handler restore, and agreement across two real ranks."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import time
 import pytest
 
 from pipeline import dist
-from pipeline.preemption import EXIT_REQUEUE, Preemption
+from pipeline.training.preemption import EXIT_REQUEUE, Preemption
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -99,7 +99,7 @@ WORKER = textwrap.dedent(
     """
     import json, os, signal, time
     from pipeline import dist
-    from pipeline.preemption import EXIT_REQUEUE, Preemption
+    from pipeline.training.preemption import EXIT_REQUEUE, Preemption
     out = os.environ["TEST_OUT"]
     env = dist.init(dist.DistConfig(timeout_s=60))
     r = env.rank

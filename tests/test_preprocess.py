@@ -91,7 +91,7 @@ def test_existing_tokenizer_without_transformers(tmp_path: Path, corpus: Path, t
     code = (
         "import sys\n"
         "from pipeline.config import load_config\n"
-        "from pipeline.preprocess import PreprocessConfig, run\n"
+        "from pipeline.stages.preprocess import PreprocessConfig, run\n"
         f"run(load_config(PreprocessConfig, None, ['sources.0.path={corpus}', 'output={tmp_path / 'out'}', "
         f"'tokenizer.path={tiny_tokenizer}', 'workers=2', 'batch_chars=2000']))\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'torch', 'datasets')))\n"
@@ -166,7 +166,7 @@ def test_split_stable_across_batching(tmp_path: Path, tiny_tokenizer: Path):
 
 def test_encode_calls_split_batches_evenly():
     """A batch is cut into one encode call per core by characters, keeping every text in order."""
-    from pipeline.preprocess import _parts
+    from pipeline.stages.preprocess import _parts
 
     texts = [f"d{i}" * (1 + i % 7) for i in range(101)]
     parts = _parts(texts, 2)
@@ -290,8 +290,8 @@ def test_tokenizer_from_model_dir_copies_tokenizer_files_only(tmp_path: Path, co
 
     from pipeline.config import load_config
     from pipeline.data.shards import read_manifest, verify
-    from pipeline.model import check_tokenizer_match
-    from pipeline.preprocess import PreprocessConfig, run
+    from pipeline.training.model import check_tokenizer_match
+    from pipeline.stages.preprocess import PreprocessConfig, run
 
     model = tmp_path / "model"
     torch.manual_seed(0)

@@ -165,7 +165,7 @@ def test_print_config_output_loads_back_to_the_same_config(v: dict):
        min_chars=st.integers(0, 1000))
 def test_print_config_of_a_stage_round_trips_through_the_cli(output: str, vocab: int, val: float, min_chars: int):
     from pipeline.cli import run_stage
-    from pipeline.preprocess import PreprocessConfig
+    from pipeline.stages.preprocess import PreprocessConfig
 
     argv = [f"output={output}", f"tokenizer.vocab_size={vocab}", f"val_fraction={val!r}", f"clean.min_chars={min_chars}",
             "--print-config"]

@@ -60,7 +60,7 @@ def test_export_loads_with_transformers(run):
 
 
 def test_event_files_of_every_stage_load_with_tensorboard(run):
-    from pipeline.report import load_scalars
+    from pipeline.eval.plots import load_scalars
 
     out, _ = run
     s = load_scalars(out)

@@ -14,7 +14,7 @@ from pipeline.config import field_docs
 from pipeline.data import chat, sft
 from pipeline.data.sampler import rank_indices
 from pipeline.errors import UserError
-from pipeline.trainer import IGNORE_INDEX, CausalLMTask
+from pipeline.training.trainer import IGNORE_INDEX, CausalLMTask
 
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}"
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")

@@ -13,14 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.data.tokenizer import (
-    TRICKY_TEXTS,
-    TokenizerConfig,
-    _bounded_sample,
-    load_tokenizer,
-    tokenizer_fingerprint,
-    train_sentencepiece,
-)
+from pipeline.data.tokenizer import TRICKY_TEXTS, TokenizerConfig, load_tokenizer, tokenizer_fingerprint
+from pipeline.data.tokenizer_train import _bounded_sample, train_sentencepiece
 from pipeline.errors import UserError
 
 transformers = pytest.importorskip("transformers")

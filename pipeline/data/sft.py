@@ -65,7 +65,7 @@ from pipeline.data.sampler import ExampleLoader, FixedBatches
 from pipeline.errors import UserError
 
 KEY = "sft"  # this config's key in the fine-tune stage config, named in error messages
-IGNORE_INDEX = -100  # same as pipeline.trainer.IGNORE_INDEX (not imported: keeps torch optional here)
+IGNORE_INDEX = -100  # same as pipeline.training.trainer.IGNORE_INDEX (not imported: keeps torch optional here)
 _CHUNK = 512  # conversations rendered and tokenized per batch call
 
 Example = tuple[list[int], list[bool]]  # (token ids, trained mask), equal lengths

@@ -2,7 +2,7 @@
 
 The preprocess stage either points ``tokenizer.path`` at an existing Hugging Face tokenizer
 directory, or trains a new SentencePiece tokenizer on a bounded sample of the cleaned corpus
-(:func:`train_sentencepiece`) and saves it in Hugging Face format, so every later stage loads it
+(:func:`pipeline.data.tokenizer_train.train_sentencepiece`) and saves it in Hugging Face format, so every later stage loads it
 with ``transformers.AutoTokenizer.from_pretrained(dir)``.
 
 The source of truth for token ids is always the Hugging Face tokenizer::
@@ -50,13 +50,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.data.tokenizer_files import (  # noqa: F401 - re-exported
+    _SPECIAL,
     BOS,
     EOS,
     HF_TOKENIZER_FILE,
     PAD,
     SP_MODEL_FILE,
     UNK,
-    _SPECIAL,
     _added_tokens,
     _cache_key,
     _cache_read,
@@ -66,7 +66,6 @@ from pipeline.data.tokenizer_files import (  # noqa: F401 - re-exported
     tokenizer_file_names,
     tokenizer_fingerprint,
 )
-from pipeline.data.tokenizer_train import _bounded_sample, train_sentencepiece  # noqa: F401 - re-exported
 from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)

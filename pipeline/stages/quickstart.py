@@ -124,7 +124,7 @@ def commands(opts: Options) -> dict[str, list[str]]:
 
 def _latest_meta(run: Path) -> dict | None:
     """``meta.json`` of a training run's latest checkpoint, or None when it has none."""
-    from pipeline import checkpoint  # imports torch: only once a stage's state is asked for
+    from pipeline.training import checkpoint  # imports torch: only once a stage's state is asked for
 
     try:
         path = checkpoint.latest(run / "checkpoints")
@@ -139,9 +139,9 @@ def _max_steps(opts: Options, stage: str) -> int:
     from pipeline.config import load_config
 
     if stage == "pretrain":
-        from pipeline.train import TrainConfig as cls
+        from pipeline.stages.train import TrainConfig as cls
     else:
-        from pipeline.finetune import FinetuneConfig as cls
+        from pipeline.stages.finetune import FinetuneConfig as cls
     overrides = [o for o in _overrides(opts, stage) if o.startswith("train.")]
     return load_config(cls, str(RECIPES / f"{stage}.yaml"), overrides).train.max_steps
 
@@ -206,7 +206,7 @@ def verify_export(export_dir: Path, test_file: Path, limit: int = 16) -> dict[st
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from pipeline.metrics import exact_match
+    from pipeline.eval.metrics import exact_match
 
     hf_logging.disable_progress_bar()  # a bar for a 1-second load only clutters the summary
     tok = AutoTokenizer.from_pretrained(export_dir)
@@ -298,7 +298,7 @@ def _per_kind(out: Path) -> dict[str, dict[str, float]]:
 def summarize(opts: Options, seconds: dict[str, float], export_check: dict | None) -> dict[str, Any]:
     """Everything the summary table shows, read back from the stages' published outputs."""
     from pipeline.data.shards import read_manifest
-    from pipeline.report import load_scalars
+    from pipeline.eval.plots import load_scalars
 
     out = opts.output
     manifest = read_manifest(out / "data")

@@ -32,7 +32,8 @@ parameter + optimizer offload to CPU or NVMe) the planner estimates, per rank an
 The estimates were compared with the peak RSS of real runs on this project's CPU machines:
 see ``docs/deepspeed.md`` ("How good are the estimates") and ``tests/test_plan.py``.
 
-The table, the report and ``launch/plan.py``'s command line are in :mod:`pipeline.plan_report`.
+The table and the report are in :mod:`pipeline.training.plan_report`; ``launch/plan.py``'s command line is
+:mod:`pipeline.stages.plan`.
 
 ``deepspeed.config: auto`` picks the FASTEST config that fits, in the order of
 :data:`CANDIDATES` (no partitioning first, NVMe offload last), not the most frugal one.
@@ -46,9 +47,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.ds_config import load_ds_json, locate_ds_config, offload, resolve_ds_config, zero_stage
 from pipeline.errors import UserError
-from pipeline.model_shape import model_shape
+from pipeline.training.ds_config import load_ds_json, locate_ds_config, offload, resolve_ds_config, zero_stage
+from pipeline.training.model_shape import model_shape
 
 GiB = 1024 ** 3
 
@@ -509,7 +510,7 @@ def preflight(cfg: Any, conf, *, seq_len: int, head: str, attn: str, checkpointi
             naming the estimate, the available memory and the config and micro batch to use instead.
     """
     from pipeline import dist
-    from pipeline.ds_config import resolve_precision
+    from pipeline.training.ds_config import resolve_precision
 
     d = cfg.deepspeed
     auto = d.config.strip() == "auto"
@@ -548,33 +549,3 @@ def preflight(cfg: Any, conf, *, seq_len: int, head: str, attn: str, checkpointi
         f"{r.micro_batch} x seq_len {seq_len}; {target.describe()}). "
         + (f"Use instead: {p.advice()}" if p.choice is not None else f"Nothing fits: {p.advice()[len('nothing fits: '):]}")
         + " (python launch/plan.py --config ... prints the table), or set deepspeed.memory_check=false if you know better.")
-
-
-# ---------------------------------------------------------------------------- launch/plan.py
-
-
-def __getattr__(name: str):
-    # The table, the report and the command line live in pipeline/plan_report.py (it imports this module,
-    # so a plain import here would be circular); kept importable from here as before.
-    if name in ("table", "report", "cli", "cpu_memory_assumption", "GPU_NODE_CPU_MEMORY_PER_GPU"):
-        from pipeline import plan_report
-
-        return getattr(plan_report, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def finetune_conf(path: str):
-    """The transformers config of a fine-tuning start (a Hugging Face directory or a pipeline checkpoint)."""
-    from transformers import AutoConfig
-
-    from pipeline.inputs import check_model
-
-    return AutoConfig.from_pretrained(check_model(path, "model.path", weights=False).config_dir, local_files_only=True)
-
-
-def finetune_seq_len(cfg: Any) -> int:
-    return cfg.sft.seq_len if cfg.task == "sft" else cfg.classification.max_length
-
-
-def finetune_head(cfg: Any) -> str:
-    return "classification" if cfg.task == "classification" else "causal_lm"

@@ -17,11 +17,19 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from pipeline import checkpoint, dist
+from pipeline import dist
 from pipeline.config import to_dict, to_yaml
-from pipeline.ds_config import load_ds_json, locate_ds_config, resolve_ds_config, resolve_precision, summarize, zero_stage
-from pipeline.inputs import ModelSource, check_output
+from pipeline.inputs import check_output
 from pipeline.io import atomic_write_json, atomic_write_text
+from pipeline.training import checkpoint
+from pipeline.training.ds_config import (
+    load_ds_json,
+    locate_ds_config,
+    resolve_ds_config,
+    resolve_precision,
+    summarize,
+    zero_stage,
+)
 
 
 def resolved_ds(cfg: Any, world: int, hidden: int | None) -> dict:
@@ -106,28 +114,6 @@ class Run:
         self.env = dist.init(self.cfg.dist, self.local_rank)
         seed_everything(self.cfg.train.seed)
 
-    def model_dir(self, source: ModelSource) -> Path:
-        """A Hugging Face directory to build the starting model from: the given one, or the
-        pipeline checkpoint exported (and verified) into ``<output>/init_model`` by rank 0.
-
-        The export is redone when ``init_model`` came from another checkpoint (a relaunch
-        that names a newer step), and reused on a resume of the same start.
-        """
-        if source.kind == "hf":
-            return source.path
-        from pipeline.export import export
-
-        dest = self.out / "init_model"
-        if self.rank == 0:
-            try:
-                made_from = json.loads((dest / "export_meta.json").read_text(encoding="utf-8"))["source_checkpoint"]
-            except (OSError, ValueError, KeyError, TypeError):
-                made_from = None
-            if made_from != str(source.step_dir.resolve()):
-                export(source.path, dest, dtype="fp32", overwrite=True)
-        dist.barrier()
-        return dest
-
     def _write_run_files(self) -> None:
         """The resolved config and DeepSpeed JSON beside the run (rank 0). Written only once the
         resume point is accepted, so a launch refused for a foreign checkpoint leaves the files
@@ -142,8 +128,8 @@ class Run:
         import deepspeed
         import torch
 
-        from pipeline.model import param_groups
-        from pipeline.trainer import lr_lambda
+        from pipeline.training.model import param_groups
+        from pipeline.training.trainer import lr_lambda
 
         self.engine, _, _, _ = deepspeed.initialize(
             model=model,
@@ -177,7 +163,7 @@ class Run:
         return self.start_step
 
     def monitor(self, *, flops_per_token: float, seq_len: int, hparams: dict):
-        from pipeline.monitor import Monitor, peak_flops
+        from pipeline.training.monitor import Monitor, peak_flops
 
         device = next(self.engine.module.parameters()).device
         peak = peak_flops(device, self.precision)[0] if self.rank == 0 else 0.0  # only rank 0 reports

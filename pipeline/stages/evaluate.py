@@ -6,7 +6,7 @@
 Tasks: ``perplexity`` (token shards of the preprocess stage, or JSONL text), ``classification``
 (a sequence-classification model on JSONL/CSV with labels) and ``generation`` (decode chat
 prompts and compare with references). Models are a Hugging Face directory or a pipeline
-checkpoint, loaded through :func:`pipeline.export.load_model`.
+checkpoint, loaded through :func:`pipeline.stages.export.load_model`.
 
 Outputs, published together (written in ``<output>.partial`` and renamed)::
 
@@ -40,9 +40,9 @@ from pipeline import dist
 from pipeline.config import to_dict
 from pipeline.dist import DistConfig
 from pipeline.errors import UserError
+from pipeline.eval.metrics import classification_report, contains, exact_match, generation_scores, perplexity
 from pipeline.inputs import check_data_file, check_model, check_output, max_positions
 from pipeline.io import atomic_write_json, atomic_write_text, publish_dir
-from pipeline.metrics import classification_report, contains, exact_match, generation_scores, perplexity
 
 Task = Literal["perplexity", "classification", "generation"]
 # Scalars written to TensorBoard (eval/<name>), compared in the Markdown table and differenced.
@@ -270,7 +270,7 @@ def load(ref: ModelRef, cfg: EvalConfig, work: Path) -> Loaded:
     """Load ``ref`` for ``cfg.task``, plain or (``cfg.zero3``) partitioned with ZeRO-3."""
     import torch
 
-    from pipeline.export import load_model
+    from pipeline.stages.export import load_model
 
     dtype = getattr(torch, _DTYPES[cfg.precision])
     if not cfg.zero3:
@@ -306,7 +306,7 @@ def _load_zero3(ref: ModelRef, cfg: EvalConfig, work: Path, dtype: Any) -> Loade
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
-    from pipeline.export import load_model
+    from pipeline.stages.export import load_model
 
     source = ref.path
     if ref.checkpoint is not None:
@@ -421,7 +421,7 @@ def eval_perplexity(lm: Loaded, cfg: EvalConfig, seq_len: int) -> tuple[dict, li
     import torch
 
     from pipeline.data.shards import TokenDataset
-    from pipeline.trainer import IGNORE_INDEX, CausalLMTask
+    from pipeline.training.trainer import IGNORE_INDEX, CausalLMTask
 
     B, extra = cfg.batch_size, {}
     if _is_shards(cfg.data):

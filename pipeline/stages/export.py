@@ -3,7 +3,7 @@
     python launch/export.py --checkpoint RUN|CHECKPOINTS|STEP_DIR --output DIR [--dtype ...] [--overwrite]
 
 Flow: resolve the step directory (complete for its ZeRO stage) -> consolidate the ZeRO shards (any
-stage, any number of ranks) into one fp32 state dict, a tensor at a time (:mod:`pipeline.consolidate`:
+stage, any number of ranks) into one fp32 state dict, a tensor at a time (:mod:`pipeline.training.consolidate`:
 DeepSpeed's ``zero_to_fp32`` in lazy mode for ZeRO-1/2/3, the mapped model states for ZeRO-0) -> a
 model built from ``hf/config.json`` on those tensors -> reference logits on a fixed batch -> cast
 and write safetensors, config, generation config, tokenizer and chat template into
@@ -30,9 +30,11 @@ from typing import Any
 
 import torch
 
-from pipeline.consolidate import PageOut, consolidate_step, free_memory, missing_files, zero_stage
+from pipeline.checkpoint_paths import is_pipeline_checkpoint, read_meta, resolve_checkpoint, zero_stage
 from pipeline.errors import UserError
+from pipeline.inputs import ModelSource
 from pipeline.io import atomic_write_json, publish_dir, sha256_file
+from pipeline.training.consolidate import PageOut, consolidate_step, free_memory
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
@@ -46,12 +48,6 @@ VERIFY_BATCH, VERIFY_LEN, VERIFY_SEED = 4, 32, 0  # sequences x tokens of the ve
 CORRUPT_ENV = "PIPELINE_TEST_CORRUPT_EXPORT"
 """Test aid: set to 1, a weight is perturbed after the reference logits and before writing, so
 verification must fail."""
-_STEP_TAG = re.compile(r"^step-\d{8}$")
-_EXPECTED = ("a step directory of this pipeline (step-NNNNNNNN/ holding meta.json, hf/config.json and DeepSpeed's "
-             "*_model_states.pt, plus its *_optim_states.pt under ZeRO-1/2/3), a checkpoints/ directory with a `latest` "
-             "file, or a training run directory holding checkpoints/latest")
-_NO_CHECKPOINT_YET = ("train it until a checkpoint is saved (one every checkpoint.every steps, and one when it reaches "
-                      "train.max_steps or is preempted), or give the step directory of another run")
 _WRITTEN = {"config.json", "generation_config.json", "export_meta.json", "model.safetensors", "model.safetensors.index.json"}
 
 
@@ -59,78 +55,6 @@ class ExportVerificationError(Exception):
     """The written model's logits differ from the checkpoint's beyond the tolerance (exit code 1)."""
 
     exit_code = 1
-
-
-# ---------------------------------------------------------------------------- checkpoints
-
-
-def _read_latest(root: Path) -> Path:
-    tag = (root / "latest").read_text(encoding="utf-8").strip()
-    if not _STEP_TAG.match(tag) or not (root / tag).is_dir():
-        found = sorted(p for p in root.glob("step-*") if _STEP_TAG.match(p.name) and p.is_dir())
-        fix = (f"give one of its step directories instead ({', '.join(str(p) for p in found[-3:])})" if found else
-               f"it holds no complete step directory yet: {_NO_CHECKPOINT_YET}")
-        raise UserError(f"{root / 'latest'} names '{tag}', which is not a complete checkpoint; {fix}")
-    return root / tag
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """The step directory a checkpoint path means.
-
-    Args:
-        path: a step directory, a ``checkpoints/`` directory (its ``latest``) or a run directory
-            (``<run>/checkpoints/latest``).
-
-    Raises:
-        UserError: a missing path, a directory that is not a checkpoint of this pipeline, or an
-            incomplete checkpoint; the message says what was expected.
-    """
-    p = Path(path)
-    if not p.is_dir():
-        raise UserError(f"checkpoint '{p}' {'is a file' if p.exists() else 'does not exist'}; give {_EXPECTED}")
-    if (p / "latest").is_file():
-        step = _read_latest(p)
-    elif (p / "checkpoints" / "latest").is_file():
-        step = _read_latest(p / "checkpoints")
-    elif (p / "checkpoints").is_dir():
-        raise UserError(f"'{p}' is a run directory without a complete checkpoint (no checkpoints/latest); {_NO_CHECKPOINT_YET}")
-    else:
-        step = p
-    if step.name.endswith(".tmp"):
-        raise UserError(f"'{step}' is a checkpoint whose save did not finish (.tmp); export a complete step directory")
-    if not (step / "meta.json").is_file():
-        hint = " (it looks like a Hugging Face model directory, which needs no export)" if (p / "config.json").is_file() else ""
-        raise UserError(f"'{p}' is not a checkpoint of this pipeline (no meta.json){hint}; give {_EXPECTED}")
-    if (step / "zero").is_dir() and not any(step.glob("*_optim_states.pt")):  # launch/convert_checkpoint.py's output
-        raise UserError(f"'{step}' is a DeepSpeed universal checkpoint (for resuming on another number of ranks), which "
-                        "export does not read; export the regular checkpoint it was converted from (converted_from in "
-                        "its meta.json) or one the resumed run wrote")
-    # what is complete depends on the ZeRO stage: ZeRO-0 keeps everything in mp_rank_00_model_states.pt
-    meta = _meta(step)
-    stage = zero_stage(step, meta)
-    if missing := missing_files(step, meta, stage):
-        world = meta.get("world_size")
-        ranks = f", {world} rank{'s' * (world != 1)}" if isinstance(world, int) else ""
-        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
-        raise UserError(f"checkpoint '{step}' (ZeRO-{stage}{ranks}) is incomplete (missing {shown}); give another step "
-                        "directory of the run")
-    return step
-
-
-def is_pipeline_checkpoint(path: str | os.PathLike) -> bool:
-    """Whether ``path`` resolves to a complete checkpoint of this pipeline (never raises)."""
-    try:
-        resolve_checkpoint(path)
-    except (UserError, OSError):
-        return False
-    return True
-
-
-def _meta(step: Path) -> dict:
-    try:
-        return json.loads((step / "meta.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read {step / 'meta.json'} ({e}); the checkpoint is damaged, export another step") from None
 
 
 # ---------------------------------------------------------------------------- consolidation
@@ -162,7 +86,7 @@ def _plain_quiet() -> Iterator[None]:
 def consolidate(step_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The checkpoint's full fp32 state dict, keyed by the training module's parameter names.
 
-    Any ZeRO stage, any number of ranks (:func:`pipeline.consolidate.consolidate_step`), a tensor
+    Any ZeRO stage, any number of ranks (:func:`pipeline.training.consolidate.consolidate_step`), a tensor
     at a time; tied parameters stay one shared tensor. Peak: about one fp32 model copy.
 
     Args:
@@ -172,7 +96,7 @@ def consolidate(step_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
         UserError: not a checkpoint, or shards missing/damaged.
     """
     step = resolve_checkpoint(step_dir)
-    return consolidate_step(step, zero_stage(step, _meta(step)))
+    return consolidate_step(step, zero_stage(step, read_meta(step)))
 
 
 # ---------------------------------------------------------------------------- models
@@ -269,7 +193,7 @@ def load_model(path: str | os.PathLike, dtype: Any = torch.float32) -> tuple[Any
         raise UserError(f"dtype '{dtype}' is not one of fp32, bf16, fp16")
     if is_pipeline_checkpoint(p):
         step = resolve_checkpoint(p)
-        model = _model_from_state_dict(_checkpoint_config(step, _meta(step)), consolidate(step), str(step)).to(torch_dtype)
+        model = _model_from_state_dict(_checkpoint_config(step, read_meta(step)), consolidate(step), str(step)).to(torch_dtype)
         tok_dir = step / "hf" / "tokenizer"
     elif (p / "config.json").is_file():
         auto = _auto_class(_head(_read_config(p), str(p)))
@@ -416,7 +340,7 @@ def export(checkpoint: str | os.PathLike, output: str | os.PathLike, *, max_shar
     if out.exists() and not overwrite:
         raise UserError(f"output '{out}' already exists; pass --overwrite to replace it (the old one stays until the new "
                         "export is verified), or choose another --output")
-    meta = _meta(step)
+    meta = read_meta(step)
     if dtype == "auto":
         dtype = meta.get("precision") if meta.get("precision") in ("bf16", "fp16") else "fp32"
     dtype = _ALIASES.get(dtype, dtype)
@@ -488,3 +412,27 @@ def export(checkpoint: str | os.PathLike, output: str | os.PathLike, *, max_shar
         shutil.rmtree(tmp, ignore_errors=True)  # gone already once published
     log(f"export: published {out} ({len(summary['files'])} files, {time.time() - t0:.1f} s)")
     return {**summary, "output": str(out)}
+
+
+def init_model_dir(source: ModelSource, out: Path, rank: int) -> Path:
+    """A Hugging Face directory to build a training stage's starting model from: the given one, or
+    the pipeline checkpoint exported (and verified) into ``<out>/init_model`` by rank 0 (every rank
+    waits for it).
+
+    The export is redone when ``init_model`` came from another checkpoint (a relaunch that names a
+    newer step), and reused on a resume of the same start.
+    """
+    from pipeline import dist
+
+    if source.kind == "hf":
+        return source.path
+    dest = out / "init_model"
+    if rank == 0:
+        try:
+            made_from = json.loads((dest / "export_meta.json").read_text(encoding="utf-8"))["source_checkpoint"]
+        except (OSError, ValueError, KeyError, TypeError):
+            made_from = None
+        if made_from != str(source.step_dir.resolve()):
+            export(source.path, dest, dtype="fp32", overwrite=True)
+    dist.barrier()
+    return dest

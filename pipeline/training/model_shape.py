@@ -1,6 +1,6 @@
 """One reader of a Hugging Face config's shape, for the FLOPs of MFU and the memory planner alike.
 
-:func:`pipeline.monitor.flops_per_token` and :func:`pipeline.plan.model_facts` used to read the
+:func:`pipeline.training.monitor.flops_per_token` and :func:`pipeline.training.plan.model_facts` used to read the
 config each their own way and disagreed on which families have a gated MLP (``gpt_bigcode`` and
 ``starcoder2`` gated for the planner, plain for MFU; ``bert`` the other way round), so the two could
 count different work for one model. Both read :func:`model_shape` now.

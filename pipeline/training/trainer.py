@@ -6,8 +6,8 @@ of per-micro-batch means: each micro-batch contributes ``sum of token losses × 
 world) / window tokens``, which DeepSpeed divides by ``accum`` (``engine.backward``) and
 averages over ranks, leaving exactly ``sum / window tokens``.
 
-Side concerns live elsewhere: :mod:`pipeline.monitor` (TensorBoard, throughput, MFU),
-:mod:`pipeline.checkpoint` (step directories), :mod:`pipeline.preemption` (signals).
+Side concerns live elsewhere: :mod:`pipeline.training.monitor` (TensorBoard, throughput, MFU),
+:mod:`pipeline.training.checkpoint` (step directories), :mod:`pipeline.training.preemption` (signals).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import dist
-from pipeline.preemption import EXIT_REQUEUE, Preemption
+from pipeline.training.preemption import EXIT_REQUEUE, Preemption
 
 IGNORE_INDEX = -100
 # Test aid: seconds to sleep after each optimizer step, so a test can signal or kill a run mid-way.

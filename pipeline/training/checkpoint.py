@@ -18,10 +18,8 @@ and are removed by the next save.
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -32,11 +30,10 @@ import numpy as np
 import torch
 
 from pipeline import dist
+from pipeline.checkpoint_paths import LATEST, STEP_TAG, latest, read_meta, tag_for  # noqa: F401 -- also this module's API
 from pipeline.errors import UserError
 from pipeline.io import atomic_write_json, atomic_write_text, disk_full_error, fsync_dir, is_disk_full
 
-LATEST = "latest"
-_TAG = re.compile(r"^step-(\d{8})$")
 # Test aid: "STEP" makes every rank stop for good inside the save of that step, after
 # DeepSpeed's files are written and before meta.json and the rename, so a test can kill it there.
 _TEST_PAUSE_AT = int(os.environ.get("PIPELINE_TEST_PAUSE_IN_SAVE", "0") or 0)
@@ -60,10 +57,6 @@ class CheckpointConfig:
         if self.keep_last < 0:
             problems.append(("keep_last", f"must be >= 0 (0: keep all), got {self.keep_last}"))
         return problems
-
-
-def tag_for(step: int) -> str:
-    return f"step-{step:08d}"
 
 
 def _rng_state() -> dict[str, Any]:
@@ -144,30 +137,15 @@ def _prune(root: Path, keep_last: int) -> None:
         shutil.rmtree(stale, ignore_errors=True)
     if keep_last <= 0:
         return
-    tags = sorted(p.name for p in root.iterdir() if _TAG.match(p.name))
+    tags = sorted(p.name for p in root.iterdir() if STEP_TAG.match(p.name))
     for old in tags[:-keep_last]:
         shutil.rmtree(root / old, ignore_errors=True)
-
-
-def latest(root: Path) -> Path | None:
-    """The directory ``latest`` names, or None when there is no checkpoint yet."""
-    marker = root / LATEST
-    if not marker.exists():
-        return None
-    tag = marker.read_text(encoding="utf-8").strip()
-    path = root / tag
-    if not _TAG.match(tag) or not (path / "meta.json").exists():
-        raise UserError(
-            f"{marker} names '{tag}', which is not a complete checkpoint; set checkpoint.resume to one of "
-            f"{sorted(p.name for p in root.glob('step-*') if _TAG.match(p.name)) or 'nothing (no complete checkpoint)'}"
-        )
-    return path
 
 
 def find_resume(resume: str, root: Path) -> Path | None:
     """Resolve ``checkpoint.resume`` to a checkpoint directory (or None for a fresh start)."""
     if resume == "auto":
-        return latest(root)
+        return latest(root, use="set checkpoint.resume to")
     if resume == "never":
         if (root / LATEST).exists():
             raise UserError(
@@ -177,7 +155,7 @@ def find_resume(resume: str, root: Path) -> Path | None:
         return None
     path = Path(resume)
     if (path / LATEST).exists():
-        return latest(path)
+        return latest(path, use="set checkpoint.resume to")
     if not (path / "meta.json").exists():
         raise UserError(
             f"checkpoint.resume='{resume}' "
@@ -185,13 +163,6 @@ def find_resume(resume: str, root: Path) -> Path | None:
             "give a step-NNNNNNNN directory, a checkpoints directory, auto or never"
         )
     return path
-
-
-def read_meta(path: Path) -> dict:
-    try:
-        return json.loads((path / "meta.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read {path / 'meta.json'} ({e}); the checkpoint is damaged, resume from another one") from None
 
 
 def check_compatible(path: Path, meta: dict, current: dict) -> None:
@@ -223,7 +194,7 @@ def load(engine, path: Path, universal: bool = False) -> None:
     if universal:
         # DeepSpeed's ZeRO-3 universal load copies the hyperparameters of the first parameter
         # group onto every group, which would put weight decay on biases and norms; the groups
-        # are this run's own (pipeline.model.param_groups), so their decay is restored.
+        # are this run's own (pipeline.training.model.param_groups), so their decay is restored.
         for group, wd in zip(opt.param_groups, decay):
             group["weight_decay"] = wd
     rng = path / "rng" / f"rank-{dist.rank():05d}.pt"

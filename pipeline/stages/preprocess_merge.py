@@ -1,6 +1,8 @@
-"""Stage 1, step=merge: join the outputs of several preprocess tasks into one dataset.
+"""Stage 1, the published output: whether a dataset directory already holds this config's result,
+and step=merge, which joins the outputs of several preprocess tasks into one dataset.
 
-Split from :mod:`pipeline.preprocess` (its ``run`` calls :func:`merge` for ``step=merge``).
+Used by :mod:`pipeline.stages.preprocess` (its ``run`` calls :func:`merge` for ``step=merge``);
+``cfg`` is its ``PreprocessConfig``.
 """
 
 from __future__ import annotations
@@ -10,18 +12,46 @@ import re
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 from pipeline.config import to_dict, to_yaml
 from pipeline.data.shards import file_entries, read_manifest, verify, write_manifest
 from pipeline.errors import UserError
 from pipeline.io import atomic_write_text, publish_dir
-from pipeline.preprocess import PreprocessConfig, _check_existing
 
 _PARTITIONED_STATS = ("kept", "dropped_duplicate")
 _TASK_DIR = re.compile(r"task-(\d{5})-of-(\d{5})$")
 
 
-def merge(cfg: PreprocessConfig, tasks_dir: Path, output: Path) -> dict | None:
+def output_config(cfg: Any) -> dict:
+    """The part of the config that determines the output bytes (not threads or overwrite)."""
+    d = to_dict(cfg)
+    for k in ("workers", "overwrite", "step", "task_index", "task_count"):
+        d.pop(k)
+    return d
+
+
+def check_existing(cfg: Any, output: Path) -> bool:
+    """True when ``output`` is already the complete result of this config."""
+    if not output.exists():
+        return False
+    if (output / "manifest.json").exists():
+        manifest = read_manifest(output)
+        if {k: v for k, v in manifest["config"].items() if k in output_config(cfg)} == output_config(cfg):
+            return True
+        if cfg.overwrite:
+            return False
+        raise UserError(
+            f"output '{output}' already holds a dataset made with a different config; "
+            "choose another output, or set overwrite=true to replace it once the new one is complete"
+        )
+    if any(output.iterdir()):
+        raise UserError(f"output '{output}' exists and is not a preprocessed dataset; choose another output directory")
+    output.rmdir()
+    return False
+
+
+def merge(cfg: Any, tasks_dir: Path, output: Path) -> dict | None:
     """Validate every task's output and join them into one dataset (hard links, no copies)."""
     found = sorted(p for p in tasks_dir.glob("task-*-of-*") if _TASK_DIR.search(p.name))
     if not found:
@@ -31,7 +61,7 @@ def merge(cfg: PreprocessConfig, tasks_dir: Path, output: Path) -> dict | None:
     missing = [str(p) for p in expected if not p.exists()]
     if missing:
         raise UserError(f"{len(missing)} of {count} tasks have not finished: {', '.join(missing)}; rerun them (they resume)")
-    if _check_existing(cfg, output):
+    if check_existing(cfg, output):
         print(f"{output} is already complete for this config; nothing to do", file=sys.stderr)
         return None
     manifests = []

@@ -1,7 +1,9 @@
-"""What ``python launch/plan.py`` prints, and its command line: the planner's table and report.
+"""``python launch/plan.py``: which DeepSpeed config and micro batch fit a recipe on a target.
 
-The estimates themselves live in :mod:`pipeline.plan`; this module describes a target given on
-the command line, runs :func:`pipeline.plan.make_plan` and formats the answer.
+Reads a train or finetune recipe (the stage from ``--stage`` or the recipe's keys), describes the
+target (detected, or given: GPUs per node, nodes, GPU / CPU / NVMe memory), runs
+:func:`pipeline.training.plan.make_plan` and prints :func:`pipeline.training.plan_report.report`.
+Exit codes: 0 something fits, 1 nothing fits, 2 bad config or arguments.
 """
 
 from __future__ import annotations
@@ -10,65 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UserError
-from pipeline.plan import (GiB, Plan, Recipe, _g, detect_target, finetune_conf, finetune_head, finetune_seq_len, make_plan,
-                           recipe_from)
-
-GPU_NODE_CPU_MEMORY_PER_GPU = 128 * GiB
-"""Host RAM per GPU assumed for GPUs described without ``--cpu-memory`` from a machine without any
-(1 TiB for 8 GPUs). 8-GPU training servers carry 1-2 TiB (DGX A100/H100 and AWS p5: 2 TiB; AWS
-p4d/p4de: 1.1 TiB; Azure ND A100 v4: 1.9 TiB), i.e. 128-256 GiB per GPU: the low end, so a plan
-that fits under it fits those servers. Smaller machines exist (GCP a2: 85 GB per GPU), so the
-assumption is printed with the way to give the real figure."""
-
-
-def cpu_memory_assumption(gpus_per_node: int) -> tuple[int, str]:
-    """``(bytes, note)``: the CPU RAM per node assumed for GPUs described without ``--cpu-memory``."""
-    total = GPU_NODE_CPU_MEMORY_PER_GPU * max(gpus_per_node, 1)
-    return total, (f"note: --cpu-memory not given for a GPU target, and this machine has no GPU (its own RAM says "
-                   f"nothing about the target's): assuming {total / GiB:.0f} GiB of CPU RAM per node "
-                   f"({GPU_NODE_CPU_MEMORY_PER_GPU / GiB:.0f} GiB per GPU x {gpus_per_node}, the low end of 8-GPU "
-                   "training servers, which carry 1-2 TiB); give --cpu-memory GIB for your nodes")
-
-
-def table(p: Plan) -> str:
-    """The plan as a Markdown table (GiB), one row per config, fastest first."""
-    dev = "per GPU" if p.target.on_gpu else "per rank"
-    r = p.recipe
-    head = (f"| config | ZeRO | offload | states | activations (micro {r.micro_batch}, checkpointing "
-            f"{'on' if r.checkpointing else 'off'}) | buffers | total {dev} | CPU per node | NVMe per node | fits | "
-            f"largest micro (checkpointing off / on) |")
-    lines = [head, "|" + "---|" * 11]
-    for e in p.rows:
-        off, on = p.largest.get(e.config, (0, 0))
-        mark = "yes" if e.fits else "no"
-        c = p.choice
-        if c is not None and e.config == c.config:
-            how = [f"micro {c.micro_batch}"] if c.micro_batch != e.micro_batch else []
-            how += ["with checkpointing"] if c.activation_checkpointing != e.activation_checkpointing else []
-            mark += " **(chosen" + (f": {', '.join(how)})**" if how else ")**")
-        lines.append(f"| {Path(e.config).name} | {e.stage} | {e.offload_label} | {_g(e.states)} | {_g(e.activations)} | "
-                     f"{_g(e.buffers)} | {_g(e.device_total)} | {_g(e.cpu_node)} | {_g(e.nvme_node) if e.nvme_node else '-'} | "
-                     f"{mark} | {off or '-'} / {on or '-'} |")
-    return "\n".join(lines)
-
-
-def report(p: Plan) -> str:
-    """What ``launch/plan.py`` prints: the target, the model, the table, the advice."""
-    f, r = p.recipe.facts, p.recipe
-    return "\n".join([
-        f"target: {p.target.describe()}",
-        f"model: {f.n_params / 1e6:.1f}M parameters (largest layer {f.largest_layer / 1e6:.2f}M), {f.layers} layers, "
-        f"hidden {f.hidden}, vocab {f.vocab}; seq_len {r.seq_len}, micro batch {r.micro_batch}, {r.precision}",
-        "memory in GiB; states = parameters + gradients + optimizer (DeepSpeed's estimators), buffers = "
-        "communication buckets + " + ("CUDA context" if p.target.on_gpu else "rank process runtime") + " + fragmentation",
-        "",
-        table(p),
-        "",
-        f"recommended (fastest that fits): {p.advice()}",
-    ]) + "\n"
-
-
-# ---------------------------------------------------------------------------- launch/plan.py
+from pipeline.stages.finetune import finetune_conf, finetune_head, finetune_seq_len
+from pipeline.training.plan import GiB, Recipe, detect_target, make_plan, recipe_from
+from pipeline.training.plan_report import cpu_memory_assumption, report
 
 
 def _stage_of(config_file: str | None) -> str:
@@ -89,7 +35,7 @@ def _recipe_for_cli(stage: str, cfg: Any, vocab_size: int, precision: str) -> Re
                            attn=cfg.model.attn_implementation, checkpointing=cfg.model.activation_checkpointing,
                            precision=precision)
     from pipeline.data.shards import read_manifest
-    from pipeline.model import hf_config
+    from pipeline.training.model import hf_config
 
     try:
         tok = read_manifest(cfg.data.datasets[0].path)["tokenizer"]
@@ -109,7 +55,7 @@ def cli(argv: list[str] | None = None) -> int:
     from pipeline.cli import report_errors
     from pipeline.config import load_config
 
-    p = argparse.ArgumentParser(prog="launch/plan.py", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="launch/plan.py", description="Preflight memory planner: which DeepSpeed config and micro batch fit a recipe on your hardware.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", metavar="FILE", help="a train or finetune YAML recipe")
     p.add_argument("--stage", choices=("train", "finetune"), help="the recipe's stage (default: from its keys)")
@@ -137,9 +83,9 @@ def cli(argv: list[str] | None = None) -> int:
                 p.error(f"{flag} must be {need}, got {value:g}")
         stage = ns.stage or _stage_of(ns.config)
         if stage == "finetune":
-            from pipeline.finetune import FinetuneConfig as cls
+            from pipeline.stages.finetune import FinetuneConfig as cls
         else:
-            from pipeline.train import TrainConfig as cls
+            from pipeline.stages.train import TrainConfig as cls
         cfg = load_config(cls, ns.config, ns.overrides)
         target = detect_target(ns.gpus_per_node, nodes=ns.nodes, nvme_path=cfg.deepspeed.nvme_path or "/local_nvme")
         gpus_here = target.on_gpu

@@ -4,7 +4,7 @@
 
 Starts from a Hugging Face model directory or a checkpoint of this pipeline (exported to a
 verified Hugging Face directory inside the run first). Same engine, checkpoints, resume,
-preemption and monitoring as pre-training (:mod:`pipeline.engine`, :mod:`pipeline.trainer`);
+preemption and monitoring as pre-training (:mod:`pipeline.training.engine`, :mod:`pipeline.training.trainer`);
 only the data and the loss differ:
 
 - ``sft``: conversations rendered with the chat template; the loss covers assistant tokens
@@ -21,16 +21,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline import dist
-from pipeline.checkpoint import CheckpointConfig
 from pipeline.data.classification import ClassificationDataConfig
 from pipeline.data.sft import SFTDataConfig
 from pipeline.dist import DistConfig
-from pipeline.ds_config import DeepSpeedSection, summarize
-from pipeline.engine import Run, describe_ds
 from pipeline.inputs import check_data_file, check_model, check_positions
 from pipeline.io import atomic_write_json
-from pipeline.monitor import MonitorConfig
-from pipeline.trainer import OptimConfig
+from pipeline.stages.export import init_model_dir
+from pipeline.training.checkpoint import CheckpointConfig
+from pipeline.training.ds_config import DeepSpeedSection, summarize
+from pipeline.training.engine import Run, describe_ds
+from pipeline.training.monitor import MonitorConfig
+from pipeline.training.trainer import OptimConfig
 
 VERSION = 1
 
@@ -138,6 +139,22 @@ def _hidden_size(path: str) -> int | None:
     return d.get("hidden_size") or d.get("n_embd") or d.get("d_model")
 
 
+def finetune_conf(path: str):
+    """The transformers config of a fine-tuning start (a Hugging Face directory or a pipeline checkpoint)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(check_model(path, "model.path", weights=False).config_dir, local_files_only=True)
+
+
+def finetune_seq_len(cfg: FinetuneConfig) -> int:
+    """Tokens per example of the task (what activations and positions are sized by)."""
+    return cfg.sft.seq_len if cfg.task == "sft" else cfg.classification.max_length
+
+
+def finetune_head(cfg: FinetuneConfig) -> str:
+    return "classification" if cfg.task == "classification" else "causal_lm"
+
+
 def _data_files(cfg: FinetuneConfig) -> list[tuple[str, str]]:
     """``(key, path)`` of the task's data files that are set."""
     section = "sft" if cfg.task == "sft" else "classification"
@@ -152,8 +169,6 @@ def _inputs(cfg: FinetuneConfig) -> list[tuple[str, str]]:
 def check_inputs(cfg: FinetuneConfig):
     """The starting model and the data files, checked before any heavy work; returns the model's
     :class:`~pipeline.inputs.ModelSource`."""
-    from pipeline.plan import finetune_seq_len
-
     source = check_model(cfg.model.path, "model.path")
     what = ("a JSONL file of chat examples (messages, or prompt/response)" if cfg.task == "sft"
             else "a JSONL or CSV file with text and label fields")
@@ -166,7 +181,7 @@ def check_inputs(cfg: FinetuneConfig):
 
 def describe(cfg: FinetuneConfig) -> str:
     if cfg.deepspeed.config.strip() == "auto":
-        from pipeline.plan import AUTO_NOTE
+        from pipeline.training.plan import AUTO_NOTE
         return AUTO_NOTE
     return describe_ds(cfg, _hidden_size(cfg.model.path))
 
@@ -210,10 +225,10 @@ class _Data:
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
         t = self.cfg.train
         if self.cfg.task == "sft":
-            from pipeline.data.sft import SFTLoader, ValBatches
-            from pipeline.trainer import CausalLMTask
-
             import torch
+
+            from pipeline.data.sft import SFTLoader, ValBatches
+            from pipeline.training.trainer import CausalLMTask
 
             # the 4-D packing mask in the model's compute dtype (bf16 on GPUs: half the memory of fp32)
             dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.precision, torch.float32)
@@ -255,17 +270,17 @@ def run(cfg: FinetuneConfig, local_rank: int | None = None) -> int:
     from transformers import AutoConfig, AutoTokenizer
 
     from pipeline.data.tokenizer import tokenizer_fingerprint
-    from pipeline.model import ModelConfig, architecture_fingerprint, build_model
-    from pipeline.monitor import count_params, flops_per_token
-    from pipeline.trainer import Trainer, evaluate_lm
+    from pipeline.training.model import ModelConfig, architecture_fingerprint, build_model
+    from pipeline.training.monitor import count_params, flops_per_token
+    from pipeline.training.trainer import Trainer, evaluate_lm
 
     source = check_inputs(cfg)
-    from pipeline.plan import finetune_conf, finetune_head, finetune_seq_len, preflight
+    from pipeline.training.plan import preflight
     preflight(cfg, finetune_conf(cfg.model.path), seq_len=finetune_seq_len(cfg), head=finetune_head(cfg),  # auto; refuse what cannot fit
               attn=cfg.model.attn_implementation, checkpointing=cfg.model.activation_checkpointing, local_rank=local_rank)
     run_ = Run(cfg, local_rank=local_rank, hidden_size=_hidden_size(cfg.model.path), inputs=_inputs(cfg))
     run_.start()
-    init = run_.model_dir(source)
+    init = init_model_dir(source, run_.out, run_.rank)
     tok = AutoTokenizer.from_pretrained(init)
     data = _Data(cfg, tok, run_)
     dist.print0(f"finetune: {run_.world} rank(s), {summarize(run_.ds)}; {data.describe()}")

@@ -5,10 +5,10 @@
 
 Flow: check the config and data -> resolve the DeepSpeed JSON -> start the process group
 -> build the model (ZeRO-3: partitioned from the start) -> ``deepspeed.initialize`` ->
-resume if a checkpoint exists -> train (:class:`pipeline.trainer.Trainer`) -> checkpoint.
+resume if a checkpoint exists -> train (:class:`pipeline.training.trainer.Trainer`) -> checkpoint.
 
 The run directory ``<output>`` holds ``config.yaml``, ``ds_config.json``, ``tensorboard/``
-and ``checkpoints/`` (see :mod:`pipeline.checkpoint`).
+and ``checkpoints/`` (see :mod:`pipeline.training.checkpoint`).
 """
 
 from __future__ import annotations
@@ -18,16 +18,17 @@ from pathlib import Path
 from typing import Literal
 
 from pipeline import dist
-from pipeline.checkpoint import CheckpointConfig
 from pipeline.data.shards import read_manifest
 from pipeline.dist import DistConfig
-from pipeline.ds_config import DeepSpeedSection, summarize
-from pipeline.engine import Run, describe_ds
 from pipeline.inputs import check_model
 from pipeline.io import atomic_write_json
-from pipeline.model import ModelConfig
-from pipeline.monitor import MonitorConfig
-from pipeline.trainer import OptimConfig
+from pipeline.stages.export import init_model_dir
+from pipeline.training.checkpoint import CheckpointConfig
+from pipeline.training.ds_config import DeepSpeedSection, summarize
+from pipeline.training.engine import Run, describe_ds
+from pipeline.training.model import ModelConfig
+from pipeline.training.monitor import MonitorConfig
+from pipeline.training.trainer import OptimConfig
 
 VERSION = 1
 
@@ -81,7 +82,7 @@ class TrainConfig:
 def describe(cfg: TrainConfig) -> str:
     """Extra ``--print-config`` output: the resolved DeepSpeed JSON for this launch's world size."""
     if cfg.deepspeed.config.strip() == "auto":
-        from pipeline.plan import AUTO_NOTE
+        from pipeline.training.plan import AUTO_NOTE
         return AUTO_NOTE
     return describe_ds(cfg, cfg.model.hidden_size if not cfg.model.path else None)
 
@@ -96,9 +97,9 @@ def _data_tokenizer(cfg: TrainConfig) -> tuple[dict, str]:
 def run(cfg: TrainConfig, local_rank: int | None = None) -> int:
     """Run the stage; returns the process exit code (0, or EXIT_REQUEUE after preemption)."""
     from pipeline.data.sampler import BlendedSamples, RankLoader, Validation
-    from pipeline.model import architecture_fingerprint, build_model, check_tokenizer_match, hf_config
-    from pipeline.monitor import count_params, flops_per_token
-    from pipeline.trainer import CausalLMTask, Trainer, evaluate_lm
+    from pipeline.training.model import architecture_fingerprint, build_model, check_tokenizer_match, hf_config
+    from pipeline.training.monitor import count_params, flops_per_token
+    from pipeline.training.trainer import CausalLMTask, Trainer, evaluate_lm
 
     # -- everything a user can get wrong, before any heavy work
     source = check_model(cfg.model.path, "model.path") if cfg.model.path else None
@@ -106,7 +107,7 @@ def run(cfg: TrainConfig, local_rank: int | None = None) -> int:
     conf = hf_config(cfg.model, tok_info["vocab_size"], cfg.data.seq_len, tok_info)
     if cfg.model.path:
         check_tokenizer_match(cfg.model.path, conf, tok_info, cfg.data.datasets[0].path)
-    from pipeline.plan import preflight  # resolves deepspeed.config=auto; refuses a plan that cannot fit
+    from pipeline.training.plan import preflight  # resolves deepspeed.config=auto; refuses a plan that cannot fit
     preflight(cfg, conf, seq_len=cfg.data.seq_len, head="causal_lm", attn=cfg.model.attn_implementation,
               checkpointing=cfg.model.activation_checkpointing, local_rank=local_rank)
     inputs = [("model.path", cfg.model.path)] + [(f"data.datasets.{i}.path", d.path) for i, d in enumerate(cfg.data.datasets)]
@@ -119,7 +120,7 @@ def run(cfg: TrainConfig, local_rank: int | None = None) -> int:
     rank, world = run_.rank, run_.world
     dist.print0(f"train: {world} rank(s), {summarize(run_.ds)}; data {samples.components}")
     # continue-training from a pipeline checkpoint starts from its verified export (as fine-tuning does)
-    mcfg = replace(cfg.model, path=str(run_.model_dir(source))) if source is not None else cfg.model
+    mcfg = replace(cfg.model, path=str(init_model_dir(source, run_.out, run_.rank))) if source is not None else cfg.model
     model = build_model(mcfg, conf, run_.ds)  # fp32 master weights; DeepSpeed casts for bf16/fp16
     n_params = count_params(model)
     engine = run_.initialize(model)

@@ -37,7 +37,7 @@ import numpy as np
 from pipeline.config import to_dict, to_yaml
 from pipeline.data import sample as builtin_sample
 from pipeline.data.clean import CleanConfig, Cleaner, SeenHashes, content_hash, dedup_key, is_validation, task_of
-from pipeline.data.shards import ShardWriter, dtype_for_vocab, file_entries, read_manifest, write_manifest
+from pipeline.data.shards import ShardWriter, dtype_for_vocab, file_entries, write_manifest
 from pipeline.data.sources import SourceConfig, iter_records, resolve_files, source_name
 from pipeline.data.tokenizer import TokenizerConfig, load_tokenizer
 from pipeline.data.tokenizer_train import train_on_sources
@@ -45,6 +45,7 @@ from pipeline.errors import UserError
 from pipeline.inputs import check_output
 from pipeline.io import atomic_write_json, atomic_write_text, publish_dir
 from pipeline.progress import progress_bar
+from pipeline.stages.preprocess_merge import check_existing, merge, output_config
 
 BUILTIN_PREFIX = "builtin:"
 # Test aid: seconds to sleep after each encoded batch, so a test can kill a run mid-way.
@@ -141,14 +142,6 @@ def _tasks(cfg: PreprocessConfig) -> tuple[int, int]:
 
 def _threads(cfg: PreprocessConfig) -> int:
     return cfg.workers or len(os.sched_getaffinity(0))
-
-
-def _output_config(cfg: PreprocessConfig) -> dict:
-    """The part of the config that determines the output bytes (not threads or overwrite)."""
-    d = to_dict(cfg)
-    for k in ("workers", "overwrite", "step", "task_index", "task_count"):
-        d.pop(k)
-    return d
 
 
 @dataclass
@@ -275,7 +268,7 @@ class Preprocessor:
 
     def prepare(self) -> None:
         """Create or resume the work directory (a partial run of another config is discarded)."""
-        wanted = to_yaml(_output_config(self.cfg))
+        wanted = to_yaml(output_config(self.cfg))
         marker = self.work / ".progress" / "config.yaml"
         if self.work.exists():
             if marker.exists() and marker.read_text(encoding="utf-8") == wanted:
@@ -548,26 +541,6 @@ def _summary(result: dict, output: Path) -> str:
 # ---------------------------------------------------------------------------- steps
 
 
-def _check_existing(cfg: PreprocessConfig, output: Path) -> bool:
-    """True when ``output`` is already the complete result of this config."""
-    if not output.exists():
-        return False
-    if (output / "manifest.json").exists():
-        manifest = read_manifest(output)
-        if {k: v for k, v in manifest["config"].items() if k in _output_config(cfg)} == _output_config(cfg):
-            return True
-        if cfg.overwrite:
-            return False
-        raise UserError(
-            f"output '{output}' already holds a dataset made with a different config; "
-            "choose another output, or set overwrite=true to replace it once the new one is complete"
-        )
-    if any(output.iterdir()):
-        raise UserError(f"output '{output}' exists and is not a preprocessed dataset; choose another output directory")
-    output.rmdir()
-    return False
-
-
 def run(cfg: PreprocessConfig) -> dict | None:
     """Run the configured step. Returns the result summary of a shards/all step."""
     output = check_output(cfg.output, inputs=[("tokenizer.path", cfg.tokenizer.path),
@@ -582,12 +555,10 @@ def run(cfg: PreprocessConfig) -> dict | None:
     if cfg.step == "tokenizer":
         return _step_tokenizer(cfg, tasks_dir / "tokenizer")
     if cfg.step == "merge":
-        from pipeline.data.merge import merge
-
         return merge(cfg, tasks_dir, output)
     if count > 1:
         output = tasks_dir / f"task-{index:05d}-of-{count:05d}"
-    if _check_existing(cfg, output):
+    if check_existing(cfg, output):
         print(f"{output} is already complete for this config; nothing to do", file=sys.stderr)
         return None
     work = output.with_name(output.name + ".partial")

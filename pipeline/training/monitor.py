@@ -28,8 +28,8 @@ import psutil
 import torch
 
 from pipeline.config import to_dict
-from pipeline.model_shape import model_shape
-from pipeline.peak import gpu_peak_from_name, peak_flops, raise_peak  # noqa: F401 -- the monitor's public API
+from pipeline.training.model_shape import model_shape
+from pipeline.training.peak import gpu_peak_from_name, peak_flops, raise_peak  # noqa: F401 -- the monitor's public API
 
 GIB = float(1 << 30)
 
@@ -92,7 +92,7 @@ def flops_per_token(hf_config: Any, seq_len: int, n_params: int | None = None, l
         n_params: total parameter count of the real model (:func:`count_params`); when given,
             ``N_non_embedding`` is derived from it (exact, includes norms and biases). Otherwise it is
             estimated from the config: attention projections (grouped K/V) and a gated (3 matrices)
-            or plain (2 matrices) MLP per layer (:func:`pipeline.model_shape.gated_mlp`, the planner's
+            or plain (2 matrices) MLP per layer (:func:`pipeline.training.model_shape.gated_mlp`, the planner's
             reading too); norms and biases ignored.
 
     Returns:

@@ -25,11 +25,9 @@ import ctypes
 import ctypes.util
 import gc
 import io
-import json
 import math
 import os
 import pickle
-import re
 import sys
 import threading
 from collections.abc import Iterable
@@ -39,48 +37,8 @@ from typing import Any
 
 import torch
 
+from pipeline.checkpoint_paths import MODEL_STATES
 from pipeline.errors import UserError
-
-MODEL_STATES = "mp_rank_00_model_states.pt"
-"""The model states of ZeRO-0/1/2 (a ZeRO-3 rank writes ``zero_pp_rank_R_mp_rank_00_model_states.pt``)."""
-_SHARD = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_(optim|model)_states\.pt$")
-
-
-# ---------------------------------------------------------------------------- what a checkpoint holds
-
-
-def zero_stage(step: Path, meta: dict) -> int:
-    """The ZeRO stage ``step`` was trained with: ``meta.json``'s, else ``ds_config.json``'s, else
-    what the files say (per-rank model states: 3; per-rank optimizer shards: 1/2; neither: 0)."""
-    stage = meta.get("zero_stage")
-    if not isinstance(stage, int) or isinstance(stage, bool):
-        with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
-            ds = json.loads((step / "ds_config.json").read_text(encoding="utf-8"))
-            stage = (ds.get("zero_optimization") or {}).get("stage", 0)  # DeepSpeed's default: 0
-    if isinstance(stage, int) and not isinstance(stage, bool) and 0 <= stage <= 3:
-        return stage
-    kinds = {m[2] for m in map(_SHARD.match, os.listdir(step)) if m}
-    return 3 if "model" in kinds else 2 if "optim" in kinds else 0
-
-
-def missing_files(step: Path, meta: dict, stage: int) -> list[str]:
-    """The files a complete checkpoint of ZeRO ``stage`` needs that ``step`` lacks, by name and rank
-    (the ranks: ``meta.json``'s ``world_size``, else those the files present number)."""
-    names = set(os.listdir(step))
-    have = {(m[2], int(m[1])) for m in map(_SHARD.match, names) if m}
-    world = meta.get("world_size")
-    if not isinstance(world, int) or isinstance(world, bool) or world < 1:
-        world = 1 + max((rank for _, rank in have), default=0)
-    prefix = "bf16_" if meta.get("precision") == "bf16" else ""  # DeepSpeed names a bf16 run's shards so
-    missing = [] if (step / "hf" / "config.json").is_file() else ["hf/config.json"]
-    if stage == 3:
-        missing += [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(world) if ("model", r) not in have]
-    elif MODEL_STATES not in names:
-        missing.append(MODEL_STATES)
-    if stage >= 1:
-        missing += [f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world) if ("optim", r) not in have]
-    return missing
-
 
 # ---------------------------------------------------------------------------- memory
 
@@ -247,9 +205,9 @@ class _Copy:
 
 def _optimizer_groups(params: dict[str, torch.Tensor]) -> list[list[list[str]]]:
     """How the optimizer may have grouped ``params`` (names, in named_parameters order): this
-    pipeline's AdamW groups (:func:`pipeline.model.param_groups` on stand-ins; DeepSpeed drops
+    pipeline's AdamW groups (:func:`pipeline.training.model.param_groups` on stand-ins; DeepSpeed drops
     empty groups), then one group (an optimizer given ``model.parameters()``)."""
-    from pipeline.model import param_groups
+    from pipeline.training.model import param_groups
 
     stand_ins = {n: torch.nn.Parameter(torch.empty(t.shape, device="meta")) for n, t in params.items()}
     name = {id(p): n for n, p in stand_ins.items()}

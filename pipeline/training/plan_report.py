@@ -1,0 +1,66 @@
+"""What ``python launch/plan.py`` prints: the planner's table and report, and the CPU memory assumed
+for GPU nodes described from a machine without GPUs.
+
+The estimates themselves live in :mod:`pipeline.training.plan`; the command line that describes a
+target and a recipe is :mod:`pipeline.stages.plan`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.training.plan import GiB, Plan, _g
+
+GPU_NODE_CPU_MEMORY_PER_GPU = 128 * GiB
+"""Host RAM per GPU assumed for GPUs described without ``--cpu-memory`` from a machine without any
+(1 TiB for 8 GPUs). 8-GPU training servers carry 1-2 TiB (DGX A100/H100 and AWS p5: 2 TiB; AWS
+p4d/p4de: 1.1 TiB; Azure ND A100 v4: 1.9 TiB), i.e. 128-256 GiB per GPU: the low end, so a plan
+that fits under it fits those servers. Smaller machines exist (GCP a2: 85 GB per GPU), so the
+assumption is printed with the way to give the real figure."""
+
+
+def cpu_memory_assumption(gpus_per_node: int) -> tuple[int, str]:
+    """``(bytes, note)``: the CPU RAM per node assumed for GPUs described without ``--cpu-memory``."""
+    total = GPU_NODE_CPU_MEMORY_PER_GPU * max(gpus_per_node, 1)
+    return total, (f"note: --cpu-memory not given for a GPU target, and this machine has no GPU (its own RAM says "
+                   f"nothing about the target's): assuming {total / GiB:.0f} GiB of CPU RAM per node "
+                   f"({GPU_NODE_CPU_MEMORY_PER_GPU / GiB:.0f} GiB per GPU x {gpus_per_node}, the low end of 8-GPU "
+                   "training servers, which carry 1-2 TiB); give --cpu-memory GIB for your nodes")
+
+
+def table(p: Plan) -> str:
+    """The plan as a Markdown table (GiB), one row per config, fastest first."""
+    dev = "per GPU" if p.target.on_gpu else "per rank"
+    r = p.recipe
+    head = (f"| config | ZeRO | offload | states | activations (micro {r.micro_batch}, checkpointing "
+            f"{'on' if r.checkpointing else 'off'}) | buffers | total {dev} | CPU per node | NVMe per node | fits | "
+            f"largest micro (checkpointing off / on) |")
+    lines = [head, "|" + "---|" * 11]
+    for e in p.rows:
+        off, on = p.largest.get(e.config, (0, 0))
+        mark = "yes" if e.fits else "no"
+        c = p.choice
+        if c is not None and e.config == c.config:
+            how = [f"micro {c.micro_batch}"] if c.micro_batch != e.micro_batch else []
+            how += ["with checkpointing"] if c.activation_checkpointing != e.activation_checkpointing else []
+            mark += " **(chosen" + (f": {', '.join(how)})**" if how else ")**")
+        lines.append(f"| {Path(e.config).name} | {e.stage} | {e.offload_label} | {_g(e.states)} | {_g(e.activations)} | "
+                     f"{_g(e.buffers)} | {_g(e.device_total)} | {_g(e.cpu_node)} | {_g(e.nvme_node) if e.nvme_node else '-'} | "
+                     f"{mark} | {off or '-'} / {on or '-'} |")
+    return "\n".join(lines)
+
+
+def report(p: Plan) -> str:
+    """What ``launch/plan.py`` prints: the target, the model, the table, the advice."""
+    f, r = p.recipe.facts, p.recipe
+    return "\n".join([
+        f"target: {p.target.describe()}",
+        f"model: {f.n_params / 1e6:.1f}M parameters (largest layer {f.largest_layer / 1e6:.2f}M), {f.layers} layers, "
+        f"hidden {f.hidden}, vocab {f.vocab}; seq_len {r.seq_len}, micro batch {r.micro_batch}, {r.precision}",
+        "memory in GiB; states = parameters + gradients + optimizer (DeepSpeed's estimators), buffers = "
+        "communication buckets + " + ("CUDA context" if p.target.on_gpu else "rank process runtime") + " + fragmentation",
+        "",
+        table(p),
+        "",
+        f"recommended (fastest that fits): {p.advice()}",
+    ]) + "\n"
