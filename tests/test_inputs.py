@@ -264,11 +264,23 @@ def finished_run(tmp_path_factory, tiny_dataset: Path) -> Path:
     return run
 
 
+@pytest.fixture(scope="module")
+def step_dir(tmp_path_factory) -> Path:
+    """A step directory laid out as a complete ZeRO-0 checkpoint (its files empty): enough for the
+    path checks, which run before any weight is read (the tripwire stops a consolidation)."""
+    step = tmp_path_factory.mktemp("ckpt") / "step-00000001"
+    (step / "hf").mkdir(parents=True)
+    (step / "hf" / "config.json").write_text('{"model_type": "llama"}\n')
+    (step / "meta.json").write_text('{"step": 1, "zero_stage": 0, "world_size": 1}\n')
+    (step / "mp_rank_00_model_states.pt").write_bytes(b"")
+    return step
+
+
 @pytest.mark.parametrize("entry, case", _table(OUTPUT_ENTRIES, OUTPUT_CASES))
-def test_output_directory(entry, case, inputs, tiny_dataset, tiny_hf_model, finished_run, monkeypatch, capsys):
+def test_output_directory(entry, case, inputs, tiny_dataset, tiny_hf_model, step_dir, monkeypatch, capsys):
     e = OUTPUT_ENTRIES[entry]
     path = inputs["base"] / "out" / "a file" if case == "an existing file" else inputs["base"] / "out" / "a file" / "sub"
-    subs = {"data": tiny_dataset, "hf": tiny_hf_model, "out": "unused", "files": inputs["files"], "run": finished_run}
+    subs = {"data": tiny_dataset, "hf": tiny_hf_model, "out": "unused", "files": inputs["files"], "run": step_dir}
     code, err = _run_in_process(e.script, _args(e, path, subs), monkeypatch, capsys)
     _check(code, err, OUTPUT_CASES[case], {"key": e.key, "path": path})
     assert (inputs["base"] / "out" / "a file").read_text() == "an earlier result\n"
