@@ -36,14 +36,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from pipeline import precision as precisions
 from pipeline.errors import UserError
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # pipeline/training/ds_config.py -> the repository
 """The repository directory holding ``ds_configs/`` (relative config paths fall back to it)."""
 
 SHIPPED_DIR = PROJECT_ROOT / "ds_configs"
 
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+PRECISIONS = ("auto", *precisions.NAMES)
 
 # Recipe-owned keys: overriding them through `deepspeed.overrides` would bypass the recipe.
 _RECIPE_KEYS = {
@@ -124,7 +125,8 @@ def resolve_precision(requested: str) -> str:
     """The precision to train in on this machine.
 
     Args:
-        requested: ``auto``, ``bf16``, ``fp16`` or ``fp32`` (``deepspeed.precision``).
+        requested: ``auto``, ``bf16``, ``fp16`` or ``fp32`` (``deepspeed.precision``; other
+            spellings as :func:`pipeline.precision.parse` reads them).
 
     Returns:
         ``"bf16"``, ``"fp16"`` or ``"fp32"``. ``auto`` picks bf16 on GPUs with native bf16,
@@ -136,8 +138,7 @@ def resolve_precision(requested: str) -> str:
     """
     import torch
 
-    if requested not in PRECISIONS:
-        raise UserError(f"deepspeed.precision={requested!r} is not valid; use one of: {', '.join(PRECISIONS)}.")
+    requested = precisions.parse(requested, "deepspeed.precision", PRECISIONS)
     cuda = torch.cuda.is_available()
     if requested == "auto":
         if not cuda:
@@ -388,7 +389,7 @@ def resolve_ds_config(
         raise UserError("deepspeed.overrides: " + "; ".join(f"'{k}' {m}" for k, m in bad) + ".")
     if precision == "auto":
         precision = resolve_precision("auto")
-    if precision not in ("bf16", "fp16", "fp32"):
+    if precision not in precisions.NAMES:
         raise ValueError(f"precision must be bf16, fp16 or fp32 after resolution, got {precision!r}")
     micro, accum, total = batch_sizes(micro_batch, grad_accum, global_batch, dp_world)
 
@@ -412,8 +413,8 @@ def resolve_ds_config(
         fill("optimizer.params.betas", [float(b) for b in betas], "the recipe's betas")
         fill("optimizer.params.eps", float(eps), "the recipe's eps")
         fill("optimizer.params.weight_decay", float(weight_decay), "the recipe's weight_decay")
-    fill("bf16.enabled", precision == "bf16", f"deepspeed.precision (resolved: {precision})")
-    fill("fp16.enabled", precision == "fp16", f"deepspeed.precision (resolved: {precision})")
+    for half, section in precisions.ds_flags(precision).items():
+        fill(f"{half}.enabled", section["enabled"], f"deepspeed.precision (resolved: {precision})")
 
     if hidden_size is not None:
         sizes = (hidden_size * hidden_size, int(0.9 * hidden_size * hidden_size), 10 * hidden_size)
@@ -495,12 +496,7 @@ def summarize(ds: dict) -> str:
             parts.append(f"{what} offload {dev}")
     if all(d == "none" for d in devices.values()):
         parts.append("no offload")
-    if (ds.get("bf16") or {}).get("enabled") is True:
-        parts.append("bf16")
-    elif (ds.get("fp16") or {}).get("enabled") is True:
-        parts.append("fp16")
-    else:
-        parts.append("fp32")
+    parts.append(precisions.of_ds_config(ds))
     micro, accum, total = (ds.get(k, "?") for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                                                      "train_batch_size"))
     if all(isinstance(v, int) and v > 0 for v in (micro, accum, total)):

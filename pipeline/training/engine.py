@@ -21,6 +21,7 @@ from pipeline import dist
 from pipeline.config import to_dict, to_yaml
 from pipeline.inputs import check_output
 from pipeline.io import atomic_write_json, atomic_write_text
+from pipeline.precision import of_ds_config
 from pipeline.training import checkpoint
 from pipeline.training.ds_config import (
     load_ds_json,
@@ -62,12 +63,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def precision_of(ds: dict) -> str:
-    if ds.get("bf16", {}).get("enabled"):
-        return "bf16"
-    return "fp16" if ds.get("fp16", {}).get("enabled") else "fp32"
-
-
 class Run:
     """One launch of a training stage. ``cfg`` has ``output``, ``train`` (OptimConfig),
     ``checkpoint``, ``deepspeed``, ``dist`` and ``monitor`` sections.
@@ -95,7 +90,7 @@ class Run:
             self.ds["checkpoint"] = {**self.ds.get("checkpoint", {}), "load_universal": True}
         self.micro = self.ds["train_micro_batch_size_per_gpu"]
         self.accum = self.ds["gradient_accumulation_steps"]
-        self.precision = precision_of(self.ds)
+        self.precision = of_ds_config(self.ds)
         self.engine = None
         self.compat: dict = {}
         self.consumed_samples: int | None = None  # global samples before the resumed step (None: fresh start)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline import precision as precisions
 from pipeline.io import atomic_write_json
 
 # Dense (non-sparse) tensor-core peaks per GPU from NVIDIA datasheets/whitepapers, in
@@ -39,17 +40,12 @@ _GPU_PEAKS: list[tuple[str, str, dict[str, float]]] = [
     (r"\brtx 3090\b", "RTX 3090", {"bf16": 71e12, "fp16": 71e12, "tf32": 35.6e12, "fp32": 35.6e12}),
 ]
 
-_ALIASES = {"bf16": ("bfloat16", "bf16-mixed"), "fp16": ("float16", "half", "16", "fp16-mixed"),
-            "fp32": ("float32", "float", "32"), "tf32": ()}
-_PRECISIONS = {alias: p for p, aliases in _ALIASES.items() for alias in (p, *aliases)}
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "tf32": torch.float32}
-
 
 def _norm_precision(precision: str) -> str:
-    key = str(precision).lower().removeprefix("torch.")
-    if key not in _PRECISIONS:
+    name = precisions.canonical(precision)  # any spelling (bfloat16, torch.float16, Lightning's "16") -> bf16/fp16/fp32/tf32
+    if name is None:  # the caller passes the run's resolved precision: an unknown one is a bug, not a user error
         raise ValueError(f"unknown precision {precision!r}; use one of bf16, fp16, fp32, tf32")
-    return _PRECISIONS[key]
+    return name
 
 
 def _gpu_entry(name: str) -> tuple[str, dict[str, float]] | None:
@@ -121,7 +117,7 @@ def _measure_cpu(prec: str) -> float:
     for i in range(_BURSTS):
         if i:
             time.sleep(0.05)  # let a competing process's burst pass rather than measure inside it
-        best = max(best, _measure_matmul(torch.device("cpu"), _DTYPES[prec], 2048, budget_s=0.2, max_reps=8))
+        best = max(best, _measure_matmul(torch.device("cpu"), precisions.torch_dtype(prec), 2048, budget_s=0.2, max_reps=8))
     return best
 
 
@@ -195,7 +191,8 @@ def raise_peak(device: torch.device | str, old: float, achieved: float) -> tuple
         else:
             n = 4096 if prec in ("fp32", "tf32") else 8192
             index = dev.index if dev.index is not None else torch.cuda.current_device()
-            new = max(_measure_matmul(torch.device("cuda", index), _DTYPES[prec], n, budget_s=0.5, max_reps=50), achieved)
+            dtype = precisions.torch_dtype(prec)
+            new = max(_measure_matmul(torch.device("cuda", index), dtype, n, budget_s=0.5, max_reps=50), achieved)
         why = (f"re-measured {prec} matmul" if new > achieved
                else f"a training step's own rate (a re-measured {prec} matmul gave less)")
         why += f", raised from {old / 1e9:.1f} GFLOP/s"
@@ -240,7 +237,7 @@ def peak_flops(device: torch.device | str, precision: str) -> tuple[float, str]:
                 _PEAK_CACHE[key] = (entry[1][prec], f"table: {entry[0]} dense {prec} peak ({name})")
             if key not in _PEAK_CACHE:
                 n = 4096 if prec in ("fp32", "tf32") else 8192
-                flops = _measure_matmul(dev, _DTYPES[prec], n, budget_s=0.5, max_reps=50)
+                flops = _measure_matmul(dev, precisions.torch_dtype(prec), n, budget_s=0.5, max_reps=50)
                 _PEAK_CACHE[key] = (flops, f"measured {prec} matmul {n}x{n} on {name} (not in the peak table)")
             return _PEAK_CACHE[key]
     key = f"{dev.type}|threads={torch.get_num_threads()}|{prec}"
