@@ -181,6 +181,7 @@ def test_verification_failure_publishes_nothing_and_keeps_the_old_export(z3_run:
     ("output exists", "already exists; pass --overwrite"),
     ("output holds the checkpoint", "the run would write over its own input; choose another --output"),
     ("bad shard size", "is not a size"),
+    ("bad dtype", "--dtype='fp8' is not valid; use one of: auto, bf16, fp16, fp32"),
 ])
 def test_user_errors(tmp_path: Path, z3_run: Path, tiny_hf_model: Path, case: str, message: str):
     step = z3_run / "checkpoints" / STEP
@@ -212,6 +213,8 @@ def test_user_errors(tmp_path: Path, z3_run: Path, tiny_hf_model: Path, case: st
         out.mkdir()
     elif case == "output holds the checkpoint":
         out, kwargs = z3_run, {"overwrite": True}
+    elif case == "bad dtype":
+        kwargs = {"dtype": "fp8"}
     else:
         kwargs = {"max_shard_size": "lots"}
     with pytest.raises(UserError, match=re.escape(message)):
@@ -238,6 +241,10 @@ def test_load_model_from_hf_dir_and_from_checkpoint(tmp_path: Path, tiny_hf_mode
     assert torch.equal(_logits(from_ckpt), _logits(from_export))
     half, _ = load_model(step, dtype="bf16")
     assert next(half.parameters()).dtype == torch.bfloat16
+    half, _ = load_model(tiny_hf_model, dtype="float16")  # torch's spelling, as pipeline.precision reads it
+    assert next(half.parameters()).dtype == torch.float16
+    with pytest.raises(UserError, match=r"dtype='int8' is not valid; use one of: bf16, fp16, fp32"):
+        load_model(tiny_hf_model, dtype="int8")
     with pytest.raises(UserError, match="not a Hugging Face model directory"):
         load_model(tmp_path)
 

@@ -348,3 +348,75 @@ def test_training_refuses_damaged_shards_naming_the_file(tmp_path: Path, tiny_da
     assert "Traceback" not in r.stderr
     assert f"'{shard}' " in r.stderr and message in r.stderr and "re-run preprocess" in r.stderr
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------- the hooks (pipeline/faults.py)
+
+_HOOKS_SECTION = "# ---------------------------------------------------------------------------- the hooks (pipeline/faults.py)"
+
+
+# Modules that still read a hook's variable themselves, with the variable: stages/preprocess.py
+# (owned elsewhere) has yet to call faults.after_batch(). The test below fails once it does, so
+# this entry goes away with the switch.
+_NOT_YET_SWITCHED = {"pipeline/stages/preprocess.py": "PIPELINE_TEST_BATCH_DELAY"}
+
+
+def _py_files(folder: str) -> dict[str, str]:
+    return {str(p.relative_to(ROOT)): p.read_text(encoding="utf-8") for p in sorted((ROOT / folder).rglob("*.py"))}
+
+
+def test_every_test_hook_lives_in_faults_and_is_documented_called_and_used():
+    from pipeline import faults
+
+    readers = {path: text for path, text in _py_files("pipeline").items()
+               if "PIPELINE_TEST_" in text and path != "pipeline/faults.py"}
+    assert {p: v for p, v in _NOT_YET_SWITCHED.items() if v in readers.get(p, "")} == _NOT_YET_SWITCHED
+    assert set(readers) == set(_NOT_YET_SWITCHED), "test hooks belong in pipeline/faults.py"
+    source, tests = (ROOT / "pipeline" / "faults.py").read_text(encoding="utf-8"), _py_files("tests")
+    tests["tests/test_faults.py"] = tests["tests/test_faults.py"].split(_HOOKS_SECTION)[0]  # not the probes below
+    pipeline_code = "\n".join(_py_files("pipeline").values())
+    for variable, function in faults.VARIABLES.items():
+        assert variable.startswith("PIPELINE_TEST_") and callable(getattr(faults, function))
+        assert f"``{variable}=" in faults.__doc__ and f":func:`{function}`" in faults.__doc__, variable
+        assert source.count(f'"{variable}"') == 2, f"{variable}: one entry in VARIABLES, one read"
+        assert any(f'"{variable}"' in text for text in tests.values()), f"no test sets {variable}"
+        assert f"faults.{function}(" in pipeline_code or variable in _NOT_YET_SWITCHED.values(), f"nothing calls {function}"
+
+
+def test_hooks_read_their_variables_and_do_nothing_when_unset():
+    probe = ("from pipeline import faults as f; "
+             "print(f._STEP_DELAY, f._BATCH_DELAY, f._PAUSE_IN_SAVE, f._CORRUPT_EXPORT)")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_TEST_")}
+    set_ = {"PIPELINE_TEST_STEP_DELAY": "0.3", "PIPELINE_TEST_BATCH_DELAY": "0.5", "PIPELINE_TEST_PAUSE_IN_SAVE": "4",
+            "PIPELINE_TEST_CORRUPT_EXPORT": "1"}
+    out = [subprocess.run([sys.executable, "-c", probe], env={**clean, "PYTHONPATH": str(ROOT), **extra}, capture_output=True,
+                          text=True, check=True).stdout.split() for extra in ({}, set_, {"PIPELINE_TEST_CORRUPT_EXPORT": "yes"})]
+    assert out == [["0.0", "0.0", "0", "False"], ["0.3", "0.5", "4", "True"], ["0.0", "0.0", "0", "False"]]
+
+
+def test_hooks_act_only_where_switched_on(monkeypatch, capsys):
+    import torch
+
+    from pipeline import faults
+
+    slept: list[float] = []
+    monkeypatch.setattr(faults.time, "sleep", slept.append)
+    model = torch.nn.Module()
+    model.emb = torch.nn.Embedding(3, 2)
+    model.get_input_embeddings = lambda: model.emb
+    before = model.emb.weight.detach().clone()
+    for name in ("_STEP_DELAY", "_BATCH_DELAY", "_PAUSE_IN_SAVE", "_CORRUPT_EXPORT"):
+        monkeypatch.setattr(faults, name, type(getattr(faults, name))())  # unset: 0, 0, 0, False
+    faults.after_step(), faults.after_batch(), faults.pause_in_save(4, "step-00000004"), faults.corrupt_export(model)
+    assert slept == [] and capsys.readouterr().out == "" and torch.equal(model.emb.weight, before)
+
+    monkeypatch.setattr(faults, "_STEP_DELAY", 0.3)
+    monkeypatch.setattr(faults, "_BATCH_DELAY", 0.5)
+    monkeypatch.setattr(faults, "_PAUSE_IN_SAVE", 4)
+    monkeypatch.setattr(faults, "_CORRUPT_EXPORT", True)
+    faults.after_step(), faults.after_batch(), faults.pause_in_save(2, "step-00000002")
+    assert slept == [0.3, 0.5] and capsys.readouterr().out == ""  # another step's save is not paused
+    faults.pause_in_save(4, "step-00000004")
+    assert slept == [0.3, 0.5, 3600] and capsys.readouterr().out == "test: pausing inside the save of step-00000004\n"
+    faults.corrupt_export(model)
+    assert torch.equal(model.emb.weight, before + 1)

@@ -11,33 +11,37 @@ and write safetensors, config, generation config, tokenizer and chat template in
 logits -> ``export_meta.json`` -> publish atomically. Nothing is published when verification fails.
 Peak memory: about one fp32 copy of the model, any ZeRO stage (docs/export.md).
 
-The evaluate and fine-tune stages use :func:`resolve_checkpoint`, :func:`is_pipeline_checkpoint`,
-:func:`consolidate` and :func:`load_model`.
+Loading a model for inference (:func:`load_model`, :func:`consolidate` and the parts the export
+builds on) lives in :mod:`pipeline.training.hf_model`, below the stages, and is re-exported here.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import re
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pipeline.checkpoint_paths import is_pipeline_checkpoint, read_meta, resolve_checkpoint, zero_stage
+from pipeline import faults, precision
+from pipeline.checkpoint_paths import is_pipeline_checkpoint, read_meta, resolve_checkpoint  # noqa: F401 -- re-exported
 from pipeline.errors import UserError
 from pipeline.inputs import ModelSource
 from pipeline.io import atomic_write_json, publish_dir, sha256_file
-from pipeline.training.consolidate import PageOut, consolidate_step, free_memory
+from pipeline.training.consolidate import PageOut, free_memory
+from pipeline.training.hf_model import auto_class as _auto_class
+from pipeline.training.hf_model import checkpoint_config as _checkpoint_config
+from pipeline.training.hf_model import consolidate, load_model  # noqa: F401 -- re-exported for callers of this path
+from pipeline.training.hf_model import hf_tokenizer as _tokenizer
+from pipeline.training.hf_model import model_from_state_dict as _model_from_state_dict
+from pipeline.training.hf_model import model_head as _head
+from pipeline.training.hf_model import plain_quiet as _plain_quiet
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 DEFAULT_TOLERANCE_FP32 = 1e-4
 """Default tolerance on max |Δlogit| of fp32 exports (the written weights are the same numbers)."""
 RELATIVE_TOLERANCE = {"bf16": 2.0 ** -4, "fp16": 2.0 ** -6}
@@ -45,9 +49,6 @@ RELATIVE_TOLERANCE = {"bf16": 2.0 ** -4, "fp16": 2.0 ** -6}
 rounding the weights to bf16 (8 significant bits) or fp16 (11) moved the logits by up to 0.0084
 (bf16) and 0.0013 (fp16) of that scale in the measurements of docs/export.md; margin 8x and 12x."""
 VERIFY_BATCH, VERIFY_LEN, VERIFY_SEED = 4, 32, 0  # sequences x tokens of the verification batch
-CORRUPT_ENV = "PIPELINE_TEST_CORRUPT_EXPORT"
-"""Test aid: set to 1, a weight is perturbed after the reference logits and before writing, so
-verification must fail."""
 _WRITTEN = {"config.json", "generation_config.json", "export_meta.json", "model.safetensors", "model.safetensors.index.json"}
 
 
@@ -55,163 +56,6 @@ class ExportVerificationError(Exception):
     """The written model's logits differ from the checkpoint's beyond the tolerance (exit code 1)."""
 
     exit_code = 1
-
-
-# ---------------------------------------------------------------------------- consolidation
-
-
-@contextlib.contextmanager
-def _plain_quiet() -> Iterator[None]:
-    """Plain (unpartitioned) models even while a ZeRO-3 ``HfDeepSpeedConfig`` is alive in the
-    process (a fine-tune rank exporting its starting checkpoint), and transformers' progress bars
-    only where ours draw (:func:`pipeline.progress.progress_bar`: a terminal)."""
-    from transformers.integrations import deepspeed as hf_ds
-    from transformers.utils import logging as hf_logging
-
-    from pipeline.progress import progress_bar
-
-    saved, bars = getattr(hf_ds, "_hf_deepspeed_config_weak_ref", None), hf_logging.is_progress_bar_enabled()
-    with progress_bar(total=0, delay=1e9, leave=False) as bar:  # never drawn: only asks whether bars are on
-        if bars and bar.disable:
-            hf_logging.disable_progress_bar()
-    hf_ds._hf_deepspeed_config_weak_ref = None
-    try:
-        yield
-    finally:
-        hf_ds._hf_deepspeed_config_weak_ref = saved
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
-def consolidate(step_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The checkpoint's full fp32 state dict, keyed by the training module's parameter names.
-
-    Any ZeRO stage, any number of ranks (:func:`pipeline.training.consolidate.consolidate_step`), a tensor
-    at a time; tied parameters stay one shared tensor. Peak: about one fp32 model copy.
-
-    Args:
-        step_dir: a step, checkpoints or run directory (see :func:`resolve_checkpoint`).
-
-    Raises:
-        UserError: not a checkpoint, or shards missing/damaged.
-    """
-    step = resolve_checkpoint(step_dir)
-    return consolidate_step(step, zero_stage(step, read_meta(step)))
-
-
-# ---------------------------------------------------------------------------- models
-
-
-def _head(conf: Any, where: str) -> str:
-    archs = list(getattr(conf, "architectures", None) or [])
-    if any(a.endswith("ForSequenceClassification") for a in archs):
-        return "classification"
-    if not archs or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
-        return "causal_lm"
-    raise UserError(f"{where}: architectures {archs} is neither a causal LM (*ForCausalLM) nor a sequence classifier "
-                    "(*ForSequenceClassification), the two kinds of model this pipeline trains and exports")
-
-
-def _auto_class(head: str):
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    return AutoModelForSequenceClassification if head == "classification" else AutoModelForCausalLM
-
-
-def _read_config(hf_dir: Path):
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(str(hf_dir), local_files_only=True)
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"cannot read {hf_dir / 'config.json'} ({type(e).__name__}: {e}); the checkpoint is damaged") from None
-
-
-def _checkpoint_config(step: Path, meta: dict):
-    """``hf/config.json`` of a checkpoint, with the label names fine-tuning records in ``meta.json``."""
-    conf = _read_config(step / "hf")
-    labels = meta.get("labels")
-    if _head(conf, str(step)) == "classification" and isinstance(labels, list) and len(labels) == conf.num_labels:
-        conf.id2label = {i: str(n) for i, n in enumerate(labels)}
-        conf.label2id = {str(n): i for i, n in enumerate(labels)}
-    return conf
-
-
-def _tokenizer(directory: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load the tokenizer in '{directory}' ({e}); the model needs its tokenizer files") from None
-
-
-def _model_from_state_dict(conf: Any, state: dict[str, torch.Tensor], where: str):
-    """A plain eval-mode fp32 model built from ``conf`` on the tensors of ``state`` (not copied).
-
-    transformers' own loader handles meta-device construction, tied weights, non-persistent
-    buffers (rotary tables) and key conversions; every missing, unexpected or misshapen key is an
-    error (a checkpoint whose ``hf/config.json`` does not describe its weights)."""
-    auto = _auto_class(_head(conf, where))
-    try:
-        cls = auto._model_mapping[type(conf)]
-    except KeyError:
-        raise UserError(f"{where}: transformers has no {auto.__name__} for model type '{conf.model_type}'") from None
-    with _plain_quiet():
-        model, info = cls.from_pretrained(None, config=conf, state_dict=state, dtype=torch.float32, output_loading_info=True)
-    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
-    problems = [f"{what}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}" for what, keys in (
-        ("missing", sorted(set(info.get("missing_keys") or ()) - tied)),
-        ("unexpected", sorted(info.get("unexpected_keys") or ())),
-        ("wrong shape", sorted(str(k) for k in info.get("mismatched_keys") or ()))) if keys]
-    if problems:
-        raise UserError(f"{where}: the consolidated weights do not fit the model of hf/config.json ({'; '.join(problems)}); "
-                        "the checkpoint's hf/ does not belong to its weights")
-    return model.eval()
-
-
-def load_model(path: str | os.PathLike, dtype: Any = torch.float32) -> tuple[Any, Any]:
-    """Load a model for inference from a Hugging Face directory or a pipeline checkpoint.
-
-    Args:
-        path: a Hugging Face model directory (config.json + weights), or a step/checkpoints/run
-            directory of this pipeline (consolidated in memory; nothing is written).
-        dtype: weights dtype: a torch dtype, or fp32/bf16/fp16.
-
-    Returns:
-        ``(model, tokenizer)``: an eval-mode ``AutoModelForCausalLM`` or
-        ``AutoModelForSequenceClassification`` (by ``architectures``) on CPU with ``use_cache``
-        on, and its ``AutoTokenizer`` (the directory's, or the checkpoint's ``hf/tokenizer``).
-
-    Raises:
-        UserError: neither kind of directory, or a damaged one.
-    """
-    p = Path(path)
-    name = _ALIASES.get(str(dtype).removeprefix("torch."), str(dtype))
-    torch_dtype = dtype if isinstance(dtype, torch.dtype) else DTYPES.get(name)
-    if torch_dtype is None:
-        raise UserError(f"dtype '{dtype}' is not one of fp32, bf16, fp16")
-    if is_pipeline_checkpoint(p):
-        step = resolve_checkpoint(p)
-        model = _model_from_state_dict(_checkpoint_config(step, read_meta(step)), consolidate(step), str(step)).to(torch_dtype)
-        tok_dir = step / "hf" / "tokenizer"
-    elif (p / "config.json").is_file():
-        auto = _auto_class(_head(_read_config(p), str(p)))
-        try:
-            with _plain_quiet():
-                model = auto.from_pretrained(str(p), dtype=torch_dtype, local_files_only=True)
-        except OSError as e:
-            raise UserError(f"cannot load the Hugging Face model in '{p}' ({e}); it needs config.json and its weights") from None
-        tok_dir = p
-    else:
-        try:
-            resolve_checkpoint(p)
-        except UserError as e:  # the precise reason it is not a usable checkpoint
-            raise UserError(f"'{p}' is not a Hugging Face model directory (no config.json) nor a usable checkpoint: "
-                            f"{e}") from None
-    model.eval()
-    model.config.use_cache = True  # training saves use_cache=false; inference wants the KV cache
-    return model, _tokenizer(tok_dir)
 
 
 # ---------------------------------------------------------------------------- export
@@ -319,7 +163,8 @@ def export(checkpoint: str | os.PathLike, output: str | os.PathLike, *, max_shar
         checkpoint: a step, checkpoints or run directory.
         output: the directory to publish (written as ``<output>.tmp-<pid>`` first).
         max_shard_size: safetensors files are split above this size (``"2GB"``, or bytes).
-        dtype: ``auto`` (the training precision in meta.json), ``fp32``, ``bf16`` or ``fp16``.
+        dtype: ``auto`` (the training precision in meta.json), ``fp32``, ``bf16`` or ``fp16`` (or another spelling
+            :mod:`pipeline.precision` knows, e.g. ``bfloat16``).
         tolerance: largest allowed max |Δlogit| (None: :func:`default_tolerance`).
         overwrite: replace an existing ``output``, once the new one is verified.
         log: where the progress lines go.
@@ -341,14 +186,12 @@ def export(checkpoint: str | os.PathLike, output: str | os.PathLike, *, max_shar
         raise UserError(f"output '{out}' already exists; pass --overwrite to replace it (the old one stays until the new "
                         "export is verified), or choose another --output")
     meta = read_meta(step)
+    dtype = precision.parse(dtype, "--dtype", ("auto", *precision.NAMES))
     if dtype == "auto":
-        dtype = meta.get("precision") if meta.get("precision") in ("bf16", "fp16") else "fp32"
-    dtype = _ALIASES.get(dtype, dtype)
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype '{dtype}' is not one of auto, fp32, bf16, fp16")
+        dtype = meta.get("precision") if meta.get("precision") in precision.HALF else "fp32"
     if tolerance is not None and not tolerance >= 0:
         raise UserError(f"--tolerance must be a number >= 0, got {tolerance}")
-    shard_bytes, torch_dtype = parse_size(max_shard_size), DTYPES[dtype]
+    shard_bytes, torch_dtype = parse_size(max_shard_size), precision.torch_dtype(dtype)
     conf = _checkpoint_config(step, meta)
     head, tok = _head(conf, str(step)), _tokenizer(step / "hf" / "tokenizer")
     if conf.pad_token_id is None and head == "classification":  # a classifier batches by the pad id
@@ -370,9 +213,7 @@ def export(checkpoint: str | os.PathLike, output: str | os.PathLike, *, max_shar
     try:
         eos = _prepare_config(model, tok, meta, head, torch_dtype)
         model.to(torch_dtype)
-        if os.environ.get(CORRUPT_ENV) == "1":
-            with torch.no_grad():
-                model.get_input_embeddings().weight.add_(1.0)
+        faults.corrupt_export(model)  # a test's damaged weight, which verification must catch (pipeline/faults.py)
         log(f"export: writing {n_params / 1e6:.1f}M parameters as {dtype} safetensors (shards up to {max_shard_size})")
         with _plain_quiet():
             model.save_pretrained(str(tmp), max_shard_size=shard_bytes)

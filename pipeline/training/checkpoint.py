@@ -29,14 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import dist
+from pipeline import dist, faults
 from pipeline.checkpoint_paths import LATEST, STEP_TAG, latest, read_meta, tag_for  # noqa: F401 -- also this module's API
 from pipeline.errors import UserError
 from pipeline.io import atomic_write_json, atomic_write_text, disk_full_error, fsync_dir, is_disk_full
-
-# Test aid: "STEP" makes every rank stop for good inside the save of that step, after
-# DeepSpeed's files are written and before meta.json and the rename, so a test can kill it there.
-_TEST_PAUSE_AT = int(os.environ.get("PIPELINE_TEST_PAUSE_IN_SAVE", "0") or 0)
 
 
 @dataclass
@@ -92,9 +88,7 @@ def save(engine, root: Path, step: int, meta: dict, files: dict[str, str], hf_fi
     tmp = root / tmp_tag
     try:
         engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False)  # ends with a barrier
-        if step == _TEST_PAUSE_AT:
-            print(f"test: pausing inside the save of {tag}", flush=True)
-            time.sleep(3600)
+        faults.pause_in_save(step, tag)  # a test kills the ranks here, mid-write (pipeline/faults.py)
         (tmp / "rng").mkdir(parents=True, exist_ok=True)
         rng_path = tmp / "rng" / f"rank-{rank:05d}.pt"
         torch.save(_rng_state(), str(rng_path) + ".part")

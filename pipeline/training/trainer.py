@@ -13,7 +13,6 @@ Side concerns live elsewhere: :mod:`pipeline.training.monitor` (TensorBoard, thr
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,12 +22,10 @@ from typing import Any, Literal, Protocol
 import torch
 import torch.nn.functional as F
 
-from pipeline import dist
+from pipeline import dist, faults
 from pipeline.training.preemption import EXIT_REQUEUE, Preemption
 
 IGNORE_INDEX = -100
-# Test aid: seconds to sleep after each optimizer step, so a test can signal or kill a run mid-way.
-_STEP_DELAY = float(os.environ.get("PIPELINE_TEST_STEP_DELAY", "0"))
 
 
 @dataclass
@@ -205,8 +202,7 @@ class Trainer:
                 result = self.train_step()
                 self.step += 1
                 self.history.append(result.loss)
-                if _STEP_DELAY:
-                    time.sleep(_STEP_DELAY)
+                faults.after_step()  # a test's delay between steps (pipeline/faults.py)
                 self.monitor.step_end(self.step, loss=result.loss, lr=result.lr, grad_norm=result.grad_norm,
                                       loss_scale=result.loss_scale, force=self.step == self.max_steps, tokens=result.tokens)
                 if self.evaluate and self.eval_every and self.step % self.eval_every == 0 and self.step < self.max_steps:
