@@ -12,8 +12,9 @@ import pytest
 from conftest import TINY_MODEL, run_deepspeed, run_script, write_jsonl
 from pipeline.config import load_config
 from pipeline.errors import UserError
-from pipeline.stages.evaluate import EvalConfig, rank_plan, run
 from pipeline.eval.metrics import classification_report, contains, exact_match
+from pipeline.eval.ranks import rank_plan
+from pipeline.stages.evaluate import EvalConfig, run
 
 # ---------------------------------------------------------------------------- helpers
 
@@ -322,7 +323,7 @@ def tiny_run(tmp_path_factory, tiny_dataset) -> Path:
 @pytest.mark.integration
 def test_pipeline_checkpoint_is_evaluated_at_its_step(tmp_path, tiny_dataset, tiny_run):
     from pipeline.data.shards import TokenDataset
-    from pipeline.stages.export import load_model
+    from pipeline.training.hf_model import load_model
 
     out = tmp_path / "eval"
     report = run(_cfg(out, f"model={tiny_run}", f"data={tiny_dataset}", "max_batches=2", "batch_size=4"))

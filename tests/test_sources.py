@@ -125,7 +125,7 @@ def test_csv_gz(tmp_path):
 def test_csv_bad_rows(tmp_path):
     p = tmp_path / "r.csv"
     p.write_bytes(b"text,n\na,1\nb,2,3\nc,4\n")
-    with pytest.raises(UserError, match=r"r\.csv: .*Expected 2 columns, got 3.*bad_records=skip"):
+    with pytest.raises(UserError, match=r"r\.csv:3: expected 2 columns, got 3\. Fix the row .*bad_records=skip"):
         read_all(SourceConfig(path=str(p)))
     recs, stats = read_all(SourceConfig(path=str(p)), bad_records="skip")
     assert recs == [("a", 0, 0), ("c", 0, 1)]

@@ -1,22 +1,22 @@
 """Sequence-classification data: text (and optional text pair) with a label.
 
-JSONL (one object per line) or CSV (header row) files. Label names are mapped to ids in a
+JSONL (one object per line) or CSV/TSV (header row) files, optionally .gz/.zst, read by
+:func:`pipeline.data.records.read_records`. Label names are mapped to ids in a
 fixed order (``labels`` in the config, else the sorted names found in the training file)
 and saved with the model as ``id2label``/``label2id``.
 """
 
 from __future__ import annotations
 
-import csv
 import glob
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
+from pipeline.data.records import read_records, split_ext
 from pipeline.errors import UserError
 
 
@@ -75,45 +75,28 @@ def read_examples(pattern: str, cfg: ClassificationDataConfig, key: str = "train
     stats.setdefault("bad_records", 0)
     out: list[Example] = []
     need = [cfg.text_field, cfg.label_field] + ([cfg.text_pair_field] if cfg.text_pair_field else [])
+    fix = "Fix it, or set classification.bad_records=skip to skip and count such lines."
     for path in _files(pattern, key):
-        for n, (where, row) in enumerate(_rows(path)):
-            problem = None
-            if not isinstance(row, dict):
-                problem = row if isinstance(row, str) else "is not an object"
-            else:
-                absent = [f for f in need if f not in row or row[f] is None]
-                if absent and n == 0:  # the first record: a wrong field name, not a bad line
-                    which = "label_field" if absent[0] == cfg.label_field else "text_field" if absent[0] == cfg.text_field else "text_pair_field"
-                    raise UserError(f"{where}: no field {absent[0]!r} (fields: {', '.join(map(str, row))}); set classification.{which}")
-                if absent:
-                    problem = f"has no {absent[0]!r}"
-            if problem:
+        read: dict[str, int] = {}  # the reader's counters; of them, this data reports bad_records
+        # a file that is not .csv/.tsv (.gz/.zst) is read as JSON Lines, whatever its extension
+        rows = read_records(path, split_ext(path)[0] or "jsonl", bad_records=cfg.bad_records, stats=read, fix=fix)
+        for n, (where, _, row) in enumerate(rows):
+            absent = [f for f in need if f not in row or row[f] is None]
+            if absent and n == 0:  # the first record: a wrong field name, not a bad line
+                which = "label_field" if absent[0] == cfg.label_field else "text_field" if absent[0] == cfg.text_field else "text_pair_field"
+                raise UserError(f"{where}: no field {absent[0]!r} (fields: {', '.join(map(str, row))}); set classification.{which}")
+            if absent:
                 if cfg.bad_records == "skip":
                     stats["bad_records"] += 1
                     continue
-                raise UserError(f"{where}: the record {problem}. Fix it, or set classification.bad_records=skip to skip and count such lines.")
+                raise UserError(f"{where}: the record has no {absent[0]!r}. {fix}")
             label = row[cfg.label_field]
             out.append(Example(str(row[cfg.text_field]), str(row[cfg.text_pair_field]) if cfg.text_pair_field else None,
                                str(int(label)) if isinstance(label, float) and label.is_integer() else str(label)))
+        stats["bad_records"] += read["bad_records"]
     if not out:
         raise UserError(f"classification.{key}: '{pattern}' holds no examples")
     return out
-
-
-def _rows(path: str):
-    if path.endswith(".csv"):
-        with open(path, newline="", encoding="utf-8", errors="replace") as f:
-            for i, row in enumerate(csv.DictReader(f), start=2):  # line 1 is the header
-                yield f"{path}:{i}", row
-        return
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for i, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield f"{path}:{i}", json.loads(line)
-            except json.JSONDecodeError as e:
-                yield f"{path}:{i}", f"is malformed JSON ({e.msg})"
 
 
 def split_val(examples: list[Example], fraction: float) -> tuple[list[Example], list[Example]]:

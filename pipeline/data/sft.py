@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import bisect
 import glob
-import gzip
 import hashlib
 import json
 import sys
@@ -61,7 +60,8 @@ from typing import Any, Iterator, Literal
 import numpy as np
 
 from pipeline.data import chat
-from pipeline.data.sampler import ExampleLoader, FixedBatches
+from pipeline.data.example_loader import ExampleLoader, FixedBatches
+from pipeline.data.records import read_records
 from pipeline.errors import UserError
 
 KEY = "sft"  # this config's key in the fine-tune stage config, named in error messages
@@ -157,28 +157,17 @@ def read_examples(spec: str, bad_records: Literal["fail", "skip"] = "fail",
     fix = f"Fix the line, or set {key.rpartition('.')[0] or KEY}.bad_records=skip to skip and count such lines."
     for path in resolve_files(spec, key):
         stats["files"] += 1
-        opener = gzip.open if path.name.endswith(".gz") else open
-        with opener(path, "rb") as fh:
-            for n, raw in enumerate(fh, 1):
-                raw = raw[3:] if n == 1 and raw.startswith(b"\xef\xbb\xbf") else raw  # a UTF-8 BOM
-                if raw.isspace() or not raw:
-                    continue
-                where = f"{path}:{n}"
-                stats["records"] += 1
-                try:
-                    obj = json.loads(raw.decode("utf-8"))
-                except (UnicodeDecodeError, ValueError) as e:
-                    if bad_records != "skip":
-                        what = "not UTF-8" if isinstance(e, UnicodeDecodeError) else f"malformed JSON ({e})"
-                        raise UserError(f"{where}: {what}. {fix}") from None
-                    stats["bad_records"] += 1
-                    continue
-                try:
-                    out.append(Record(chat.normalize_example(obj, where), where))
-                except UserError as e:
-                    if bad_records != "skip":
-                        raise UserError(f"{e}. {fix}") from None
-                    stats["bad_records"] += 1
+        # utf8=strict: a chat example with replaced characters would train on them; objects=False:
+        # normalize_example names the accepted shapes when a line holds another JSON value
+        for where, _, obj in read_records(path, "jsonl", bad_records=bad_records, fix=fix, stats=stats,
+                                          utf8="strict", objects=False):
+            try:
+                out.append(Record(chat.normalize_example(obj, where), where))
+            except UserError as e:
+                if bad_records != "skip":
+                    raise UserError(f"{e}. {fix}") from None
+                stats["bad_records"] += 1
+    stats.pop("utf8_replaced", None)  # always 0 under utf8=strict
     return out, stats
 
 

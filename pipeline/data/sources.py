@@ -7,7 +7,8 @@ jsonl; json (a top-level array, parsed whole -- the one format besides txt in fi
 held in memory at once -- or JSON Lines if it starts with ``{``); csv; parquet; txt;
 hf_disk (``save_to_disk`` output); ``.gz``/``.zst`` for all but parquet and hf_disk. JSONL
 and CSV are read here, not by ``datasets``' loaders: those can neither name the file and
-line of a malformed record nor skip it.
+line of a malformed record nor skip it; JSON Lines and CSV records come from the one record
+reader, :func:`pipeline.data.records.read_records`.
 
 ``stats`` (cumulative across resumes): ``records`` raw records read, ``bad_records``
 skipped under ``bad_records=skip``, ``utf8_replaced`` records whose invalid UTF-8 became
@@ -19,8 +20,6 @@ statistics of an uninterrupted one.
 from __future__ import annotations
 
 import glob
-import gzip
-import io
 import json
 import math
 import os
@@ -28,25 +27,24 @@ import re
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from itertools import chain, islice
+from itertools import chain
 from typing import Any, Literal
 
 import zstandard
 
+from pipeline.data.records import COMPRESSIONS, json_kind, open_binary, read_records
 from pipeline.errors import UserError
 
 FORMATS = ("auto", "txt", "jsonl", "json", "parquet", "csv", "hf_disk")
 STAT_KEYS = ("records", "bad_records", "utf8_replaced", "files")
 _EXT_FORMAT = {".jsonl": "jsonl", ".json": "json", ".txt": "txt", ".csv": "csv", ".parquet": "parquet"}
-_EXT_COMPRESSION = {".gz": "gzip", ".zst": "zstd"}  # values are pyarrow's codec names
 _SUPPORTED = ".txt .jsonl .json .csv (each optionally followed by .gz or .zst), .parquet"
 _NAME_OK = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
-_IO_BUFFER = 1 << 20  # bytes of read buffer per open file
 _ARROW_BATCH = 1024  # rows per parquet / hf_disk batch
-_CSV_BLOCK = 16 << 20  # bytes per CSV parse block; one CSV row must fit in one block
-_ZSTD_MAX_WINDOW = 1 << 31  # accept files written with `zstd --long` (window up to 2 GiB)
 _BOM = b"\xef\xbb\xbf"
 _FIX_FIELD = "Set this source's text_field to the {} that holds the text."
+_FIX_RECORD = "Fix the record, or set bad_records=skip to skip and count such records."
+_FIX_ROW = "Fix the row (quote fields holding commas, quotes or newlines), or set bad_records=skip to skip and count such rows."
 Stats = dict[str, int]
 Records = Iterator[tuple[str, int, int]]
 
@@ -107,7 +105,7 @@ class InputFile:
 def _split_ext(name: str) -> tuple[str | None, str | None, str]:
     """``(format or None, compression or None, name without those extensions)``."""
     low, comp = name.lower(), None
-    for ext, c in _EXT_COMPRESSION.items():
+    for ext, c in COMPRESSIONS.items():
         if low.endswith(ext):
             comp, low, name = c, low[: -len(ext)], name[: -len(ext)]
             break
@@ -233,35 +231,19 @@ def resolve_files(cfg: SourceConfig) -> list[InputFile]:
 # ---------------------------------------------------------------------------- reading
 
 
-def _open_binary(inp: InputFile) -> io.BufferedIOBase:
-    """A buffered binary stream of the decompressed bytes of ``inp`` (iterable by lines)."""
-    if inp.compression is None:
-        return open(inp.path, "rb", buffering=_IO_BUFFER)
-    if inp.compression == "gzip":
-        return gzip.open(inp.path, "rb")  # handles multi-member files
-    raw = open(inp.path, "rb")
-    try:
-        dctx = zstandard.ZstdDecompressor(max_window_size=_ZSTD_MAX_WINDOW)
-        return io.BufferedReader(dctx.stream_reader(raw, read_across_frames=True, closefd=True), _IO_BUFFER)  # type: ignore[arg-type]
-    except BaseException:
-        raw.close()
-        raise
-
-
 def _bad(where: str, problem: str, skip: bool, stats: Stats) -> None:
     """Count a bad record under ``skip``, else raise the error that names it."""
     if not skip:
-        raise UserError(f"{where}: {problem}. Fix the record, or set bad_records=skip to skip and count such records.")
+        raise UserError(f"{where}: {problem}. {_FIX_RECORD}")
     stats["bad_records"] += 1
 
 
 def _object_problem(obj: Any, field: str, where: str, first: bool) -> str:
     """Why a parsed JSON value is not a usable record; raises if ``text_field`` looks wrong."""
-    kind = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
     if type(obj) is not dict:
-        return f"record is {kind.get(type(obj), 'a number')}, not a JSON object"
+        return f"record is {json_kind(obj)}, not a JSON object"
     if field in obj:
-        return f"field '{field}' is {kind.get(type(obj[field]), 'a number')}, not a string"
+        return f"field '{field}' is {json_kind(obj[field])}, not a string"
     fields = ", ".join(list(obj)[:20]) + (", ..." if len(obj) > 20 else "") or "none"
     if first:  # the first object of a file lacks the field: a config error, whatever the policy
         raise UserError(f"{where}: no field '{field}' (fields: {fields}). {_FIX_FIELD.format('field')}")
@@ -277,42 +259,23 @@ def _decode(data: bytes, stats: Stats) -> str:
 
 
 def _read_jsonl(inp: InputFile, fi: int, r: int, cfg: SourceConfig, skip: bool, stats: Stats) -> Records:
-    field, path, loads = cfg.text_field, inp.path, json.loads
+    field, path = cfg.text_field, inp.path
     first = r == 0  # the first object of a file must have the field (else text_field is wrong)
-    with _open_binary(inp) as fh:
-        lines: Iterator[bytes] = islice(fh, r, None)  # resume: lines before r are neither decoded nor parsed
-        if r == 0:
-            if line0 := fh.readline():
-                lines = chain([line0[3:] if line0.startswith(_BOM) else line0], lines)
-            stats["files"] += 1
-        for idx, line in enumerate(lines, r):
-            if line.isspace():
-                continue  # a blank line has a line number but is no record
-            stats["records"] += 1
-            try:
-                s = line.decode()
-            except UnicodeDecodeError:
-                s = line.decode("utf-8", "replace")
-                stats["utf8_replaced"] += 1
-            try:
-                obj = loads(s)
-            except ValueError as e:
-                detail = f"{e.msg}: column {e.colno}" if isinstance(e, json.JSONDecodeError) else str(e)
-                _bad(f"{path}:{idx + 1}", f"malformed JSON ({detail})", skip, stats)
-                continue
-            if type(obj) is dict:
-                text = obj.get(field)
-                if type(text) is str:
-                    first = False
-                    yield text, fi, idx
-                    continue
-            problem = _object_problem(obj, field, f"{path}:{idx + 1}", first)
-            first = first and type(obj) is not dict
-            _bad(f"{path}:{idx + 1}", problem, skip, stats)
+    stats["files"] += r == 0
+    for where, idx, obj in read_records(path, "jsonl", compression=inp.compression, start=r,
+                                        bad_records="skip" if skip else "fail", fix=_FIX_RECORD, stats=stats):
+        text = obj.get(field)
+        if type(text) is str:
+            first = False
+            yield text, fi, idx
+            continue
+        problem = _object_problem(obj, field, where, first)
+        first = False
+        _bad(where, problem, skip, stats)
 
 
 def _read_json(inp: InputFile, fi: int, r: int, cfg: SourceConfig, skip: bool, stats: Stats) -> Records:
-    with _open_binary(inp) as fh:  # the first non-whitespace byte tells an array from JSON Lines
+    with open_binary(inp.path, inp.compression) as fh:  # the first non-whitespace byte tells an array from JSON Lines
         head = fh.read(4096)
         head = head[3:] if head.startswith(_BOM) else head
         while head and not head.lstrip():  # long leading whitespace (rare)
@@ -324,7 +287,7 @@ def _read_json(inp: InputFile, fi: int, r: int, cfg: SourceConfig, skip: bool, s
                             f"set this source's format to the file's real format")
         yield from _read_jsonl(inp, fi, r, cfg, skip, stats)
         return
-    with _open_binary(inp) as fh:  # a top-level array is parsed whole: it must fit in memory
+    with open_binary(inp.path, inp.compression) as fh:  # a top-level array is parsed whole: it must fit in memory
         data = fh.read()
     stats["files"] += r == 0
     try:
@@ -357,13 +320,13 @@ def _read_json(inp: InputFile, fi: int, r: int, cfg: SourceConfig, skip: bool, s
 def _read_txt(inp: InputFile, fi: int, r: int, cfg: SourceConfig, skip: bool, stats: Stats) -> Records:
     if cfg.txt_unit == "file":
         if r == 0:  # else the file's one record was read before the resume point
-            with _open_binary(inp) as fh:
+            with open_binary(inp.path, inp.compression) as fh:
                 data = fh.read()  # a document is the whole file
             stats["files"] += 1
             stats["records"] += 1
             yield _decode(data, stats), fi, 0
         return
-    with _open_binary(inp) as fh:
+    with open_binary(inp.path, inp.compression) as fh:
         stats["files"] += r == 0
         para: list[bytes] = []
         pidx = 0
@@ -463,66 +426,16 @@ def _read_parquet(inp: InputFile, fi: int, r: int, cfg: SourceConfig, skip: bool
 
 
 def _read_csv(inp: InputFile, fi: int, r: int, cfg: SourceConfig, skip: bool, stats: Stats) -> Records:
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
+    field, path = cfg.text_field, inp.path
 
-    field = cfg.text_field
-    dropped = [0]  # rows with a wrong number of fields that pyarrow dropped since the last batch
+    def check_header(header: list[str]) -> None:
+        if field not in header:
+            raise UserError(f"{path}: no column '{field}' (header: {', '.join(header)}). {_FIX_FIELD.format('column')}")
 
-    def on_invalid(row: Any) -> str:
-        dropped[0] += 1
-        return "skip"
-
-    def open_reader(columns: list[str] | None) -> Any:
-        return pacsv.open_csv(  # streams block by block; the text column as raw bytes, decoded by us
-            pa.input_stream(inp.path, compression=inp.compression),
-            read_options=pacsv.ReadOptions(use_threads=False, block_size=_CSV_BLOCK),
-            parse_options=pacsv.ParseOptions(newlines_in_values=True, invalid_row_handler=on_invalid if skip else None),
-            convert_options=pacsv.ConvertOptions(include_columns=columns, column_types={field: pa.binary()}))
-
-    def fail(e: Exception) -> UserError:
-        return UserError(f"{inp.path}: {e}. Fix the row (quote fields holding commas, quotes or newlines), "
-                         f"or set bad_records=skip to skip and count such rows.")
-
-    def next_batch() -> Any:
-        try:
-            return reader.read_next_batch()
-        except StopIteration:
-            return None
-        except pa.ArrowInvalid as e:
-            raise fail(e) from None
-
-    def arrays() -> Iterator[Any]:
-        # Dropped rows have no row number: they are counted with the batch read after them,
-        # unless that batch lies wholly before the resume point (approximate on a resume).
-        row = 0
-        while True:
-            batch = next_batch()
-            n = 0 if batch is None else batch.num_rows
-            if dropped[0] and row + n > r:
-                stats["bad_records"] += dropped[0]
-                stats["records"] += dropped[0]
-            dropped[0] = 0
-            if batch is None:
-                return
-            row += n
-            yield batch.column(0)
-
-    try:
-        reader = open_reader([field])
-    except pa.ArrowKeyError:
-        header = open_reader(None).schema.names
-        raise UserError(f"{inp.path}: no column '{field}' (header: {', '.join(header)}). {_FIX_FIELD.format('column')}") from None
-    except pa.ArrowInvalid as e:
-        if "Empty CSV file" not in str(e):
-            raise fail(e) from None
-        stats["files"] += r == 0
-        return
     stats["files"] += r == 0
-    try:
-        yield from _rows(arrays(), 0, r, fi, inp.path, field, skip, stats)
-    finally:
-        reader.close()
+    for _, idx, row in read_records(path, "csv", compression=inp.compression, start=r, bad_records="skip" if skip else "fail",
+                                    fix=_FIX_ROW, stats=stats, on_header=check_header):
+        yield row[field], fi, idx
 
 
 def _read_hf_disk(inp: InputFile, fi: int, r: int, cfg: SourceConfig, skip: bool, stats: Stats) -> Records:
