@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from pipeline import faults, precision
 from pipeline.checkpoint_paths import is_pipeline_checkpoint, read_meta, resolve_checkpoint  # noqa: F401 -- re-exported
 from pipeline.errors import UserError
 from pipeline.inputs import ModelSource
@@ -41,8 +42,6 @@ from pipeline.training.hf_model import model_from_state_dict as _model_from_stat
 from pipeline.training.hf_model import model_head as _head
 from pipeline.training.hf_model import plain_quiet as _plain_quiet
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 DEFAULT_TOLERANCE_FP32 = 1e-4
 """Default tolerance on max |Δlogit| of fp32 exports (the written weights are the same numbers)."""
 RELATIVE_TOLERANCE = {"bf16": 2.0 ** -4, "fp16": 2.0 ** -6}
@@ -50,9 +49,6 @@ RELATIVE_TOLERANCE = {"bf16": 2.0 ** -4, "fp16": 2.0 ** -6}
 rounding the weights to bf16 (8 significant bits) or fp16 (11) moved the logits by up to 0.0084
 (bf16) and 0.0013 (fp16) of that scale in the measurements of docs/export.md; margin 8x and 12x."""
 VERIFY_BATCH, VERIFY_LEN, VERIFY_SEED = 4, 32, 0  # sequences x tokens of the verification batch
-CORRUPT_ENV = "PIPELINE_TEST_CORRUPT_EXPORT"
-"""Test aid: set to 1, a weight is perturbed after the reference logits and before writing, so
-verification must fail."""
 _WRITTEN = {"config.json", "generation_config.json", "export_meta.json", "model.safetensors", "model.safetensors.index.json"}
 
 
@@ -167,7 +163,8 @@ def export(checkpoint: str | os.PathLike, output: str | os.PathLike, *, max_shar
         checkpoint: a step, checkpoints or run directory.
         output: the directory to publish (written as ``<output>.tmp-<pid>`` first).
         max_shard_size: safetensors files are split above this size (``"2GB"``, or bytes).
-        dtype: ``auto`` (the training precision in meta.json), ``fp32``, ``bf16`` or ``fp16``.
+        dtype: ``auto`` (the training precision in meta.json), ``fp32``, ``bf16`` or ``fp16`` (or another spelling
+            :mod:`pipeline.precision` knows, e.g. ``bfloat16``).
         tolerance: largest allowed max |Δlogit| (None: :func:`default_tolerance`).
         overwrite: replace an existing ``output``, once the new one is verified.
         log: where the progress lines go.
@@ -189,14 +186,12 @@ def export(checkpoint: str | os.PathLike, output: str | os.PathLike, *, max_shar
         raise UserError(f"output '{out}' already exists; pass --overwrite to replace it (the old one stays until the new "
                         "export is verified), or choose another --output")
     meta = read_meta(step)
+    dtype = precision.parse(dtype, "--dtype", ("auto", *precision.NAMES))
     if dtype == "auto":
-        dtype = meta.get("precision") if meta.get("precision") in ("bf16", "fp16") else "fp32"
-    dtype = _ALIASES.get(dtype, dtype)
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype '{dtype}' is not one of auto, fp32, bf16, fp16")
+        dtype = meta.get("precision") if meta.get("precision") in precision.HALF else "fp32"
     if tolerance is not None and not tolerance >= 0:
         raise UserError(f"--tolerance must be a number >= 0, got {tolerance}")
-    shard_bytes, torch_dtype = parse_size(max_shard_size), DTYPES[dtype]
+    shard_bytes, torch_dtype = parse_size(max_shard_size), precision.torch_dtype(dtype)
     conf = _checkpoint_config(step, meta)
     head, tok = _head(conf, str(step)), _tokenizer(step / "hf" / "tokenizer")
     if conf.pad_token_id is None and head == "classification":  # a classifier batches by the pad id
@@ -218,9 +213,7 @@ def export(checkpoint: str | os.PathLike, output: str | os.PathLike, *, max_shar
     try:
         eos = _prepare_config(model, tok, meta, head, torch_dtype)
         model.to(torch_dtype)
-        if os.environ.get(CORRUPT_ENV) == "1":
-            with torch.no_grad():
-                model.get_input_embeddings().weight.add_(1.0)
+        faults.corrupt_export(model)  # a test's damaged weight, which verification must catch (pipeline/faults.py)
         log(f"export: writing {n_params / 1e6:.1f}M parameters as {dtype} safetensors (shards up to {max_shard_size})")
         with _plain_quiet():
             model.save_pretrained(str(tmp), max_shard_size=shard_bytes)
