@@ -48,7 +48,7 @@ from pipeline.errors import UserError
 from pipeline.io import atomic_write_json, atomic_write_text
 from pipeline.rendezvous import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # pipeline/stages/quickstart.py -> the repository
 RECIPES = ROOT / "configs" / "sample"
 STAGES = ("preprocess", "sample-qa", "pretrain", "finetune", "evaluate", "export", "verify-export", "report")
 _OVERRIDABLE = ("preprocess", "pretrain", "finetune", "evaluate")
