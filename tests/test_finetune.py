@@ -54,7 +54,8 @@ def test_sft_trains_and_saves_template(tmp_path: Path, tiny_hf_model: Path):
 
 def test_inspect_marks_trained_tokens(tmp_path: Path, tiny_hf_model: Path):
     data = write_jsonl(tmp_path / "one.jsonl", [{"prompt": "Who founded Kalo?", "response": "Ren Tor"}])
-    r = run_script("finetune.py", "--inspect", "1", *_common(tmp_path / "run", tiny_hf_model, f"sft.train={data}", "sft.val_fraction=0"))
+    r = run_script("finetune.py", "--inspect", "1", *_common(tmp_path / "run", tiny_hf_model, f"sft.train={data}", "sft.val_fraction=0",
+                                                             "sft.seq_len=64"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "Who founded Kalo?" in r.stdout and "[[" in r.stdout
     trained = "".join(part.split("]]")[0] for part in r.stdout.split("[[")[1:])
@@ -92,15 +93,16 @@ def test_sft_from_pipeline_checkpoint_two_ranks_zero3(tmp_path: Path, tiny_datas
 
 @pytest.mark.parametrize("extra, message", [
     (["task=sft"], "sft.train: is empty"),
-    (["task=classification", "classification.train=nowhere.jsonl"], "no file matches"),
+    (["task=classification", "classification.train=nowhere.jsonl"], "classification.train 'nowhere.jsonl' does not exist"),
     (["sft.train=BAD"], "BAD_FILE:2"),
-    (["model.path=/nonexistent", "sft.train=BAD"], "neither a Hugging Face model directory"),
+    (["model.path=/nonexistent", "sft.train=BAD"], "model.path '/nonexistent' does not exist"),
 ])
 def test_finetune_user_errors(tmp_path: Path, tiny_hf_model: Path, extra, message):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": 3}\n')
     extra = [e.replace("BAD", str(bad)) for e in extra]
-    r = run_script("finetune.py", *_common(tmp_path / "run", tiny_hf_model), *extra, env=ENV)
+    # sft.seq_len within the tiny model's 64 positions, so the data checks are reached
+    r = run_script("finetune.py", *_common(tmp_path / "run", tiny_hf_model, "sft.seq_len=64"), *extra, env=ENV)
     assert r.returncode == 2, r.stderr[-2000:]
     assert message.replace("BAD_FILE", str(bad)) in r.stderr and "Traceback" not in r.stderr
 
