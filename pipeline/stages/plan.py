@@ -15,6 +15,7 @@ from pipeline.errors import UserError
 from pipeline.stages.finetune import finetune_conf, finetune_head, finetune_seq_len
 from pipeline.training.plan import GiB, Recipe, detect_target, make_plan, recipe_from
 from pipeline.training.plan_report import cpu_memory_assumption, report
+from pipeline.training.tasks import TASKS
 
 
 def _stage_of(config_file: str | None) -> str:
@@ -26,7 +27,8 @@ def _stage_of(config_file: str | None) -> str:
         data = yaml.safe_load(Path(config_file).read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError):
         return "train"  # load_config reports the problem with its own message
-    return "finetune" if isinstance(data, dict) and {"task", "sft", "classification"} & set(data) else "train"
+    finetune_keys = {"task", *(task.section for task in TASKS.values())}  # a new task's section counts too
+    return "finetune" if isinstance(data, dict) and finetune_keys & set(data) else "train"
 
 
 def _recipe_for_cli(stage: str, cfg: Any, vocab_size: int, precision: str) -> Recipe:
