@@ -5,9 +5,10 @@ Pipeline::
     JSONL records --normalize--> messages --chat template--> text --tokenizer--> (ids, trained mask)
         --truncate/drop--> examples --pack (best-fit decreasing)--> rows --shuffle/ranks--> batches
 
-* **Records** (:func:`read_examples`): one JSON object per line, ``{"messages": [...]}`` or
-  ``{"prompt", "response", "system"?}`` (:func:`pipeline.data.chat.normalize_example`). A
-  malformed line stops with ``file:line`` (``bad_records=fail``) or is skipped and counted.
+* **Records** (:func:`read_examples`, read by :func:`pipeline.data.records.read_records`): one
+  JSON object per line, ``{"messages": [...]}`` or ``{"prompt", "response", "system"?}``
+  (:func:`pipeline.data.chat.normalize_example`). A malformed line stops with ``file:line``
+  (``bad_records=fail``) or is skipped and counted.
 * **Validation split**: ``val`` names its own files; else an example goes to validation when
   a hash of its messages falls below ``val_fraction`` -- stable across runs, file order and
   file names, and duplicates always land in the same split.
