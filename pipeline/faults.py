@@ -11,8 +11,7 @@ comparison with a module constant.
 ``PIPELINE_TEST_STEP_DELAY=S`` -- :func:`after_step`, called by training/trainer.py
     Sleep ``S`` seconds after each optimizer step. Set by tests/test_train.py,
     tests/test_faults.py and tests/test_slurm.py to signal, preempt or kill a run between steps.
-``PIPELINE_TEST_BATCH_DELAY=S`` -- :func:`after_batch`, for stages/preprocess.py (which still reads the
-    variable itself until its owner switches; tests/test_faults.py tracks it)
+``PIPELINE_TEST_BATCH_DELAY=S`` -- :func:`after_batch`, called by stages/preprocess.py
     Sleep ``S`` seconds after each encoded batch. Set by tests/test_preprocess.py to SIGKILL a
     preprocess run between two committed segments and resume it.
 ``PIPELINE_TEST_PAUSE_IN_SAVE=N`` -- :func:`pause_in_save`, called by training/checkpoint.py

@@ -355,10 +355,6 @@ def test_training_refuses_damaged_shards_naming_the_file(tmp_path: Path, tiny_da
 _HOOKS_SECTION = "# ---------------------------------------------------------------------------- the hooks (pipeline/faults.py)"
 
 
-# Modules that still read a hook's variable themselves, with the variable: stages/preprocess.py
-# (owned elsewhere) has yet to call faults.after_batch(). The test below fails once it does, so
-# this entry goes away with the switch.
-_NOT_YET_SWITCHED = {"pipeline/stages/preprocess.py": "PIPELINE_TEST_BATCH_DELAY"}
 
 
 def _py_files(folder: str) -> dict[str, str]:
@@ -370,8 +366,7 @@ def test_every_test_hook_lives_in_faults_and_is_documented_called_and_used():
 
     readers = {path: text for path, text in _py_files("pipeline").items()
                if "PIPELINE_TEST_" in text and path != "pipeline/faults.py"}
-    assert {p: v for p, v in _NOT_YET_SWITCHED.items() if v in readers.get(p, "")} == _NOT_YET_SWITCHED
-    assert set(readers) == set(_NOT_YET_SWITCHED), "test hooks belong in pipeline/faults.py"
+    assert not readers, f"test hooks belong in pipeline/faults.py: {sorted(readers)}"
     source, tests = (ROOT / "pipeline" / "faults.py").read_text(encoding="utf-8"), _py_files("tests")
     tests["tests/test_faults.py"] = tests["tests/test_faults.py"].split(_HOOKS_SECTION)[0]  # not the probes below
     pipeline_code = "\n".join(_py_files("pipeline").values())
@@ -380,7 +375,7 @@ def test_every_test_hook_lives_in_faults_and_is_documented_called_and_used():
         assert f"``{variable}=" in faults.__doc__ and f":func:`{function}`" in faults.__doc__, variable
         assert source.count(f'"{variable}"') == 2, f"{variable}: one entry in VARIABLES, one read"
         assert any(f'"{variable}"' in text for text in tests.values()), f"no test sets {variable}"
-        assert f"faults.{function}(" in pipeline_code or variable in _NOT_YET_SWITCHED.values(), f"nothing calls {function}"
+        assert f"faults.{function}(" in pipeline_code, f"nothing calls {function}"
 
 
 def test_hooks_read_their_variables_and_do_nothing_when_unset():

@@ -34,6 +34,7 @@ from typing import Literal
 
 import numpy as np
 
+from pipeline import faults
 from pipeline.config import to_dict, to_yaml
 from pipeline.data import sample as builtin_sample
 from pipeline.data.clean import CleanConfig, Cleaner, SeenHashes, content_hash, dedup_key, is_validation, task_of
@@ -49,7 +50,6 @@ from pipeline.stages.preprocess_merge import check_existing, merge, output_confi
 
 BUILTIN_PREFIX = "builtin:"
 # Test aid: seconds to sleep after each encoded batch, so a test can kill a run mid-way.
-_BATCH_DELAY = float(os.environ.get("PIPELINE_TEST_BATCH_DELAY", "0"))
 # Encode calls run concurrently, one per core, each on one SentencePiece thread (the HF backend's
 # calls share its pool of `workers` threads). One call at a time on all cores left cores idle
 # at the end of each call, while the thread holding a batch's longest document finished (measured:
@@ -410,8 +410,7 @@ class Preprocessor:
                     self._new_tokens += len(flat)
                     bar.update(len(batch.texts))
                     bar.set_postfix_str(f"{self._new_tokens / max(time.time() - self._t0, 1e-9):,.0f} tok/s", refresh=False)
-                    if _BATCH_DELAY:
-                        time.sleep(_BATCH_DELAY)
+                    faults.after_batch()  # a test's pause between committed segments
                 if batch.cursor is None and not batch.stats.get("records"):
                     raise _no_documents(name, src.path)  # before committing: a rerun reads it again
                 if batch.cursor is None or writers["train"].tokens >= cfg.shard_tokens:
