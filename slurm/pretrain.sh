@@ -1,6 +1,7 @@
 #!/bin/bash
 # Pre-train or continue-train (launch/train.py): one task per GPU on every node, requeued
 # after a checkpoint when stopped (preemption warning, time limit). Guide: docs/slurm.md.
+# "pretrain" is the train stage's recipe for pre-training; the stage is train (docs/train.md).
 #
 #   sbatch [--nodes=N] [--gpus-per-node=G] [-p PARTITION] [-A ACCOUNT] [-t TIME] \
 #          slurm/pretrain.sh [RECIPE] [key=value ...]          # RECIPE: configs/sample/pretrain.yaml
@@ -17,16 +18,13 @@
 #SBATCH --open-mode=append
 #SBATCH --output=logs/%x-%j.out
 
-# Find the project: Slurm runs a copy of this file from its spool directory, so look at
-# PIPELINE_ROOT, then where the submitted script lives, then the submit directory.
-if [ -z "${PIPELINE_ROOT:-}" ]; then
-    for PIPELINE_ROOT in "$(scontrol show job "${SLURM_JOB_ID:-none}" 2>/dev/null | sed -n 's|^ *Command=\([^ ]*\)/slurm/[^/ ]*\.sh\( .*\)\{0,1\}$|\1|p')" \
-        "$(dirname "$0")/.." "${SLURM_SUBMIT_DIR:-.}"; do
-        [ -f "$PIPELINE_ROOT/slurm/common.sh" ] && break
-    done
-fi
-[ -f "$PIPELINE_ROOT/slurm/common.sh" ] ||
-    { echo "pipeline: cannot find the project: submit from its root, or export PIPELINE_ROOT=/path/to/it" >&2; exit 2; }
+# Find the project, then load what every stage shares. Slurm runs a spooled copy of this file, so
+# look at PIPELINE_ROOT, else where the submitted script lives (scontrol's Command), this file's
+# directory (run outside sbatch), the submit directory. The same lines in every stage script.
+[ -n "${PIPELINE_ROOT:-}" ] || for PIPELINE_ROOT in "$(scontrol show job "${SLURM_JOB_ID:-none}" 2>/dev/null |
+    sed -n 's|^ *Command=\([^ ]*\)/slurm/[^/ ]*\.sh\( .*\)\{0,1\}$|\1|p')" "$(dirname "$0")/.." "${SLURM_SUBMIT_DIR:-.}"; do
+    [ -f "$PIPELINE_ROOT/slurm/common.sh" ] && break; done
+[ -f "$PIPELINE_ROOT/slurm/common.sh" ] || { echo "pipeline: cannot find the project: submit from its root, or export PIPELINE_ROOT=/path/to/it" >&2; exit 2; }
 # shellcheck source=common.sh
 source "$PIPELINE_ROOT/slurm/common.sh"
 

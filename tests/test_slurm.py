@@ -125,6 +125,50 @@ def test_scripts_are_valid_bash():
         assert proc.returncode == 0, f"{script.name}: {proc.stderr}"
 
 
+STAGE_SCRIPTS = ("preprocess", "pretrain", "finetune", "evaluate", "export")
+
+
+def _bootstrap(script: str) -> str:
+    """The lines of a stage script that find the project and source slurm/common.sh."""
+    text = (ROOT / "slurm" / f"{script}.sh").read_text()
+    start = text.index("# Find the project")
+    return text[start:text.index('source "$PIPELINE_ROOT/slurm/common.sh"\n', start)]
+
+
+def test_every_stage_script_finds_the_project_with_the_same_lines():
+    assert {s: _bootstrap(s) for s in STAGE_SCRIPTS} == {s: _bootstrap("pretrain") for s in STAGE_SCRIPTS}
+
+
+def test_a_spooled_copy_finds_the_project_where_it_was_submitted_from(tmp_path: Path):
+    """No cluster: a copy of the script outside the project stands for Slurm's spooled copy. It
+    reaches slurm/common.sh (whose first check fails here, outside a job, or at `scontrol show
+    hostnames` with the fake scontrol) by each way docs/slurm.md lists, and stops with one
+    message otherwise."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    shutil.copy(ROOT / "slurm" / "export.sh", spool / "slurm_script")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "scontrol").write_text(f"#!/bin/bash\n[ \"$1 $2\" = 'show job' ] && echo '   Command={ROOT}/slurm/export.sh --output x'\n")
+    (fake / "scontrol").chmod(0o755)
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PIPELINE_ROOT"))}
+
+    def run(script: Path, **env: str) -> str:
+        proc = subprocess.run(["bash", str(script)], cwd=tmp_path, env={**base, **env}, capture_output=True, text=True, check=False,
+                              timeout=60)
+        assert proc.returncode == 2, proc.stderr
+        return proc.stderr
+
+    found, lost = "pipeline: error: not inside a Slurm job", "pipeline: cannot find the project: submit from its root"
+    assert run(spool / "slurm_script").startswith(lost)
+    assert run(spool / "slurm_script", PIPELINE_ROOT=str(tmp_path)).startswith(lost)  # given, so the only place looked at
+    assert run(spool / "slurm_script", PIPELINE_ROOT=str(ROOT)).startswith(found)
+    assert run(spool / "slurm_script", SLURM_SUBMIT_DIR=str(ROOT)).startswith(found)
+    assert run(ROOT / "slurm" / "export.sh").startswith(found)  # outside sbatch: the script's own directory
+    in_job = run(spool / "slurm_script", SLURM_JOB_ID="7", SLURM_JOB_NODELIST="n1", PATH=f"{fake}:{base['PATH']}")
+    assert in_job.startswith("pipeline: error: `scontrol show hostnames n1` gave no host"), in_job  # via Command=
+
+
 def test_pretrain_one_node_two_tasks_zero3(reference):
     run, log = reference
     assert "pipeline: pretrain: job" in log and "1 node(s) x 2 task(s), 2 GPU(s) per node" in log  # one task per GPU
