@@ -218,3 +218,39 @@ def check_data_file(path: str | os.PathLike, key: str, what: str) -> Path:
     if p.stat().st_size == 0:
         raise UserError(f"{key} '{shown}' is empty; set it to {what}")
     return p
+
+
+def data_files(spec: str, key: str, what: str, *, suffixes: tuple[str, ...] = (".jsonl", ".jsonl.gz")) -> list[Path]:
+    """The files a data setting names, each checked by :func:`check_data_file`.
+
+    ``spec`` is one or more parts separated by commas; a part is a file, a glob (``data/*.jsonl``,
+    ``**`` allowed) or a directory (its files ending in one of ``suffixes``, recursively,
+    hidden ones skipped). Every part must name at least one file.
+
+    Args:
+        key: the setting (``sft.train``), named in errors.
+        what: what it should hold, for the fix (``"a JSONL file of chat examples"``).
+        suffixes: the files a directory contributes.
+    """
+    import glob
+
+    out: list[Path] = []
+    for part in (s.strip() for s in str(spec).split(",")):
+        if not part:
+            continue
+        if glob.has_magic(part):
+            found = [Path(f) for f in sorted(glob.glob(part, recursive=True)) if Path(f).is_file()]
+            if not found:
+                raise UserError(f"{key}: no file matches '{part}'; set it to {what}")
+        elif Path(part).is_dir():
+            found = sorted(f for f in Path(part).rglob("*") if f.is_file() and f.name.endswith(suffixes)
+                           and not any(x.startswith(".") for x in f.relative_to(part).parts))
+            if not found:
+                raise UserError(f"{key} '{part}' is a directory without {' or '.join('*' + x for x in suffixes)} files; "
+                                f"set it to {what}")
+        else:
+            found = [Path(part)]
+        out.extend(check_data_file(f, key, what) for f in found if f not in out)
+    if not out:
+        raise UserError(f"{key} is empty; set it to {what}")
+    return out

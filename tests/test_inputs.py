@@ -13,6 +13,7 @@ cases run through the real launchers in ``test_error_catalogue.py`` and below.
 from __future__ import annotations
 
 import json
+import re
 import runpy
 import shutil
 import sys
@@ -68,6 +69,21 @@ def test_output_checks(tmp_path: Path):
         check_output(tmp_path / "m", inputs=[("model.path", str(tmp_path / "m"))])
     assert check_output(tmp_path / "m" / "eval", inputs=[("model.path", str(tmp_path / "m"))]) == tmp_path / "m" / "eval"
     assert (tmp_path / "f").read_text() == "keep"
+
+
+def test_data_specs_take_files_globs_directories_and_lists(tmp_path: Path):
+    from pipeline.inputs import data_files
+
+    a, b = write_jsonl(tmp_path / "d" / "a.jsonl", [{"x": 1}]), write_jsonl(tmp_path / "d" / "sub" / "b.jsonl", [{"x": 2}])
+    write_jsonl(tmp_path / "d" / ".hidden" / "c.jsonl", [{"x": 3}])
+    assert data_files(str(tmp_path / "d"), "k", "w") == [a, b]  # a directory: its *.jsonl, hidden ones skipped
+    assert data_files(f"{tmp_path}/d/*.jsonl,{b}", "k", "w") == [a, b]
+    assert data_files(f"{a},{a}", "k", "w") == [a]  # each file once
+    for spec, phrase in ((f"{tmp_path}/d/*.csv", "k: no file matches"), (str(tmp_path / "none.jsonl"), "does not exist"),
+                         (str(tmp_path), "is a directory without *.jsonl"), (" , ", "k is empty")):
+        (tmp_path / "e").mkdir(exist_ok=True)
+        with pytest.raises(UserError, match=re.escape(phrase)):
+            data_files(spec if "without" not in phrase else str(tmp_path / "e"), "k", "w")
 
 
 def test_data_file_checks(tmp_path: Path):

@@ -197,7 +197,7 @@ def test_read_errors_skip_counts_and_val_split(tmp_path, tok):
         sft.read_examples(str(tmp_path / "bad" / "d*.jsonl"), "fail")
     recs, st = sft.read_examples(f"{bad.parent},{f}", "skip")
     assert st == {"files": 3, "records": 26, "bad_records": 3} and len(recs) == 23
-    with pytest.raises(UserError, match="matches no file"):
+    with pytest.raises(UserError, match="does not exist"):
         sft.read_examples(str(tmp_path / "missing.jsonl"))
 
     # validation split by content hash: stable, disjoint, independent of file order

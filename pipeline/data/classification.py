@@ -8,16 +8,15 @@ and saved with the model as ``id2label``/``label2id``.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
 from pipeline.data.records import read_records, split_ext
 from pipeline.errors import UserError
+from pipeline.inputs import data_files
 
 
 @dataclass
@@ -62,11 +61,10 @@ class Example:
 
 
 def _files(pattern: str, key: str) -> list[str]:
-    files = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
-    missing = [f for f in files if not Path(f).is_file()]
-    if not files or missing:
-        raise UserError(f"classification.{key}: no file matches '{pattern}'; check the path")
-    return files
+    """The files of ``classification.<key>``, resolved and checked as every data setting is
+    (:func:`pipeline.inputs.data_files`; a directory contributes its JSONL and CSV/TSV files)."""
+    return [str(f) for f in data_files(pattern, f"classification.{key}", "a JSONL or CSV file (or glob) with text and label fields",
+                                       suffixes=(".jsonl", ".jsonl.gz", ".jsonl.zst", ".csv", ".tsv", ".csv.gz", ".tsv.gz"))]
 
 
 def read_examples(pattern: str, cfg: ClassificationDataConfig, key: str = "train", stats: dict | None = None) -> list[Example]:

@@ -49,14 +49,13 @@ Pipeline::
 from __future__ import annotations
 
 import bisect
-import glob
 import hashlib
 import json
 import sys
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -64,6 +63,7 @@ from pipeline.data import chat
 from pipeline.data.example_loader import ExampleLoader, FixedBatches
 from pipeline.data.records import read_records
 from pipeline.errors import UserError
+from pipeline.inputs import data_files
 
 KEY = "sft"  # this config's key in the fine-tune stage config, named in error messages
 IGNORE_INDEX = -100  # same as pipeline.training.trainer.IGNORE_INDEX (not imported: keeps torch optional here)
@@ -118,29 +118,9 @@ class Record:
 
 
 def resolve_files(spec: str, key: str = f"{KEY}.train") -> list[Path]:
-    """Files named by ``spec``: comma-separated files, globs and directories (*.jsonl, *.jsonl.gz).
-
-    Raises:
-        UserError: a part matches no file.
-    """
-    out: list[Path] = []
-    for part in (s.strip() for s in spec.split(",")):
-        if not part:
-            continue
-        if glob.has_magic(part):
-            found = [Path(f) for f in sorted(glob.glob(part, recursive=True)) if Path(f).is_file()]
-        elif Path(part).is_dir():
-            found = sorted(f for f in Path(part).rglob("*") if f.is_file() and f.name.endswith((".jsonl", ".jsonl.gz"))
-                           and not any(x.startswith(".") for x in f.relative_to(part).parts))
-        else:
-            found = [Path(part)] if Path(part).is_file() else []
-        if not found:
-            raise UserError(f"{key}: '{part}' matches no file; give a JSONL file, a glob (data/*.jsonl) or a directory "
-                            f"holding *.jsonl files")
-        out.extend(f for f in found if f not in out)
-    if not out:
-        raise UserError(f"{key} is empty; set it to a JSONL file, glob or directory of chat examples")
-    return out
+    """Files named by ``spec``: comma-separated files, globs and directories (*.jsonl, *.jsonl.gz),
+    resolved and checked as every data setting is (:func:`pipeline.inputs.data_files`)."""
+    return data_files(spec, key, "a JSONL file, glob or directory of chat examples (messages, or prompt/response)")
 
 
 def read_examples(spec: str, bad_records: Literal["fail", "skip"] = "fail",

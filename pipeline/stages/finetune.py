@@ -26,7 +26,7 @@ from pipeline import dist
 from pipeline.data.classification import ClassificationDataConfig
 from pipeline.data.sft import SFTDataConfig
 from pipeline.dist import DistConfig
-from pipeline.inputs import check_data_file, check_model, check_positions
+from pipeline.inputs import check_model, check_positions, data_files
 from pipeline.io import atomic_write_json
 from pipeline.stages.export import init_model_dir
 from pipeline.training.checkpoint import CheckpointConfig
@@ -118,7 +118,7 @@ def check_inputs(cfg: FinetuneConfig):
     source = check_model(cfg.model.path, "model.path")
     task = TASKS[cfg.task](cfg)
     for key, path in task.data_files():
-        check_data_file(path, key, task.data_what)
+        data_files(path, key, task.data_what)
     key = task.seq_len_key
     check_positions(source.config, task.seq_len, what=f"the sequence length {key}", fix=f"lower {key}")
     return source
