@@ -128,3 +128,28 @@ def _sweep_deepspeed_shm():
                 seg.unlink()
         except OSError:
             pass
+
+
+def model_logits(model, seed: int = 1, vocab: int = 512):
+    """Float logits of ``model`` on a fixed random batch (3 x 16 tokens of the tiny vocabulary)."""
+    import torch
+
+    ids = torch.randint(4, vocab, (3, 16), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+def validation_loss(model, data: Path) -> float:
+    """The training stage's validation loss (seq 32, 2 batches of 2), recomputed on its fixed
+    validation batches of ``data`` with ``model``."""
+    import torch
+
+    from pipeline.data.sampler import Validation
+    from pipeline.training.trainer import CausalLMTask
+
+    total = count = 0.0
+    with torch.no_grad():
+        for batch, _ in Validation([(str(data), 1.0)], 32, 2, 2, rank=0, world=1, verify="none"):
+            loss, n = CausalLMTask().loss(model, batch)
+            total, count = total + float(loss), count + int(n)
+    return total / count

@@ -10,8 +10,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import TINY_MODEL, run_deepspeed, run_script, write_jsonl
+from conftest import TINY_MODEL, model_logits, run_deepspeed, run_script, validation_loss, write_jsonl
 
 from pipeline.stages.export import consolidate, export, resolve_checkpoint
 
@@ -63,25 +62,6 @@ def _train(run: Path, data: Path, config: str, ranks: int, *extra: str):
     return run_deepspeed("train.py", *args, ranks=ranks, env=ENV) if ranks > 1 else run_script("train.py", *args, env=ENV)
 
 
-def _logits(model) -> torch.Tensor:
-    ids = torch.randint(4, 512, (3, 16), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        return model(input_ids=ids).logits.float()
-
-
-def _val_loss(model, data: Path) -> float:
-    """The training stage's final validation loss, recomputed on its fixed validation batches."""
-    from pipeline.data.sampler import Validation
-    from pipeline.training.trainer import CausalLMTask
-
-    total = count = 0.0
-    with torch.no_grad():
-        for batch, _ in Validation([(str(data), 1.0)], 32, 2, 2, rank=0, world=1, verify="none"):
-            loss, n = CausalLMTask().loss(model, batch)
-            total, count = total + float(loss), count + int(n)
-    return total / count
-
-
 def _checkpoint_model(step: Path):
     """The checkpoint's own weights in a model built from hf/config.json (strict load_state_dict),
     not through pipeline.stages.export's loader."""
@@ -120,12 +100,12 @@ def test_checkpoint_exports_evaluates_and_finetunes(case: str, tmp_path: Path, t
     assert (summary["zero_stage"], summary["world_size"], summary["dtype"]) == (stage, ranks, "fp32")
     assert summary["max_abs_logit_diff"] <= summary["tolerance"] == 1e-4
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
-    assert (_logits(exported) - _logits(_checkpoint_model(step))).abs().max() <= 1e-5
+    assert (model_logits(exported) - model_logits(_checkpoint_model(step))).abs().max() <= 1e-5
     # ... and the checkpoint holds what was trained: the run's last validation loss, recomputed
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
     logged = events.Scalars("eval/loss")[-1]
-    assert logged.step == 2 and _val_loss(exported, tiny_dataset) == pytest.approx(logged.value, abs=1e-5)
+    assert logged.step == 2 and validation_loss(exported, tiny_dataset) == pytest.approx(logged.value, abs=1e-5)
 
     # evaluate the checkpoint directly, and its export beside it: the same numbers
     report = evaluate(load_config(EvalConfig, None, [f"output={tmp_path / 'eval'}", f"model={run}", f"compare_to={tmp_path / 'export'}",

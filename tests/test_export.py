@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import ROOT, TINY_MODEL, free_port, run_deepspeed, run_script
+from conftest import ROOT, TINY_MODEL, free_port, model_logits, run_deepspeed, run_script, validation_loss
 from pipeline.errors import UserError
 from pipeline.stages.export import consolidate, export, is_pipeline_checkpoint, load_model, resolve_checkpoint, stop_token_ids
 from pipeline.io import sha256_file
@@ -64,25 +64,6 @@ def _reference(step: Path, head: str = "causal"):
     return model.eval()
 
 
-def _logits(model, seed: int = 1, vocab: int = 512) -> torch.Tensor:
-    ids = torch.randint(4, vocab, (3, 16), generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        return model(input_ids=ids).logits.float()
-
-
-def _eval_loss(model, data: Path) -> float:
-    """The training stage's validation loss, recomputed on the same fixed val batches."""
-    from pipeline.data.sampler import Validation
-    from pipeline.training.trainer import CausalLMTask
-
-    total = count = 0.0
-    with torch.no_grad():
-        for batch, real in Validation([(str(data), 1.0)], 32, 2, 2, rank=0, world=1, verify="none"):
-            loss, n = CausalLMTask().loss(model, batch)
-            total, count = total + float(loss), count + int(n)
-    return total / count
-
-
 def test_zero3_two_ranks_export_loads_and_equals_the_checkpoint(z3_run: Path, z3_export, tiny_dataset: Path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -99,13 +80,13 @@ def test_zero3_two_ranks_export_loads_and_equals_the_checkpoint(z3_run: Path, z3
     # transformers loads it; its logits are the consolidated checkpoint's
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(model).__name__ == "LlamaForCausalLM"
-    assert (_logits(model) - _logits(_reference(step))).abs().max() <= 1e-5
+    assert (model_logits(model) - model_logits(_reference(step))).abs().max() <= 1e-5
     # ... and the training engine's: the final validation loss it logged, recomputed
     ea = EventAccumulator(str(z3_run / "tensorboard"))
     ea.Reload()
     logged = ea.Scalars("eval/loss")[-1]
     assert logged.step == 2
-    assert _eval_loss(model, tiny_dataset) == pytest.approx(logged.value, abs=1e-5)
+    assert validation_loss(model, tiny_dataset) == pytest.approx(logged.value, abs=1e-5)
     # tokenizer, generation config, config
     tok = AutoTokenizer.from_pretrained(out)
     assert len(tok) == 512 and (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (1, 2, 3)
@@ -133,7 +114,7 @@ def test_zero1_single_rank_tied_embeddings_fp32_and_bf16(tmp_path: Path, tiny_da
     ckpts = tmp_path / "run" / "checkpoints"
     state = consolidate(ckpts)
     assert state["lm_head.weight"] is state["model.embed_tokens.weight"]  # one tensor, as in training
-    ref = _logits(_reference(ckpts / STEP))
+    ref = model_logits(_reference(ckpts / STEP))
 
     summary = export(ckpts, tmp_path / "fp32", log=_quiet)  # dtype auto: trained in fp32 on CPU
     assert (summary["zero_stage"], summary["world_size"], summary["dtype"]) == (1, 1, "fp32")
@@ -141,7 +122,7 @@ def test_zero1_single_rank_tied_embeddings_fp32_and_bf16(tmp_path: Path, tiny_da
         assert "model.embed_tokens.weight" in f.keys() and "lm_head.weight" not in f.keys()  # written once
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "fp32")
     assert model.lm_head.weight is model.get_input_embeddings().weight  # tied again on load
-    assert (_logits(model) - ref).abs().max() <= 1e-5
+    assert (model_logits(model) - ref).abs().max() <= 1e-5
 
     summary = export(ckpts / STEP, tmp_path / "bf16", dtype="bf16", log=_quiet)
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
@@ -149,7 +130,7 @@ def test_zero1_single_rank_tied_embeddings_fp32_and_bf16(tmp_path: Path, tiny_da
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
     assert 0 < summary["max_abs_logit_diff"] <= summary["tolerance"] and summary["tolerance"] >= 2 ** -4
     bf16 = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float32)
-    assert (_logits(bf16) - ref).abs().max() <= summary["tolerance"]
+    assert (model_logits(bf16) - ref).abs().max() <= summary["tolerance"]
 
 
 def test_verification_failure_publishes_nothing_and_keeps_the_old_export(z3_run: Path, z3_export):
@@ -238,7 +219,7 @@ def test_load_model_from_hf_dir_and_from_checkpoint(tmp_path: Path, tiny_hf_mode
     from_ckpt, tok2 = load_model(z3_run)
     assert not from_ckpt.training and from_ckpt.config.use_cache and len(tok2) == 512
     from_export, _ = load_model(z3_export[0])
-    assert torch.equal(_logits(from_ckpt), _logits(from_export))
+    assert torch.equal(model_logits(from_ckpt), model_logits(from_export))
     half, _ = load_model(step, dtype="bf16")
     assert next(half.parameters()).dtype == torch.bfloat16
     half, _ = load_model(tiny_hf_model, dtype="float16")  # torch's spelling, as pipeline.precision reads it
@@ -335,7 +316,7 @@ def test_bf16_trained_zero2_classifier_keeps_its_labels_and_fp32_master_weights(
     step = _engine_checkpoint(tmp_path / "cls", tiny_dataset / "tokenizer", "cls", 2, "bf16")
     master = consolidate(step)["model.layers.0.mlp.up_proj.weight"]
     assert master.dtype == torch.float32 and (master.bfloat16().float() != master).any()  # not the bf16 working copy
-    ref = _logits(_reference(step, head="cls"))
+    ref = model_logits(_reference(step, head="cls"))
 
     summary = export(tmp_path / "cls", tmp_path / "bf16", log=_quiet)  # dtype auto: bf16, as trained
     assert (summary["zero_stage"], summary["dtype"], summary["architecture"]) == (2, "bf16", "LlamaForSequenceClassification")
@@ -344,11 +325,11 @@ def test_bf16_trained_zero2_classifier_keeps_its_labels_and_fp32_master_weights(
     assert conf["dtype"] == "bfloat16" and conf["id2label"] == {"0": "neg", "1": "neutral", "2": "pos"}
     assert conf["label2id"]["pos"] == 2 and not (tmp_path / "bf16" / "generation_config.json").exists()
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "bf16", dtype=torch.float32)
-    assert (_logits(model) - ref).abs().max() <= summary["tolerance"]
+    assert (model_logits(model) - ref).abs().max() <= summary["tolerance"]
 
     export(step, tmp_path / "fp32", dtype="fp32", log=_quiet)
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "fp32").eval()
-    assert model.config.id2label[1] == "neutral" and (_logits(model) - ref).abs().max() <= 1e-5
+    assert model.config.id2label[1] == "neutral" and (model_logits(model) - ref).abs().max() <= 1e-5
     loaded, _ = load_model(step)
     assert type(loaded).__name__ == "LlamaForSequenceClassification" and loaded.config.id2label[2] == "pos"
 
@@ -369,10 +350,10 @@ def test_zero0_bf16_exports_the_fp32_master_weights(tmp_path: Path, tiny_dataset
     master = consolidate(step)[name]
     assert master.dtype == torch.float32 and not master.requires_grad and (master.bfloat16().float() != master).any()  # not the bf16 module weight
     assert torch.equal(master.bfloat16(), states["module"][name])  # ... but the master weight it was rounded from
-    ref = _logits(_reference(step))
+    ref = model_logits(_reference(step))
     summary = export(step, tmp_path / "out", dtype="fp32", log=_quiet)
     assert (summary["zero_stage"], summary["world_size"]) == (0, 1) and summary["max_abs_logit_diff"] <= 1e-4
-    assert (_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "out")) - ref).abs().max() <= 1e-5
+    assert (model_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "out")) - ref).abs().max() <= 1e-5
 
     # master weights that are not the module's (another grouping, other values) are refused, not exported
     if optimizer == "torch":
