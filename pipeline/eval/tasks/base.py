@@ -13,6 +13,7 @@ imports a stage).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -22,8 +23,9 @@ from pipeline.eval.models import Loaded, ModelRef
 from pipeline.inputs import check_data_file
 
 
-class EvalTask:
-    """One evaluation task; subclasses set the class attributes and implement :meth:`evaluate`."""
+class EvalTask(ABC):
+    """One evaluation task; subclasses set the class attributes and implement :meth:`evaluate`
+    (a class without it cannot be instantiated)."""
 
     name: ClassVar[str]
     """The ``task=`` value that selects it."""
@@ -47,6 +49,7 @@ class EvalTask:
     def check_model(self, ref: ModelRef, cfg: Any, state: Any) -> None:
         """Refuse a model the data does not fit, from its config alone (no weights loaded)."""
 
+    @abstractmethod
     def evaluate(self, lm: Loaded, cfg: Any, state: Any) -> tuple[dict, list[dict]]:
         """Score one model: ``(metrics, per-example rows)``; the same on every rank.
 
@@ -54,7 +57,6 @@ class EvalTask:
         :func:`pipeline.eval.ranks.my_batches` and brings results together with
         :func:`pipeline.eval.ranks.gather` (or :func:`pipeline.dist.all_reduce_sum_float`).
         """
-        raise NotImplementedError
 
     def split(self, cfg: Any) -> str | None:
         """The dataset split the report names, when the data has splits."""
