@@ -320,6 +320,7 @@ def tiny_run(tmp_path_factory, tiny_dataset) -> Path:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_pipeline_checkpoint_is_evaluated_at_its_step(tmp_path, tiny_dataset, tiny_run):
     from pipeline.data.shards import TokenDataset

@@ -64,6 +64,7 @@ def _reference(step: Path, head: str = "causal"):
     return model.eval()
 
 
+@pytest.mark.slow
 def test_zero3_two_ranks_export_loads_and_equals_the_checkpoint(z3_run: Path, z3_export, tiny_dataset: Path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -104,6 +105,7 @@ def test_zero3_two_ranks_export_loads_and_equals_the_checkpoint(z3_run: Path, z3
     assert not list(out.parent.glob("exported.*"))  # no temporary directory left
 
 
+@pytest.mark.slow
 def test_zero1_single_rank_tied_embeddings_fp32_and_bf16(tmp_path: Path, tiny_dataset: Path):
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
@@ -133,6 +135,7 @@ def test_zero1_single_rank_tied_embeddings_fp32_and_bf16(tmp_path: Path, tiny_da
     assert (model_logits(bf16) - ref).abs().max() <= summary["tolerance"]
 
 
+@pytest.mark.slow
 def test_verification_failure_publishes_nothing_and_keeps_the_old_export(z3_run: Path, z3_export):
     out, first = z3_export
     assert first.returncode == 0, first.stderr[-3000:]
@@ -164,6 +167,7 @@ def test_verification_failure_publishes_nothing_and_keeps_the_old_export(z3_run:
     ("bad shard size", "is not a size"),
     ("bad dtype", "--dtype='fp8' is not valid; use one of: auto, bf16, fp16, fp32"),
 ])
+@pytest.mark.slow
 def test_user_errors(tmp_path: Path, z3_run: Path, tiny_hf_model: Path, case: str, message: str):
     step = z3_run / "checkpoints" / STEP
     checkpoint, out, kwargs = step, tmp_path / "out", {}
@@ -209,6 +213,7 @@ def test_user_error_exits_2_with_one_message(tmp_path: Path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_load_model_from_hf_dir_and_from_checkpoint(tmp_path: Path, tiny_hf_model: Path, z3_run: Path, z3_export):
     model, tok = load_model(tiny_hf_model)
     assert type(model).__name__ == "LlamaForCausalLM" and not model.training and tok.eos_token_id == 2
@@ -230,6 +235,7 @@ def test_load_model_from_hf_dir_and_from_checkpoint(tmp_path: Path, tiny_hf_mode
         load_model(tmp_path)
 
 
+@pytest.mark.slow
 def test_chat_template_and_recorded_stop_tokens(tmp_path: Path, z3_run: Path, tiny_dataset: Path):
     from transformers import AutoTokenizer
 
@@ -310,6 +316,7 @@ def _engine_checkpoint(run: Path, tokenizer: Path, head: str, stage: int, precis
     return run / "checkpoints" / "step-00000001"
 
 
+@pytest.mark.slow
 def test_bf16_trained_zero2_classifier_keeps_its_labels_and_fp32_master_weights(tmp_path: Path, tiny_dataset: Path):
     from transformers import AutoModelForSequenceClassification
 
@@ -334,6 +341,7 @@ def test_bf16_trained_zero2_classifier_keeps_its_labels_and_fp32_master_weights(
     assert type(loaded).__name__ == "LlamaForSequenceClassification" and loaded.config.id2label[2] == "pos"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["torch", "deepspeed"])
 def test_zero0_bf16_exports_the_fp32_master_weights(tmp_path: Path, tiny_dataset: Path, optimizer: str):
     """ZeRO-0 writes no *_optim_states.pt: the module's state dict in mp_rank_00_model_states.pt holds

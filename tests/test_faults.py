@@ -326,6 +326,7 @@ def test_disk_full_during_export_is_a_clear_error_and_keeps_the_earlier_export(s
     ("truncate_bin", "fast", "(size listed in manifest.json)"),
     ("flip_bin", "thorough", "has sha256 "),
 ])
+@pytest.mark.slow
 def test_training_refuses_damaged_shards_naming_the_file(tmp_path: Path, tiny_dataset: Path, damage, verify_mode, message):
     data = tmp_path / "data"
     shutil.copytree(tiny_dataset, data)

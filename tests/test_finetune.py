@@ -36,6 +36,7 @@ def _common(out: Path, model: Path, *extra: str) -> list[str]:
             "checkpoint.every=0", "train.eval_every=0", "train.eval_batches=2", *extra]
 
 
+@pytest.mark.slow
 def test_sft_trains_and_saves_template(tmp_path: Path, tiny_hf_model: Path):
     data = _qa(tmp_path)
     r = run_script("finetune.py", *_common(tmp_path / "run", tiny_hf_model, "task=sft", f"sft.train={data}", "sft.seq_len=64",
@@ -63,6 +64,7 @@ def test_inspect_marks_trained_tokens(tmp_path: Path, tiny_hf_model: Path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_classification_learns_above_chance(tmp_path: Path, tiny_hf_model: Path):
     data = _cls(tmp_path)
     r = run_script("finetune.py", *_common(tmp_path / "run", tiny_hf_model, "task=classification", f"classification.train={data}",
@@ -107,6 +109,7 @@ def test_finetune_user_errors(tmp_path: Path, tiny_hf_model: Path, extra, messag
     assert message.replace("BAD_FILE", str(bad)) in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_sft_learns_to_answer_far_above_the_base_model(tmp_path: Path, tiny_hf_model: Path):
     """A small made-up chat set: after fine-tuning, greedy answers match the references."""
     rng = random.Random(3)

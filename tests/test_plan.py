@@ -112,6 +112,7 @@ def test_activations_grow_with_batch_and_sequence_and_checkpointing_cuts_them():
     assert 0.3 * GiB < a / 32 < 0.8 * GiB
 
 
+@pytest.mark.slow
 def test_plan_cli_prints_the_table_and_the_fastest_config_that_fits(tiny_dataset: Path):
     r = run_script("plan.py", f"data.datasets.0.path={tiny_dataset}", *TINY_MODEL, "--gpus-per-node", "8",
                    "--gpu-memory", "80", "--cpu-memory", "500", "--nodes", "2")

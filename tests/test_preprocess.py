@@ -128,6 +128,7 @@ def test_trains_tokenizer_cleans_and_dedups(tmp_path: Path):
     assert m["tokenizer"]["vocab_size"] == 400 and m["stats"]["kept"] == 201
 
 
+@pytest.mark.slow
 def test_resume_after_kill_is_byte_identical(tmp_path: Path, tiny_tokenizer: Path):
     ref, crash = tmp_path / "ref", tmp_path / "crash"
     ref.mkdir(), crash.mkdir()

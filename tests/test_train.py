@@ -58,6 +58,7 @@ def test_zero3_two_ranks_matches_one_rank_without_zero_from_hf_checkpoint(tmp_pa
     assert abs(_losses(tmp_path / "z3")[0] - 6.238) < 0.1  # ln(512) for a freshly initialised model
 
 
+@pytest.mark.slow
 def test_accumulation_equals_larger_micro_batch(tmp_path: Path, tiny_dataset: Path):
     env = {"OMP_NUM_THREADS": "1"}
     one = run_script("train.py", *_args(tmp_path / "acc", tiny_dataset, "train.max_steps=4", "train.grad_accum=2",
@@ -124,6 +125,7 @@ def test_dead_rank_makes_the_job_fail_fast(tmp_path: Path, tiny_dataset: Path):
     assert not [p for p in ranks if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type", ["gpt2", "qwen2", "mistral"])
 def test_other_architectures_train(tmp_path: Path, tiny_dataset: Path, model_type: str):
     r = run_script("train.py", *_args(tmp_path / "run", tiny_dataset, "train.max_steps=2", f"model.model_type={model_type}"),
@@ -134,6 +136,7 @@ def test_other_architectures_train(tmp_path: Path, tiny_dataset: Path, model_typ
     assert len(_losses(tmp_path / "run")) == 2
 
 
+@pytest.mark.slow
 def test_tensorboard_scalars_and_resolved_configs(tmp_path: Path, tiny_dataset: Path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -186,6 +189,7 @@ def test_user_errors_exit_2_before_training(tmp_path: Path, tiny_dataset: Path, 
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_resume_checks(tmp_path: Path, tiny_dataset: Path):
     env = {"OMP_NUM_THREADS": "1"}
     r = run_script("train.py", *_args(tmp_path / "run", tiny_dataset, "train.max_steps=2"), env=env)
@@ -203,6 +207,7 @@ def test_resume_checks(tmp_path: Path, tiny_dataset: Path):
     assert not (tmp_path / "run" / "checkpoints" / "step-00000004.tmp").exists()
 
 
+@pytest.mark.slow
 def test_activation_checkpointing_gives_the_same_losses(tmp_path: Path, tiny_dataset: Path):
     env = {"OMP_NUM_THREADS": "1"}
     off = run_script("train.py", *_args(tmp_path / "off", tiny_dataset, "train.max_steps=3"), env=env)
