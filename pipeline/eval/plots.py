@@ -21,7 +21,6 @@ Only scalars are read; the Agg backend of matplotlib renders without a display.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -78,6 +77,13 @@ def _runs_with(scalars: Scalars, tag: str) -> list[str]:
     return [run for run, tags in scalars.items() if tags.get(tag)]
 
 
+def _save(plt, fig, path: Path) -> None:
+    """Write a finished figure as a PNG and free it (pyplot keeps every open figure)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def _line_plot(scalars: Scalars, tag: str, path: Path, title: str, ylabel: str, log_y: bool = False) -> bool:
     runs = _runs_with(scalars, tag)
     if not runs:
@@ -92,9 +98,7 @@ def _line_plot(scalars: Scalars, tag: str, path: Path, title: str, ylabel: str, 
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, path)
     return True
 
 
@@ -112,9 +116,7 @@ def _loss_plot(scalars: Scalars, path: Path) -> bool:
         ax.set(title=run, xlabel="step", ylabel="loss (nats/token)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, path)
     return True
 
 
@@ -132,9 +134,7 @@ def _eval_plot(scalars: Scalars, tag: str, path: Path) -> bool:
     ax.set_xticks(range(len(runs)), [f"{run}\n(step {scalars[run][tag][0][0]})" for run in runs], fontsize=7)
     ax.set(title=tag, ylabel=tag.split("/", 1)[-1])
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, path)
     return True
 
 
