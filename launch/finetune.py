@@ -12,17 +12,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline.dist import finish  # noqa: E402  (imports pipeline.quiet: known library noise off)
-from pipeline.cli import run_stage  # noqa: E402
-from pipeline.stages.finetune import FinetuneConfig, describe, inspect, run  # noqa: E402
-
-
-def _extra(parser):
-    parser.add_argument("--inspect", type=int, metavar="N", default=0, help="print N rendered training examples with the trained tokens marked, then exit")
-
-
-def _main(cfg, ns):
-    return inspect(cfg, ns.inspect) if ns.inspect else run(cfg, ns.local_rank)
-
+from pipeline.stages.finetune import main  # noqa: E402
 
 if __name__ == "__main__":
-    finish(run_stage(FinetuneConfig, _main, prog="launch/finetune.py", description=__doc__, extra=_extra, describe=describe))
+    finish(main(description=__doc__))

@@ -12,8 +12,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline.dist import finish  # noqa: E402  (imports pipeline.quiet: known library noise off)
-from pipeline.cli import run_stage  # noqa: E402
-from pipeline.stages.train import TrainConfig, describe, run  # noqa: E402
+from pipeline.stages.train import main  # noqa: E402
 
 if __name__ == "__main__":
-    finish(run_stage(TrainConfig, lambda cfg, ns: run(cfg, ns.local_rank), prog="launch/train.py", description=__doc__, describe=describe))
+    finish(main(description=__doc__))

@@ -206,3 +206,15 @@ def run(cfg: FinetuneConfig, local_rank: int | None = None) -> int:
     dist.shutdown()
     return code
 
+
+
+def main(argv: list[str] | None = None, *, description: str = "") -> int:
+    """``launch/finetune.py``: the command line (``--config``, overrides, ``--print-config``, ``--inspect N``)."""
+    from pipeline.cli import run_stage
+
+    def extra(parser) -> None:
+        parser.add_argument("--inspect", type=int, metavar="N", default=0,
+                            help="print N rendered training examples with the trained tokens marked, then exit")
+
+    return run_stage(FinetuneConfig, lambda cfg, ns: inspect(cfg, ns.inspect) if ns.inspect else run(cfg, ns.local_rank),
+                     prog="launch/finetune.py", argv=argv, description=description, extra=extra, describe=describe)

@@ -162,3 +162,11 @@ def run(cfg: TrainConfig, local_rank: int | None = None) -> int:
         atomic_write_json(run_.out / "losses.json", {"start_step": start_step, "losses": trainer.history})
     dist.shutdown()
     return code
+
+
+def main(argv: list[str] | None = None, *, description: str = "") -> int:
+    """``launch/train.py``: the command line (``--config``, overrides, ``--print-config``); returns the exit code."""
+    from pipeline.cli import run_stage
+
+    return run_stage(TrainConfig, lambda cfg, ns: run(cfg, ns.local_rank), prog="launch/train.py", argv=argv,
+                     description=description, describe=describe)
