@@ -14,8 +14,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import pipeline.quiet  # noqa: E402,F401  (known library noise off before DeepSpeed is imported)
+from pipeline.dist import finish  # noqa: E402  (imports pipeline.quiet: known library noise off)
 from pipeline.stages.quickstart import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    finish(main(description=__doc__))

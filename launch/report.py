@@ -12,8 +12,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import pipeline.quiet  # noqa: E402,F401  (known library noise off before DeepSpeed is imported)
-from pipeline.eval.plots import main  # noqa: E402
+from pipeline.dist import finish  # noqa: E402  (imports pipeline.quiet: known library noise off)
+from pipeline.stages.report import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    finish(main(description=__doc__))

@@ -7,7 +7,8 @@
 
 A module may import its own layer and the layers below; every import counts, also those
 inside functions (a cycle held together by a function-level import is still a cycle). No
-import cycles between modules.
+import cycles between modules. Every ``launch/<name>.py`` has one shape: it calls
+``pipeline.stages.<name>.main(description=__doc__)`` and ends through ``pipeline.dist.finish``.
 """
 
 from __future__ import annotations
@@ -96,3 +97,85 @@ def test_modules_stay_small():
     """Split a module before it passes 600 lines (docs/dev/architecture.md)."""
     long = {str(p.relative_to(ROOT)): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text(encoding="utf-8").splitlines())) > 600}
     assert not long, long
+
+
+# ---------------------------------------------------------------------------- entry points
+
+LAUNCH = ROOT / "launch"
+_MAIN = ast.parse('def main(argv: list[str] | None = None, *, description: str = "") -> int: ...').body[0]
+"""The signature of every stage's command line (``pipeline/stages/<name>.py``)."""
+
+
+def _launch_shape_problems(name: str, source: str) -> list[str]:
+    """What in ``launch/<name>.py`` departs from the one shape of an entry script: a docstring,
+    ``import os`` / ``import sys``, the ``sys.path`` line, ``from pipeline.dist import finish``,
+    ``from pipeline.stages.<name> import main`` and ``finish(main(description=__doc__))``
+    under ``if __name__ == "__main__"``; nothing else."""
+    body = ast.parse(source).body
+    allowed = {
+        "sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))",
+        "from pipeline.dist import finish",
+        f"from pipeline.stages.{name} import main",
+        "if __name__ == '__main__':\n    finish(main(description=__doc__))",
+    }
+    problems = []
+    if not (body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)):
+        problems.append("no docstring (it is the --help description)")
+    else:
+        body = body[1:]
+    seen = []
+    for node in body:
+        text = ast.unparse(node)
+        if isinstance(node, ast.Import) and {a.name for a in node.names} <= {"os", "sys"} and all(a.asname is None for a in node.names):
+            continue
+        if text in allowed:
+            seen.append(text)
+        else:
+            problems.append(f"line {node.lineno}: {text.splitlines()[0]!r} (not part of an entry script: move it into the stage's main)")
+    for want in sorted(allowed):
+        if seen.count(want) != 1:
+            problems.append(f"{want.splitlines()[-1].strip()!r} {'missing' if want not in seen else 'repeated'}")
+    return problems
+
+
+def _main_signature_problem(path: Path) -> str | None:
+    shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+    if not path.is_file():
+        return f"{shown} missing"
+    fns = [n for n in ast.parse(path.read_text(encoding="utf-8")).body if isinstance(n, ast.FunctionDef) and n.name == "main"]
+    if not fns:
+        return f"{shown}: no top-level main"
+    fn = fns[-1]
+    if ast.dump(fn.args) != ast.dump(_MAIN.args) or ast.dump(fn.returns) != ast.dump(_MAIN.returns):
+        got = f"main({ast.unparse(fn.args)}){' -> ' + ast.unparse(fn.returns) if fn.returns else ''}"
+        return f"{shown}: {got}, not main({ast.unparse(_MAIN.args)}) -> int"
+    return None
+
+
+def test_every_launch_script_only_calls_its_stage_main():
+    """``launch/<name>.py`` is six lines of code around ``pipeline.stages.<name>.main`` (docs/dev/architecture.md)."""
+    scripts = sorted(LAUNCH.glob("*.py"))
+    assert scripts
+    wrong = {p.name: probs for p in scripts if (probs := _launch_shape_problems(p.stem, p.read_text(encoding="utf-8")))}
+    assert not wrong, "\n".join(f"launch/{n}:\n  " + "\n  ".join(v) for n, v in wrong.items())
+
+
+def test_every_launch_script_has_a_stage_main_with_one_signature():
+    wrong = [m for p in sorted(LAUNCH.glob("*.py")) if (m := _main_signature_problem(PACKAGE / "stages" / p.name))]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_shape_check_catches_a_departure(tmp_path):
+    """The checker itself: another exit, a second import and a missing finish are each reported."""
+    good = (LAUNCH / "train.py").read_text(encoding="utf-8")
+    assert _launch_shape_problems("train", good) == []
+    assert _launch_shape_problems("export", good)  # imports another stage's main
+    assert _launch_shape_problems("train", good.replace("finish(main(description=__doc__))", "sys.exit(main())"))
+    assert _launch_shape_problems("train", good + "\nimport argparse\n")
+    assert _launch_shape_problems("train", good.replace("from pipeline.dist import finish", "from pipeline.dist import init"))
+    bad = tmp_path / "stage.py"
+    bad.write_text("def main(argv=None) -> int:\n    return 0\n")
+    assert _main_signature_problem(bad) is not None and _main_signature_problem(tmp_path / "nope.py") is not None
+    bad.write_text('def main(argv: list[str] | None = None, *, description: str = "") -> int:\n    return 0\n')
+    assert _main_signature_problem(bad) is None

@@ -180,12 +180,12 @@ def test_offload_cpu_per_node_does_not_grow_with_the_node_count(tiny_dataset: Pa
 
 def _cli(capsys, monkeypatch, tiny_dataset: Path, *args: str) -> tuple[int, str]:
     """``launch/plan.py`` in process, on a machine without a GPU and with 8 GiB available (a login node)."""
-    from pipeline.stages import plan as plan_cli
+    from pipeline.stages import plan as plan_stage
     from pipeline.training.plan import Target
 
-    monkeypatch.setattr(plan_cli, "detect_target", lambda per_node, nodes, nvme_path: Target(
+    monkeypatch.setattr(plan_stage, "detect_target", lambda per_node, nodes, nvme_path: Target(
         gpus_per_node=per_node or 1, nodes=nodes, gpu_memory=0, cpu_memory=8 * GiB, detected="detected: no GPU"))
-    rc = plan_cli.cli([f"data.datasets.0.path={tiny_dataset}", *BIG, *args])
+    rc = plan_stage.main([f"data.datasets.0.path={tiny_dataset}", *BIG, *args])
     return rc, capsys.readouterr().out
 
 
@@ -360,9 +360,9 @@ def test_estimate_is_within_tolerance_of_measured_peak_rss(name: str, tmp_path: 
                                         (["--cpu-memory", "0"], "--cpu-memory must be more than 0 GiB, got 0"),
                                         (["--gpu-memory", "-5"], "--gpu-memory must be 0 GiB (CPU ranks) or more, got -5")])
 def test_plan_cli_refuses_impossible_targets_with_one_message(args: list[str], says: str, capsys):
-    from pipeline.stages.plan import cli
+    from pipeline.stages.plan import main
 
     with pytest.raises(SystemExit) as exc:
-        cli(["model.num_layers=2", *args])
+        main(["model.num_layers=2", *args])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and says in err and "Traceback" not in err

@@ -206,28 +206,3 @@ def _inside(path: Path, parent: Path) -> bool:
         return True
     except ValueError:
         return False
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``launch/report.py``: parse the arguments, build the report, print where it is."""
-    import argparse
-
-    from pipeline.cli import report_errors
-
-    p = argparse.ArgumentParser(prog="launch/report.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--logdir", required=True, metavar="DIR", help="TensorBoard log directory (runs in subdirectories)")
-    p.add_argument("--output", metavar="DIR", default=None, help="report directory (default <logdir>/report)")
-    ns = p.parse_args(argv)
-
-    def body() -> int:
-        result = build_report(ns.logdir, ns.output)
-        n_fig, n_runs = len(result["figures"]), len(result["runs"])
-        print(f"report: {Path(result['output']) / 'report.md'} ({n_fig} figures from {n_runs} runs)")
-        return 0
-
-    return report_errors(body)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -203,3 +203,11 @@ def run(cfg: EvalConfig, local_rank: int | None = None) -> dict:
     if cfg.zero3:
         dist.shutdown()
     return report
+
+
+def main(argv: list[str] | None = None, *, description: str = "") -> int:
+    """``launch/evaluate.py``: the command line (``--config``, overrides, ``--print-config``); returns the exit code."""
+    from pipeline.cli import run_stage
+
+    return run_stage(EvalConfig, lambda cfg, ns: run(cfg, ns.local_rank) and 0, prog="launch/evaluate.py", argv=argv,
+                     description=description)

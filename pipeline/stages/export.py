@@ -277,3 +277,26 @@ def init_model_dir(source: ModelSource, out: Path, rank: int) -> Path:
             export(source.path, dest, dtype="fp32", overwrite=True)
     dist.barrier()
     return dest
+
+
+def main(argv: list[str] | None = None, *, description: str = "") -> int:
+    """``launch/export.py``: parse the arguments, export and verify; 0 published, 1 verification failed, 2 user error."""
+    import argparse
+
+    from pipeline.cli import report_errors
+
+    p = argparse.ArgumentParser(prog="launch/export.py", description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="step, checkpoints/ or run directory")
+    p.add_argument("--output", required=True, metavar="DIR", help="Hugging Face model directory to publish")
+    p.add_argument("--max-shard-size", default="2GB", metavar="SIZE",
+                   help="split safetensors files above this size, e.g. 2GB, 500MB, 64KiB (default 2GB)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="dtype of the written weights; auto (default) = the training precision in meta.json")
+    p.add_argument("--tolerance", type=float, default=None, metavar="X",
+                   help="largest max |Δlogit| accepted (default: 1e-4 for fp32; for bf16 / fp16 2^-4 / 2^-6 "
+                        "x max(1, max |reference logit|))")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output, once the new one is verified")
+    ns = p.parse_args(argv)
+    return report_errors(lambda: export(ns.checkpoint, ns.output, max_shard_size=ns.max_shard_size, dtype=ns.dtype,
+                                        tolerance=ns.tolerance, overwrite=ns.overwrite) and 0, ExportVerificationError)

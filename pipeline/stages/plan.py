@@ -50,15 +50,14 @@ def _recipe_for_cli(stage: str, cfg: Any, vocab_size: int, precision: str) -> Re
                        checkpointing=cfg.model.activation_checkpointing, precision=precision)
 
 
-def cli(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, description: str = "") -> int:
     """``launch/plan.py``: print the memory table for a recipe and a target; exit 0 if something fits."""
     import argparse
 
     from pipeline.cli import report_errors
     from pipeline.config import load_config
 
-    p = argparse.ArgumentParser(prog="launch/plan.py", description="Preflight memory planner: which DeepSpeed config and micro batch fit a recipe on your hardware.",
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="launch/plan.py", description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", metavar="FILE", help="a train or finetune YAML recipe")
     p.add_argument("--stage", choices=("train", "finetune"), help="the recipe's stage (default: from its keys)")
     p.add_argument("--gpus-per-node", type=int, help="GPUs (ranks) per node (default: detected; CPU ranks: 1)")

@@ -588,3 +588,10 @@ def _step_tokenizer(cfg: PreprocessConfig, dest: Path) -> None:
         shutil.rmtree(work, ignore_errors=True)  # made afresh by every run: nothing in it to resume
     print(f"tokenizer trained: {dest}", file=sys.stderr)
     return None
+
+
+def main(argv: list[str] | None = None, *, description: str = "") -> int:
+    """``launch/preprocess.py``: the command line (``--config``, overrides, ``--print-config``); returns the exit code."""
+    from pipeline.cli import run_stage
+
+    return run_stage(PreprocessConfig, lambda cfg, ns: run(cfg) and 0, prog="launch/preprocess.py", argv=argv, description=description)

@@ -450,11 +450,11 @@ def default_ranks() -> int:
         return 2
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, description: str = "") -> int:
     """``launch/quickstart.py``: parse, run the chain, print the summary; exit code 0 or the failed stage's."""
     from pipeline.cli import report_errors
 
-    p = argparse.ArgumentParser(prog="launch/quickstart.py", description=__doc__,
+    p = argparse.ArgumentParser(prog="launch/quickstart.py", description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", default="outputs/quickstart", metavar="DIR", help="run directory (default outputs/quickstart)")
     p.add_argument("--ranks", type=int, default=0, metavar="N", help="ranks of the training stages (default: GPUs, else 2)")
