@@ -6,7 +6,7 @@
 
 On one model (a tiny Llama: 4 layers, hidden 256, 4 heads, seq 256), one preprocessed dataset
 (made by ``launch/preprocess.py`` from the built-in sample), one DeepSpeed JSON
-(``ds_configs/zero3_offload.json`` resolved by :func:`pipeline.stages.train.resolved_ds`, so every
+(``ds_configs/zero3_offload.json`` resolved by :func:`pipeline.training.ds_config.resolve_for_recipe`, so every
 contender gets the very same dict), fp32, AdamW (lr 1e-3, betas 0.9/0.95, eps 1e-8, weight decay
 0.1, clip 1.0), micro-batch 4, no accumulation, two CPU ranks with ``OMP_NUM_THREADS=1`` each:
 
@@ -129,16 +129,13 @@ def prepare(workdir: Path, data_root: Path, m: dict, max_steps: int, warmup: int
     from pipeline.training.model import architecture_fingerprint, hf_config
     from pipeline.stages.train import TrainConfig
 
-    try:  # where the stage resolves its DeepSpeed JSON (moved to pipeline.training.engine in faa4a00)
-        from pipeline.training.engine import resolved_ds
-    except ImportError:
-        from pipeline.stages.train import resolved_ds
+    from pipeline.training.ds_config import resolve_for_recipe  # how the stage fills its DeepSpeed JSON
 
     data = make_dataset(data_root, m)
     cfg = load_config(TrainConfig, None, stage_overrides(m, data, workdir / "unused", max_steps, warmup))
     tok = read_manifest(data)["tokenizer"]
     conf = hf_config(cfg.model, tok["vocab_size"], cfg.data.seq_len, tok)
-    ds = resolved_ds(cfg, RANKS, conf.hidden_size)
+    ds = resolve_for_recipe(cfg, cfg.deepspeed.config, world=RANKS, precision="fp32", hidden=conf.hidden_size)
     model_dir = workdir / "model"
     conf.save_pretrained(model_dir)
     (workdir / "ds_config.json").write_text(json.dumps(ds, indent=2) + "\n")
@@ -153,14 +150,16 @@ def prepare(workdir: Path, data_root: Path, m: dict, max_steps: int, warmup: int
     # (e) and (f): the config `auto` resolves to for this model on this machine (the planner's choice)
     import dataclasses
 
-    from pipeline.training.plan import auto_config, detect_target, recipe_from
+    from pipeline.training.plan import detect_target
+    from pipeline.training.resolve import choose_auto, recipe_from
 
-    recipe = recipe_from(cfg, conf, seq_len=cfg.data.seq_len, head="causal_lm", attn="sdpa", checkpointing=False, precision="fp32")
-    chosen = auto_config(recipe, detect_target(RANKS))
+    recipe = recipe_from(cfg, conf, seq_len=cfg.data.seq_len, head="causal_lm", precision="fp32")
+    fit = choose_auto(recipe, detect_target(RANKS))
+    chosen = fit.config if fit is not None else None
     if chosen is None:
         raise SystemExit("deepspeed.config=auto: nothing fits this machine's memory for the benchmark model")
     auto_cfg = dataclasses.replace(cfg, deepspeed=dataclasses.replace(cfg.deepspeed, config=chosen))
-    ds_auto = resolved_ds(auto_cfg, RANKS, conf.hidden_size)
+    ds_auto = resolve_for_recipe(auto_cfg, chosen, world=RANKS, precision="fp32", hidden=conf.hidden_size, strict_nvme=False)
     (workdir / "ds_config_auto.json").write_text(json.dumps(ds_auto, indent=2) + "\n")
     (workdir / "spec-f.json").write_text(json.dumps({**spec, "ds_config": str(workdir / "ds_config_auto.json")}, indent=2) + "\n")
     return {"data": data, "ds": ds, "ds_auto": ds_auto, "auto_config": chosen, "spec": spec, "fingerprint": architecture_fingerprint(conf), "tokenizer": tok,

@@ -291,6 +291,7 @@ def test_tokenizer_from_model_dir_copies_tokenizer_files_only(tmp_path: Path, co
 
     from pipeline.config import load_config
     from pipeline.data.shards import read_manifest, verify
+    from pipeline.inputs import check_model
     from pipeline.training.model import check_tokenizer_match
     from pipeline.stages.preprocess import PreprocessConfig, run
 
@@ -316,7 +317,7 @@ def test_tokenizer_from_model_dir_copies_tokenizer_files_only(tmp_path: Path, co
     plain = read_manifest(tmp_path / "from_tok")
     assert m["tokenizer"] == plain["tokenizer"]  # fingerprint included: as from the tokenizer alone
     assert _tree(tmp_path / "from_tok" / "tokenizer") == _tree(tiny_tokenizer)  # a tokenizer-only dir: copied whole
-    check_tokenizer_match(str(model), AutoConfig.from_pretrained(model), m["tokenizer"], str(out))
+    check_tokenizer_match(check_model(str(model), "model.path"), AutoConfig.from_pretrained(model), m["tokenizer"], str(out))
 
 
 def test_existing_output_is_never_damaged(tmp_path: Path, corpus: Path, tiny_tokenizer: Path):

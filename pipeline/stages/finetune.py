@@ -26,12 +26,12 @@ from pipeline import dist
 from pipeline.data.classification import ClassificationDataConfig
 from pipeline.data.sft import SFTDataConfig
 from pipeline.dist import DistConfig
-from pipeline.inputs import check_model, check_positions, data_files
+from pipeline.inputs import ModelSource, check_model, check_positions, data_files
 from pipeline.io import atomic_write_json
 from pipeline.stages.export import init_model_dir
 from pipeline.training.checkpoint import CheckpointConfig
 from pipeline.training.ds_config import DeepSpeedSection, summarize
-from pipeline.training.engine import Run, describe_ds
+from pipeline.training.engine import Run
 from pipeline.training.monitor import MonitorConfig
 from pipeline.training.tasks import TASKS
 from pipeline.training.trainer import OptimConfig
@@ -85,17 +85,14 @@ class FinetuneConfig:
         return p
 
 
-def _hidden_size(path: str) -> int | None:
-    """The starting model's hidden size (ZeRO-3 bucket sizes derive from it), read from its config.json."""
-    d = check_model(path, "model.path", weights=False).config
-    return d.get("hidden_size") or d.get("n_embd") or d.get("d_model")
-
-
-def finetune_conf(path: str):
-    """The transformers config of a fine-tuning start (a Hugging Face directory or a pipeline checkpoint)."""
+def finetune_conf(cfg: FinetuneConfig, source: ModelSource | None = None):
+    """The transformers config of a fine-tuning start (a Hugging Face directory or a pipeline
+    checkpoint; ``source``: ``model.path`` as the stage already checked it), with the task's head
+    (a classifier's label count)."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(check_model(path, "model.path", weights=False).config_dir, local_files_only=True)
+    source = source or check_model(cfg.model.path, "model.path", weights=False)
+    return AutoConfig.from_pretrained(source.config_dir, local_files_only=True)
 
 
 def finetune_seq_len(cfg: FinetuneConfig) -> int:
@@ -125,10 +122,12 @@ def check_inputs(cfg: FinetuneConfig):
 
 
 def describe(cfg: FinetuneConfig) -> str:
-    if cfg.deepspeed.config.strip() == "auto":
-        from pipeline.training.plan import AUTO_NOTE
-        return AUTO_NOTE
-    return describe_ds(cfg, _hidden_size(cfg.model.path))
+    """Extra ``--print-config`` output: the DeepSpeed JSON a launch of this world size would use
+    (``auto`` resolved by the planner), with its memory estimate."""
+    from pipeline.training.resolve import resolve_run
+
+    return resolve_run(cfg, finetune_conf(cfg), seq_len=finetune_seq_len(cfg), head=finetune_head(cfg),
+                       refuse=False).describe()
 
 
 def inspect(cfg: FinetuneConfig, n: int) -> int:
@@ -152,14 +151,17 @@ def run(cfg: FinetuneConfig, local_rank: int | None = None) -> int:
     from pipeline.data.tokenizer import tokenizer_fingerprint
     from pipeline.training.model import ModelConfig, architecture_fingerprint, build_model
     from pipeline.training.monitor import count_params, flops_per_token
+    from pipeline.training.resolve import resolve_run
     from pipeline.training.trainer import Trainer
 
     source = check_inputs(cfg)
-    from pipeline.training.plan import preflight
-    preflight(cfg, finetune_conf(cfg.model.path), seq_len=finetune_seq_len(cfg), head=finetune_head(cfg),  # auto; refuse what cannot fit
-              attn=cfg.model.attn_implementation, checkpointing=cfg.model.activation_checkpointing, local_rank=local_rank)
-    run_ = Run(cfg, local_rank=local_rank, hidden_size=_hidden_size(cfg.model.path), inputs=_inputs(cfg))
+    # world, precision, the DeepSpeed JSON (auto: the planner's choice), refused if it cannot fit
+    resolved = resolve_run(cfg, finetune_conf(cfg, source), seq_len=finetune_seq_len(cfg), head=finetune_head(cfg),
+                           local_rank=local_rank)
+    run_ = Run(cfg, resolved, local_rank=local_rank, inputs=_inputs(cfg))
     run_.start()
+    for line in resolved.notes:
+        dist.print0(line)
     init = init_model_dir(source, run_.out, run_.rank)
     tok = AutoTokenizer.from_pretrained(init)
     task = TASKS[cfg.task](cfg)

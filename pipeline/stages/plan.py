@@ -11,10 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import UserError
 from pipeline.stages.finetune import finetune_conf, finetune_head, finetune_seq_len
-from pipeline.training.plan import GiB, Recipe, detect_target, make_plan, recipe_from
+from pipeline.stages.train import planning_conf
+from pipeline.training.plan import GiB, Recipe, detect_target, make_plan
 from pipeline.training.plan_report import cpu_memory_assumption, report
+from pipeline.training.resolve import recipe_from
 from pipeline.training.tasks import TASKS
 
 
@@ -32,22 +33,14 @@ def _stage_of(config_file: str | None) -> str:
 
 
 def _recipe_for_cli(stage: str, cfg: Any, vocab_size: int, precision: str) -> Recipe:
+    """The recipe as the stage itself builds it (:func:`pipeline.training.resolve.recipe_from`)."""
     if stage == "finetune":
-        return recipe_from(cfg, finetune_conf(cfg.model.path), seq_len=finetune_seq_len(cfg), head=finetune_head(cfg),
-                           attn=cfg.model.attn_implementation, checkpointing=cfg.model.activation_checkpointing,
+        return recipe_from(cfg, finetune_conf(cfg), seq_len=finetune_seq_len(cfg), head=finetune_head(cfg),
                            precision=precision)
-    from pipeline.data.shards import read_manifest
-    from pipeline.training.model import hf_config
-
-    try:
-        tok = read_manifest(cfg.data.datasets[0].path)["tokenizer"]
-    except (UserError, OSError, KeyError, ValueError):
-        tok = {"vocab_size": vocab_size}  # no data yet: plan with --vocab-size
-        print(f"note: no preprocessed data at {cfg.data.datasets[0].path}; assuming a vocabulary of {vocab_size} "
-              "(set --vocab-size)")
-    conf = hf_config(cfg.model, tok["vocab_size"], cfg.data.seq_len, tok, weights=False)  # the planner reads config.json only
-    return recipe_from(cfg, conf, seq_len=cfg.data.seq_len, head="causal_lm", attn=cfg.model.attn_implementation,
-                       checkpointing=cfg.model.activation_checkpointing, precision=precision)
+    conf, note = planning_conf(cfg, vocab_size)
+    if note:
+        print(f"{note} (set --vocab-size)")
+    return recipe_from(cfg, conf, seq_len=cfg.data.seq_len, head="causal_lm", precision=precision)
 
 
 def main(argv: list[str] | None = None, *, description: str = "") -> int:

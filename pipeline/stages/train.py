@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pipeline import dist
 from pipeline.data.shards import read_manifest
@@ -25,7 +25,7 @@ from pipeline.io import atomic_write_json
 from pipeline.stages.export import init_model_dir
 from pipeline.training.checkpoint import CheckpointConfig
 from pipeline.training.ds_config import DeepSpeedSection, summarize
-from pipeline.training.engine import Run, describe_ds
+from pipeline.training.engine import Run
 from pipeline.training.model import ModelConfig
 from pipeline.training.monitor import MonitorConfig
 from pipeline.training.trainer import OptimConfig
@@ -80,11 +80,13 @@ class TrainConfig:
 
 
 def describe(cfg: TrainConfig) -> str:
-    """Extra ``--print-config`` output: the resolved DeepSpeed JSON for this launch's world size."""
-    if cfg.deepspeed.config.strip() == "auto":
-        from pipeline.training.plan import AUTO_NOTE
-        return AUTO_NOTE
-    return describe_ds(cfg, cfg.model.hidden_size if not cfg.model.path else None)
+    """Extra ``--print-config`` output: the DeepSpeed JSON a launch of this world size would use
+    (``auto`` resolved by the planner), with its memory estimate."""
+    from pipeline.training.resolve import resolve_run
+
+    conf, note = planning_conf(cfg)
+    resolved = resolve_run(cfg, conf, seq_len=cfg.data.seq_len, head="causal_lm", refuse=False)
+    return (f"# {note}\n" if note else "") + resolved.describe()
 
 
 def _data_tokenizer(cfg: TrainConfig) -> tuple[dict, str]:
@@ -94,30 +96,46 @@ def _data_tokenizer(cfg: TrainConfig) -> tuple[dict, str]:
     return manifest["tokenizer"], str(Path(first) / manifest["tokenizer"]["dir"])
 
 
+def planning_conf(cfg: TrainConfig, vocab_size: int = 32000) -> tuple[Any, str]:
+    """The model's transformers config for the planner and ``--print-config``, which may run before
+    the data exists (then with ``vocab_size``, said in the returned note); config.json only."""
+    from pipeline.errors import UserError
+    from pipeline.training.model import hf_config
+
+    note = ""
+    try:
+        tok = _data_tokenizer(cfg)[0]
+    except (UserError, OSError, KeyError, ValueError):
+        tok = {"vocab_size": vocab_size}
+        note = f"note: no preprocessed data at {cfg.data.datasets[0].path}; assuming a vocabulary of {vocab_size}"
+    return hf_config(cfg.model, tok["vocab_size"], cfg.data.seq_len, tok, weights=False), note
+
+
 def run(cfg: TrainConfig, local_rank: int | None = None) -> int:
     """Run the stage; returns the process exit code (0, or EXIT_REQUEUE after preemption)."""
     from pipeline.data.sampler import BlendedSamples, RankLoader, Validation
     from pipeline.training.model import architecture_fingerprint, build_model, check_tokenizer_match, hf_config
     from pipeline.training.monitor import count_params, flops_per_token
+    from pipeline.training.resolve import resolve_run
     from pipeline.training.trainer import CausalLMTask, Trainer, evaluate_lm
 
     # -- everything a user can get wrong, before any heavy work
     source = check_model(cfg.model.path, "model.path") if cfg.model.path else None
     tok_info, tok_dir = _data_tokenizer(cfg)
-    conf = hf_config(cfg.model, tok_info["vocab_size"], cfg.data.seq_len, tok_info)
-    if cfg.model.path:
-        check_tokenizer_match(cfg.model.path, conf, tok_info, cfg.data.datasets[0].path)
-    from pipeline.training.plan import preflight  # resolves deepspeed.config=auto; refuses a plan that cannot fit
-    preflight(cfg, conf, seq_len=cfg.data.seq_len, head="causal_lm", attn=cfg.model.attn_implementation,
-              checkpointing=cfg.model.activation_checkpointing, local_rank=local_rank)
+    conf = hf_config(cfg.model, tok_info["vocab_size"], cfg.data.seq_len, tok_info, source=source)
+    if source is not None:
+        check_tokenizer_match(source, conf, tok_info, cfg.data.datasets[0].path)
+    # world, precision, the DeepSpeed JSON (auto: the planner's choice), refused if it cannot fit
+    resolved = resolve_run(cfg, conf, seq_len=cfg.data.seq_len, head="causal_lm", local_rank=local_rank)
     inputs = [("model.path", cfg.model.path)] + [(f"data.datasets.{i}.path", d.path) for i, d in enumerate(cfg.data.datasets)]
-    run_ = Run(cfg, local_rank=local_rank, hidden_size=getattr(conf, "hidden_size", None) or getattr(conf, "n_embd", None),
-               inputs=inputs)
+    run_ = Run(cfg, resolved, local_rank=local_rank, inputs=inputs)
     datasets = [(d.path, d.weight) for d in cfg.data.datasets]
     samples = BlendedSamples(datasets, "train", cfg.data.seq_len, cfg.train.seed, verify=cfg.data.verify)
 
     run_.start()
     rank, world = run_.rank, run_.world
+    for line in resolved.notes:
+        dist.print0(line)
     dist.print0(f"train: {world} rank(s), {summarize(run_.ds)}; data {samples.components}")
     # continue-training from a pipeline checkpoint starts from its verified export (as fine-tuning does)
     mcfg = replace(cfg.model, path=str(init_model_dir(source, run_.out, run_.rank))) if source is not None else cfg.model

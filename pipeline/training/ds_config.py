@@ -452,6 +452,32 @@ def resolve_ds_config(
     return ds
 
 
+def resolve_for_recipe(cfg: Any, config: str, *, world: int, precision: str, hidden: int | None, strict_nvme: bool = True,
+                       micro: int | None = None, grad_accum: int | None = None, global_batch: int | None = None) -> dict:
+    """The DeepSpeed JSON ``config`` resolved for a stage recipe (``cfg`` has ``train`` and
+    ``deepspeed`` sections): the one way the stage, ``--print-config`` and the planner fill it.
+
+    Args:
+        world: data-parallel ranks; precision: resolved (bf16, fp16, fp32).
+        hidden: the model's hidden size (``"auto"`` bucket sizes), None if unknown.
+        strict_nvme: pass ``deepspeed.nvme_path`` whatever the config (a config without NVMe
+            offload is then refused); False: only to a config that offloads to NVMe (the
+            planner's candidates, and ``auto``'s choice).
+        micro, grad_accum, global_batch: batch sizes other than the recipe's (the planner's
+            smaller micro batches); None: the recipe's.
+    """
+    t, d = cfg.train, cfg.deepspeed
+    raw = load_ds_json(config)
+    nvme_path = d.nvme_path if strict_nvme or "nvme" in offload(raw).values() else ""
+    return resolve_ds_config(
+        raw, source=config, micro_batch=t.micro_batch_size if micro is None else micro,
+        grad_accum=t.grad_accum if grad_accum is None else grad_accum,
+        global_batch=t.global_batch_size if global_batch is None else global_batch, dp_world=world, lr=t.lr,
+        betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay, grad_clip=t.grad_clip, precision=precision,
+        hidden_size=hidden, nvme_path=nvme_path, overrides=d.overrides,
+    )
+
+
 def _autos(node: Any, prefix: str = "") -> list[str]:
     """Dotted keys (list items by index) whose value is the string ``"auto"``."""
     if isinstance(node, dict):

@@ -3,7 +3,8 @@
 Pre-training and fine-tuning share this sequence (only the model, the data and the loss
 differ)::
 
-    run = Run(cfg, local_rank=..., hidden_size=...)   # resolve DeepSpeed JSON, find resume point
+    resolved = resolve_run(cfg, conf, ...)             # world, precision, DeepSpeed JSON, memory plan
+    run = Run(cfg, resolved, inputs=...)               # output and resume point checked
     run.start()                                        # process group, seeds
     engine = run.initialize(model)                     # deepspeed.initialize: AdamW groups, LR schedule
     step = run.resume(compat)                          # refuse an incompatible checkpoint, load it; run files
@@ -12,6 +13,7 @@ differ)::
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -21,35 +23,9 @@ from pipeline import dist
 from pipeline.config import to_dict, to_yaml
 from pipeline.inputs import check_output
 from pipeline.io import atomic_write_json, atomic_write_text
-from pipeline.precision import of_ds_config
 from pipeline.training import checkpoint
-from pipeline.training.ds_config import (
-    load_ds_json,
-    locate_ds_config,
-    resolve_ds_config,
-    resolve_precision,
-    summarize,
-    zero_stage,
-)
-
-
-def resolved_ds(cfg: Any, world: int, hidden: int | None) -> dict:
-    """The DeepSpeed config of a run (``cfg`` has ``train`` and ``deepspeed`` sections), every "auto" filled."""
-    path = locate_ds_config(cfg.deepspeed.config)
-    t = cfg.train
-    return resolve_ds_config(
-        load_ds_json(str(path)), source=str(path), micro_batch=t.micro_batch_size, grad_accum=t.grad_accum,
-        global_batch=t.global_batch_size, dp_world=world, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
-        weight_decay=t.weight_decay, grad_clip=t.grad_clip, precision=resolve_precision(cfg.deepspeed.precision),
-        hidden_size=hidden, nvme_path=cfg.deepspeed.nvme_path, overrides=cfg.deepspeed.overrides,
-    )
-
-
-def describe_ds(cfg: Any, hidden: int | None) -> str:
-    """``--print-config`` addition: the resolved DeepSpeed JSON for this launch's world size."""
-    world = dist.detect().world_size
-    ds = resolved_ds(cfg, world, hidden)
-    return f"# DeepSpeed config for {world} rank(s): {summarize(ds)}\n{json.dumps(ds, indent=2)}\n"
+from pipeline.training.ds_config import zero_stage
+from pipeline.training.resolve import ResolvedRun
 
 
 def seed_everything(seed: int) -> None:
@@ -65,32 +41,30 @@ def seed_everything(seed: int) -> None:
 
 class Run:
     """One launch of a training stage. ``cfg`` has ``output``, ``train`` (OptimConfig),
-    ``checkpoint``, ``deepspeed``, ``dist`` and ``monitor`` sections.
+    ``checkpoint``, ``deepspeed``, ``dist`` and ``monitor`` sections; ``resolved`` is what
+    :func:`pipeline.training.resolve.resolve_run` made of it (world, precision, DeepSpeed JSON).
 
     The constructor does only cheap checks (the output directory against ``inputs``, the
-    DeepSpeed JSON, batch arithmetic, resume point), so user errors surface before the
-    process group or the model exist.
+    resume point), so user errors surface before the process group or the model exist.
     """
 
-    def __init__(self, cfg: Any, *, local_rank: int | None, hidden_size: int | None,
-                 inputs: Iterable[tuple[str, str]] = ()):
+    def __init__(self, cfg: Any, resolved: ResolvedRun, *, local_rank: int | None, inputs: Iterable[tuple[str, str]] = ()):
         self.cfg = cfg
+        self.resolved = resolved
         self.local_rank = local_rank
         check_output(cfg.output, inputs=inputs)
-        self.env = dist.detect(local_rank_arg=local_rank)
-        self.ds = resolved_ds(cfg, self.env.world_size, hidden_size)
+        self.env = resolved.env
+        self.ds = copy.deepcopy(resolved.ds)
         self.out = Path(cfg.output)
         self.root = self.out / "checkpoints"
-        self.resume_from = checkpoint.find_resume(cfg.checkpoint.resume, self.root)
+        self.resume_from = resolved.resume_from
         # a checkpoint of another world size is refused here, before any heavy work, unless it
         # is a universal one, which DeepSpeed loads only when told so before initialize
         self.universal = self.resume_from is not None and checkpoint.check_world_size(
             self.resume_from, checkpoint.read_meta(self.resume_from), self.env.world_size)
         if self.universal:
             self.ds["checkpoint"] = {**self.ds.get("checkpoint", {}), "load_universal": True}
-        self.micro = self.ds["train_micro_batch_size_per_gpu"]
-        self.accum = self.ds["gradient_accumulation_steps"]
-        self.precision = of_ds_config(self.ds)
+        self.micro, self.accum, self.precision = resolved.micro, resolved.accum, resolved.precision
         self.engine = None
         self.compat: dict = {}
         self.consumed_samples: int | None = None  # global samples before the resumed step (None: fresh start)
@@ -179,7 +153,8 @@ class Run:
         def save(step: int) -> Path:
             # counted from the resumed position: an earlier launch may have had another global batch
             consumed = (self.consumed_samples or 0) + (step - self.start_step) * samples
-            full = {**self.compat, **meta, "consumed_samples": consumed, "global_batch": samples, "precision": self.precision}
+            full = {**self.compat, **meta, "consumed_samples": consumed, "global_batch": samples, "precision": self.precision,
+                    "deepspeed_config": self.resolved.config}
             hf = hf_files() if self.rank == 0 else {}
             return checkpoint.save(self.engine, self.root, step, full, files, hf, self.cfg.checkpoint.keep_last)
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from pipeline.errors import UserError
-from pipeline.inputs import TOKENIZER_FILES, check_model, check_positions
+from pipeline.inputs import TOKENIZER_FILES, ModelSource, check_model, check_positions
 
 # Architecture-specific names of the size fields, for the types we document; any other
 # model type takes its keys verbatim from `model.extra`.
@@ -73,17 +73,19 @@ def _llama_intermediate(hidden: int) -> int:
     return 64 * math.ceil(8 * hidden / 3 / 64)
 
 
-def hf_config(cfg: ModelConfig, vocab_size: int, seq_len: int, tokenizer: dict, *, weights: bool = True):
+def hf_config(cfg: ModelConfig, vocab_size: int, seq_len: int, tokenizer: dict, *, weights: bool = True,
+              source: ModelSource | None = None):
     """The transformers config of the model to train (new, or from ``cfg.path``: a Hugging Face
     directory or a pipeline checkpoint, checked by :func:`pipeline.inputs.check_model`).
 
     Args:
         weights: whether ``cfg.path`` must hold its weights (the planner reads config.json only).
+        source: ``cfg.path`` as the stage already checked it (not checked again).
     """
     from transformers import AutoConfig
 
     if cfg.path:
-        source = check_model(cfg.path, "model.path", weights=weights)
+        source = source or check_model(cfg.path, "model.path", weights=weights)
         try:
             conf = AutoConfig.from_pretrained(source.config_dir, local_files_only=True)
         except (OSError, ValueError) as e:
@@ -127,17 +129,18 @@ def architecture_fingerprint(conf) -> str:
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def check_tokenizer_match(model_path: str, conf, data_tokenizer: dict, data_dir: str) -> None:
-    """Refuse a model whose vocabulary or tokenizer differs from the shards' tokenizer."""
+def check_tokenizer_match(source: ModelSource, conf, data_tokenizer: dict, data_dir: str) -> None:
+    """Refuse a model (``model.path``, checked) whose vocabulary or tokenizer differs from the shards' tokenizer."""
     from pipeline.data.tokenizer import load_tokenizer
 
+    model_path = str(source.path)
     vocab = data_tokenizer["vocab_size"]
     if conf.vocab_size < vocab:
         raise UserError(
             f"model.path '{model_path}' has {conf.vocab_size} embeddings but the data in {data_dir} was tokenized with "
             f"{vocab} tokens; preprocess with the model's tokenizer (tokenizer.path={model_path})"
         )
-    tok_dir = check_model(model_path, "model.path", weights=False).tokenizer_dir  # a checkpoint keeps it in hf/tokenizer
+    tok_dir = source.tokenizer_dir  # a checkpoint keeps it in hf/tokenizer
     if not any((tok_dir / f).exists() for f in TOKENIZER_FILES):
         raise UserError(
             f"model.path '{model_path}' holds no tokenizer, so the data's tokenizer cannot be checked against it; "

@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UserError
-from pipeline.training.ds_config import load_ds_json, locate_ds_config, offload, resolve_ds_config, zero_stage
+from pipeline.training.ds_config import locate_ds_config, offload, resolve_for_recipe, zero_stage
 from pipeline.training.model_shape import model_shape
 
 GiB = 1024 ** 3
@@ -75,8 +75,6 @@ CPU_RANK_RUNTIME = 0.65 * GiB
 gloo, data loader), measured on this project's CPU machines (about 0.41 GiB after the imports alone)."""
 GPU_RANK_HOST_RUNTIME = 3.0 * GiB
 """Host memory of one GPU rank process beside the offloaded states (CUDA libraries, pinned staging)."""
-AUTO_NOTE = ("# deepspeed.config=auto: the memory planner picks the DeepSpeed JSON when the stage starts "
-             "(python launch/plan.py --config ... shows the table and the choice)\n")
 DS_ADDITIONAL_BUFFER_FACTOR = 1.5
 """DeepSpeed's own ``additional_buffer_factor`` for the CPU side of its estimators (kept as is)."""
 
@@ -356,21 +354,8 @@ class Recipe:
     cfg: Any  # the stage config (train and deepspeed sections)
 
 
-def resolve_candidate(cfg: Any, config: str, *, world: int, micro: int, grad_accum: int, global_batch: int,
-                      precision: str, hidden: int) -> dict:
-    """The DeepSpeed dict of ``config`` for this recipe, as the stage would resolve it."""
-    raw = load_ds_json(config)
-    t, d = cfg.train, cfg.deepspeed
-    has_nvme = "nvme" in offload(raw).values()
-    return resolve_ds_config(
-        raw, source=config, micro_batch=micro, grad_accum=grad_accum, global_batch=global_batch, dp_world=world,
-        lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay, grad_clip=t.grad_clip,
-        precision=precision, hidden_size=hidden, nvme_path=d.nvme_path if has_nvme else "", overrides=d.overrides,
-    )
-
-
-def _estimate_config(r: Recipe, config: str, target: Target, micro: int, checkpointing: bool,
-                     free_batch: bool = False) -> Estimate | None:
+def estimate_config(r: Recipe, config: str, target: Target, micro: int, checkpointing: bool,
+                    free_batch: bool = False) -> Estimate | None:
     """None when ``micro`` cannot make the recipe's global batch (batch arithmetic); ``free_batch``:
     any global batch (memory does not depend on it)."""
     try:
@@ -380,8 +365,8 @@ def _estimate_config(r: Recipe, config: str, target: Target, micro: int, checkpo
             grad_accum, global_batch = r.grad_accum, r.global_batch
         else:
             grad_accum, global_batch = 0, r.global_batch or r.micro_batch * max(r.grad_accum, 1) * target.world
-        ds = resolve_candidate(r.cfg, config, world=target.world, micro=micro, grad_accum=grad_accum,
-                               global_batch=global_batch, precision=r.precision, hidden=r.facts.hidden)
+        ds = resolve_for_recipe(r.cfg, config, world=target.world, precision=r.precision, hidden=r.facts.hidden,
+                                strict_nvme=False, micro=micro, grad_accum=grad_accum, global_batch=global_batch)
     except UserError:
         if micro == r.micro_batch:
             raise
@@ -393,7 +378,7 @@ def largest_micro(r: Recipe, config: str, target: Target, checkpointing: bool, l
     """The largest micro batch (a power of two, or the recipe's) that fits with ``config``; 0 if none."""
     sizes = sorted({2 ** k for k in range(int(math.log2(limit)) + 1)} | {r.micro_batch}, reverse=True)
     for m in sizes:
-        est = _estimate_config(r, config, target, m, checkpointing, free_batch=True)
+        est = estimate_config(r, config, target, m, checkpointing, free_batch=True)
         if est is not None and est.fits:
             return m
     return 0
@@ -428,13 +413,13 @@ class Plan:
 def make_plan(r: Recipe, target: Target, candidates: tuple[str, ...] = CANDIDATES) -> Plan:
     """Estimate every candidate; choose the fastest that fits (recipe as is, then with activation
     checkpointing, then with the largest smaller micro batch)."""
-    configs = [c for c in candidates if _exists(c)]
-    rows = [_estimate_config(r, c, target, r.micro_batch, r.checkpointing) for c in configs]
+    configs = [c for c in candidates if config_exists(c)]
+    rows = [estimate_config(r, c, target, r.micro_batch, r.checkpointing) for c in configs]
     largest = {c: (largest_micro(r, c, target, False), largest_micro(r, c, target, True)) for c in configs}
     choice = next((e for e in rows if e is not None and e.fits), None)
     if choice is None and not r.checkpointing:
         for c in configs:
-            e = _estimate_config(r, c, target, r.micro_batch, True)
+            e = estimate_config(r, c, target, r.micro_batch, True)
             if e is not None and e.fits:
                 choice = e
                 break
@@ -443,11 +428,11 @@ def make_plan(r: Recipe, target: Target, candidates: tuple[str, ...] = CANDIDATE
                     if m and m < r.micro_batch and (ac or not r.checkpointing)), key=lambda x: (x[0], -configs.index(x[1]), not x[2]),
                    default=None)
         if best is not None:
-            choice = _estimate_config(r, best[1], target, best[0], best[2])
+            choice = estimate_config(r, best[1], target, best[0], best[2])
     return Plan(target=target, recipe=r, rows=[e for e in rows if e is not None], largest=largest, choice=choice)
 
 
-def _exists(config: str) -> bool:
+def config_exists(config: str) -> bool:
     try:
         locate_ds_config(config)
         return True
@@ -457,95 +442,3 @@ def _exists(config: str) -> bool:
 
 def _g(x: int) -> str:
     return f"{x / GiB:.2f}"
-
-
-# ---------------------------------------------------------------------------- the stages' preflight
-
-
-def recipe_from(cfg: Any, conf, *, seq_len: int, head: str, attn: str, checkpointing: bool, precision: str) -> Recipe:
-    t = cfg.train
-    return Recipe(facts=model_facts(conf, head=head, attn_implementation=attn), seq_len=seq_len,
-                  micro_batch=t.micro_batch_size, grad_accum=t.grad_accum, global_batch=t.global_batch_size,
-                  checkpointing=checkpointing, precision=precision, cfg=cfg)
-
-
-def _rss() -> int:
-    import psutil
-
-    return int(psutil.Process().memory_info().rss)
-
-
-def stage_target(local_rank: int | None, nvme_path: str) -> Target:
-    """The detected target of a launched stage; host memory already held by its rank processes
-    (which exist by now, each about as big as this one) counts as available to them."""
-    from pipeline import dist
-
-    env = dist.detect(local_rank_arg=local_rank)
-    per_node = max(env.local_world_size, 1)
-    t = detect_target(per_node, nodes=max(env.world_size // per_node, 1), nvme_path=nvme_path)
-    t.cpu_memory += per_node * min(_rss(), int(CPU_RANK_RUNTIME if not t.on_gpu else GPU_RANK_HOST_RUNTIME))
-    # ranks read MemAvailable at slightly different moments: a coarse grid keeps their `auto` choice identical
-    t.cpu_memory = t.cpu_memory // (GiB // 4) * (GiB // 4)
-    t.gpu_memory = t.gpu_memory // (GiB // 4) * (GiB // 4)
-    return t
-
-
-def choose_auto(rows: list[Estimate]) -> Estimate | None:
-    """``deepspeed.config=auto``: the first (fastest, see :data:`CANDIDATES`) estimate that fits."""
-    return next((e for e in rows if e.fits), None)
-
-
-def auto_config(r: Recipe, target: Target) -> str | None:
-    """The config ``auto`` resolves to for ``r`` on ``target`` (None: nothing fits as the recipe is)."""
-    fit = choose_auto([e for c in CANDIDATES if _exists(c) and (e := _estimate_config(r, c, target, r.micro_batch, r.checkpointing))])
-    return fit.config if fit else None
-
-
-def preflight(cfg: Any, conf, *, seq_len: int, head: str, attn: str, checkpointing: bool, local_rank: int | None) -> None:
-    """Before a training stage starts: resolve ``deepspeed.config: auto`` (sets ``cfg.deepspeed.config``)
-    and refuse a config that cannot fit the detected memory (unless ``deepspeed.memory_check`` is false).
-
-    Raises:
-        UserError: the config (or every config, for ``auto``) needs more memory than there is,
-            naming the estimate, the available memory and the config and micro batch to use instead.
-    """
-    from pipeline import dist
-    from pipeline.training.ds_config import resolve_precision
-
-    d = cfg.deepspeed
-    auto = d.config.strip() == "auto"
-    if not auto and not d.memory_check:
-        return None
-    nvme_dir = d.nvme_path or "/local_nvme"
-    r = recipe_from(cfg, conf, seq_len=seq_len, head=head, attn=attn, checkpointing=checkpointing,
-                    precision=resolve_precision(d.precision))
-    target = stage_target(local_rank, nvme_dir)
-    if auto:
-        rows = [e for c in CANDIDATES if _exists(c) and (e := _estimate_config(r, c, target, r.micro_batch, checkpointing))]
-        fit = choose_auto(rows) if d.memory_check else rows[0]
-        if fit is None:
-            p = make_plan(r, target)
-            raise UserError(
-                f"deepspeed.config=auto: no DeepSpeed config fits micro batch {r.micro_batch} x seq_len {seq_len} on "
-                f"{target.describe()} (the most frugal, {Path(rows[-1].config).name}, needs "
-                f"{_g(rows[-1].device_total)} GiB per {'GPU' if target.on_gpu else 'rank'} and {_g(rows[-1].cpu_node)} GiB "
-                f"CPU per node; {rows[-1].why_not}); use: {p.advice()} (see python launch/plan.py), or set "
-                "deepspeed.memory_check=false to start anyway.")
-        d.config = fit.config
-        dist.print0(f"deepspeed.config=auto: {fit.config} (the fastest that fits: {_g(fit.device_total)} GiB per "
-                    f"{'GPU' if target.on_gpu else 'rank'}, {_g(fit.cpu_node)} GiB CPU per node estimated; {target.describe()})")
-        return None
-    try:
-        ds_path = str(locate_ds_config(d.config))
-    except UserError:
-        return None  # the stage reports a missing file itself, with its own message
-    est = _estimate_config(r, ds_path, target, r.micro_batch, checkpointing)
-    if est is None or est.fits:
-        return None
-    p = make_plan(r, target)
-    raise UserError(
-        f"{d.config} will not fit: {est.why_not} (estimated: model states {_g(est.states)} + activations "
-        f"{_g(est.activations)} + buffers {_g(est.buffers)} GiB per {'GPU' if target.on_gpu else 'rank'} for micro batch "
-        f"{r.micro_batch} x seq_len {seq_len}; {target.describe()}). "
-        + (f"Use instead: {p.advice()}" if p.choice is not None else f"Nothing fits: {p.advice()[len('nothing fits: '):]}")
-        + " (python launch/plan.py --config ... prints the table), or set deepspeed.memory_check=false if you know better.")
