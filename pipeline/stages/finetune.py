@@ -87,8 +87,7 @@ class FinetuneConfig:
 
 def finetune_conf(cfg: FinetuneConfig, source: ModelSource | None = None):
     """The transformers config of a fine-tuning start (a Hugging Face directory or a pipeline
-    checkpoint; ``source``: ``model.path`` as the stage already checked it), with the task's head
-    (a classifier's label count)."""
+    checkpoint; ``source``: ``model.path`` as the stage already checked it)."""
     from transformers import AutoConfig
 
     source = source or check_model(cfg.model.path, "model.path", weights=False)
