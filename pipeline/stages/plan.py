@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from pipeline.precision import NAMES
 from pipeline.stages.finetune import finetune_conf, finetune_head, finetune_seq_len
 from pipeline.stages.train import planning_conf
 from pipeline.training.plan import GiB, Recipe, detect_target, make_plan
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None, *, description: str = "") -> int:
                         "--gpu-memory on a machine without GPUs: 128 GiB per GPU, said in the output)")
     p.add_argument("--nvme", type=float,
                    help="GiB free on the NVMe offload disk per node (default: free space at deepspeed.nvme_path)")
-    p.add_argument("--precision", choices=("bf16", "fp16", "fp32"),
+    p.add_argument("--precision", choices=NAMES,
                    help="training precision (default: deepspeed.precision; auto = bf16 on GPUs, fp32 on CPU)")
     p.add_argument("--vocab-size", type=int, default=32000, help="vocabulary of a new model when its data is not there yet")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, as for the stage")

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.checkpoint_paths import latest, read_meta
 from pipeline.errors import UserError
 from pipeline.io import atomic_write_json, atomic_write_text
 from pipeline.rendezvous import free_port
@@ -124,11 +125,9 @@ def commands(opts: Options) -> dict[str, list[str]]:
 
 def _latest_meta(run: Path) -> dict | None:
     """``meta.json`` of a training run's latest checkpoint, or None when it has none."""
-    from pipeline.training import checkpoint  # imports torch: only once a stage's state is asked for
-
     try:
-        path = checkpoint.latest(run / "checkpoints")
-        meta = checkpoint.read_meta(path) if path is not None else None
+        path = latest(run / "checkpoints")
+        meta = read_meta(path) if path is not None else None
     except (UserError, OSError):
         return None
     return meta if isinstance(meta, dict) and isinstance(meta.get("step"), int) else None

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from pipeline import dist, faults
-from pipeline.checkpoint_paths import LATEST, STEP_TAG, latest, read_meta, tag_for  # noqa: F401 -- also this module's API
+from pipeline.checkpoint_paths import LATEST, STEP_TAG, latest, read_meta, tag_for
 from pipeline.errors import UserError
 from pipeline.io import atomic_write_json, atomic_write_text, disk_full_error, fsync_dir, is_disk_full
 

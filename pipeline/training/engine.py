@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import dist
+from pipeline.checkpoint_paths import read_meta
 from pipeline.config import to_dict, to_yaml
 from pipeline.inputs import check_output
 from pipeline.io import atomic_write_json, atomic_write_text
@@ -61,7 +62,7 @@ class Run:
         # a checkpoint of another world size is refused here, before any heavy work, unless it
         # is a universal one, which DeepSpeed loads only when told so before initialize
         self.universal = self.resume_from is not None and checkpoint.check_world_size(
-            self.resume_from, checkpoint.read_meta(self.resume_from), self.env.world_size)
+            self.resume_from, read_meta(self.resume_from), self.env.world_size)
         if self.universal:
             self.ds["checkpoint"] = {**self.ds.get("checkpoint", {}), "load_universal": True}
         self.micro, self.accum, self.precision = resolved.micro, resolved.accum, resolved.precision
@@ -119,7 +120,7 @@ class Run:
         if self.resume_from is None:
             self._write_run_files()
             return 0
-        meta = checkpoint.read_meta(self.resume_from)
+        meta = read_meta(self.resume_from)
         checkpoint.check_compatible(self.resume_from, meta, self.compat)
         self._write_run_files()
         checkpoint.load(self.engine, self.resume_from, universal=self.universal)

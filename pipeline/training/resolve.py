@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import dist
+from pipeline.checkpoint_paths import read_meta
 from pipeline.dist import DistEnv
 from pipeline.errors import UserError
 from pipeline.training import checkpoint
@@ -177,7 +178,7 @@ def resolve_run(cfg: Any, conf, *, seq_len: int, head: str, local_rank: int | No
     notes: list[str] = []
     target = stage_target(env, d.nvme_path or "/local_nvme") if (auto or d.memory_check) else None
     resume_from = checkpoint.find_resume(cfg.checkpoint.resume, Path(cfg.output) / "checkpoints")
-    trained_with = checkpoint.read_meta(resume_from).get("deepspeed_config") if resume_from is not None else None
+    trained_with = read_meta(resume_from).get("deepspeed_config") if resume_from is not None else None
 
     if auto and trained_with and config_exists(trained_with):
         fit = estimate_config(recipe, trained_with, target, recipe.micro_batch, recipe.checkpointing)
