@@ -33,6 +33,7 @@ from pipeline.training.checkpoint import CheckpointConfig
 from pipeline.training.ds_config import DeepSpeedSection, summarize
 from pipeline.training.engine import Run
 from pipeline.training.monitor import MonitorConfig
+from pipeline.training.sequence_parallel import ParallelConfig
 from pipeline.training.tasks import TASKS
 from pipeline.training.trainer import OptimConfig
 
@@ -76,6 +77,8 @@ class FinetuneConfig:
     """Process group backend and timeout."""
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     """Console and TensorBoard logging."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Sequence parallelism (long context, task=sft): ranks that share one sequence."""
 
     def check(self) -> list[tuple[str, str]]:
         p = []
@@ -126,7 +129,7 @@ def describe(cfg: FinetuneConfig) -> str:
     from pipeline.training.resolve import resolve_run
 
     return resolve_run(cfg, finetune_conf(cfg), seq_len=finetune_seq_len(cfg), head=finetune_head(cfg),
-                       refuse=False).describe()
+                       refuse=False, seq_len_key=TASKS[cfg.task](cfg).seq_len_key).describe()
 
 
 def inspect(cfg: FinetuneConfig, n: int) -> int:
@@ -156,7 +159,7 @@ def run(cfg: FinetuneConfig, local_rank: int | None = None) -> int:
     source = check_inputs(cfg)
     # world, precision, the DeepSpeed JSON (auto: the planner's choice), refused if it cannot fit
     resolved = resolve_run(cfg, finetune_conf(cfg, source), seq_len=finetune_seq_len(cfg), head=finetune_head(cfg),
-                           local_rank=local_rank)
+                           local_rank=local_rank, seq_len_key=TASKS[cfg.task](cfg).seq_len_key)
     run_ = Run(cfg, resolved, local_rank=local_rank, inputs=_inputs(cfg))
     run_.start()
     for line in resolved.notes:
@@ -172,6 +175,7 @@ def run(cfg: FinetuneConfig, local_rank: int | None = None) -> int:
                        attn_implementation=cfg.model.attn_implementation)
     model = build_model(mcfg, conf, run_.ds, head=task.head)
     n_params = count_params(model)
+    run_.attach_sequence_parallel(model)  # parallel.sequence_parallel_size > 1: Ulysses attention
     engine = run_.initialize(model)
     start_step = run_.resume({
         "architecture": architecture_fingerprint(conf) + f"-{cfg.task}",
@@ -197,7 +201,7 @@ def run(cfg: FinetuneConfig, local_rank: int | None = None) -> int:
     save = run_.saver(hf_files=hf_files, meta={"version": VERSION, "seq_len": task.seq_len, "n_params": n_params, **task.meta()})
     trainer = Trainer(engine=engine, task=task.loss(), batches=iter(loader), grad_accum=run_.accum, max_steps=cfg.train.max_steps,
                       start_step=start_step, monitor=monitor, evaluate=evaluate, eval_every=cfg.train.eval_every,
-                      save=save, save_every=cfg.checkpoint.every)
+                      save=save, save_every=cfg.checkpoint.every, grad_divisor=run_.grad_divisor)
     try:
         code = trainer.fit()
     finally:

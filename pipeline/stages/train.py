@@ -28,6 +28,7 @@ from pipeline.training.ds_config import DeepSpeedSection, summarize
 from pipeline.training.engine import Run
 from pipeline.training.model import ModelConfig
 from pipeline.training.monitor import MonitorConfig
+from pipeline.training.sequence_parallel import ParallelConfig
 from pipeline.training.trainer import OptimConfig
 
 VERSION = 1
@@ -77,6 +78,8 @@ class TrainConfig:
     """Process group backend and timeout."""
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     """Console and TensorBoard logging."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Sequence parallelism (long context): ranks that share one sequence."""
 
 
 def describe(cfg: TrainConfig) -> str:
@@ -136,11 +139,13 @@ def run(cfg: TrainConfig, local_rank: int | None = None) -> int:
     rank, world = run_.rank, run_.world
     for line in resolved.notes:
         dist.print0(line)
-    dist.print0(f"train: {world} rank(s), {summarize(run_.ds)}; data {samples.components}")
+    sp_note = f" (data-parallel {run_.dp_world} x sequence-parallel {run_.sp})" if run_.sp > 1 else ""
+    dist.print0(f"train: {world} rank(s){sp_note}, {summarize(run_.ds)}; data {samples.components}")
     # continue-training from a pipeline checkpoint starts from its verified export (as fine-tuning does)
     mcfg = replace(cfg.model, path=str(init_model_dir(source, run_.out, run_.rank))) if source is not None else cfg.model
     model = build_model(mcfg, conf, run_.ds)  # fp32 master weights; DeepSpeed casts for bf16/fp16
     n_params = count_params(model)
+    run_.attach_sequence_parallel(model)  # parallel.sequence_parallel_size > 1: Ulysses attention
     engine = run_.initialize(model)
     start_step = run_.resume({
         "architecture": architecture_fingerprint(conf),
@@ -152,9 +157,11 @@ def run(cfg: TrainConfig, local_rank: int | None = None) -> int:
         dist.shutdown()
         return 0
 
-    loader = RankLoader(samples, rank, world, run_.micro, run_.accum, start_step=start_step, consumed_samples=run_.consumed_samples)
-    val = (Validation(datasets, cfg.data.seq_len, cfg.train.eval_batches, run_.micro, rank=rank, world=world, verify="none")
-           if cfg.train.eval_batches else None)
+    # the members of a sequence-parallel group read the same batches (each keeps its slice: run_.shard)
+    loader = RankLoader(samples, run_.dp_rank, run_.dp_world, run_.micro, run_.accum, start_step=start_step,
+                        consumed_samples=run_.consumed_samples)
+    val = (Validation(datasets, cfg.data.seq_len, cfg.train.eval_batches, run_.micro, rank=run_.dp_rank,
+                      world=run_.dp_world, verify="none") if cfg.train.eval_batches else None)
     task = CausalLMTask()
     monitor = run_.monitor(flops_per_token=flops_per_token(conf, cfg.data.seq_len, n_params), seq_len=cfg.data.seq_len,
                            hparams={"n_params": n_params})
@@ -166,10 +173,10 @@ def run(cfg: TrainConfig, local_rank: int | None = None) -> int:
 
     save = run_.saver(hf_files=hf_files, meta={"version": VERSION, "seq_len": cfg.data.seq_len, "n_params": n_params})
     trainer = Trainer(
-        engine=engine, task=task, batches=iter(loader), grad_accum=run_.accum, max_steps=cfg.train.max_steps,
+        engine=engine, task=task, batches=iter(run_.shard(loader)), grad_accum=run_.accum, max_steps=cfg.train.max_steps,
         start_step=start_step, monitor=monitor,
-        evaluate=(lambda eng: evaluate_lm(eng, task, val)) if val is not None else None,
-        eval_every=cfg.train.eval_every, save=save, save_every=cfg.checkpoint.every,
+        evaluate=(lambda eng: evaluate_lm(eng, task, run_.shard(val))) if val is not None else None,
+        eval_every=cfg.train.eval_every, save=save, save_every=cfg.checkpoint.every, grad_divisor=run_.grad_divisor,
     )
     try:
         code = trainer.fit()

@@ -453,12 +453,15 @@ def resolve_ds_config(
 
 
 def resolve_for_recipe(cfg: Any, config: str, *, world: int, precision: str, hidden: int | None, strict_nvme: bool = True,
-                       micro: int | None = None, grad_accum: int | None = None, global_batch: int | None = None) -> dict:
+                       micro: int | None = None, grad_accum: int | None = None, global_batch: int | None = None,
+                       sp: int = 1) -> dict:
     """The DeepSpeed JSON ``config`` resolved for a stage recipe (``cfg`` has ``train`` and
     ``deepspeed`` sections): the one way the stage, ``--print-config`` and the planner fill it.
 
     Args:
-        world: data-parallel ranks; precision: resolved (bf16, fp16, fp32).
+        world: data-parallel ranks (groups, with sequence parallelism); precision: resolved (bf16, fp16, fp32).
+        sp: sequence-parallel degree, written as ``sequence_parallel_size`` when above 1 (DeepSpeed
+            then counts ``world / sp`` data-parallel ranks in its batch check, as ``world`` here).
         hidden: the model's hidden size (``"auto"`` bucket sizes), None if unknown.
         strict_nvme: pass ``deepspeed.nvme_path`` whatever the config (a config without NVMe
             offload is then refused); False: only to a config that offloads to NVMe (the
@@ -469,6 +472,8 @@ def resolve_for_recipe(cfg: Any, config: str, *, world: int, precision: str, hid
     t, d = cfg.train, cfg.deepspeed
     raw = load_ds_json(config)
     nvme_path = d.nvme_path if strict_nvme or "nvme" in offload(raw).values() else ""
+    if sp > 1:
+        raw = {**raw, "sequence_parallel_size": sp}
     return resolve_ds_config(
         raw, source=config, micro_batch=t.micro_batch_size if micro is None else micro,
         grad_accum=t.grad_accum if grad_accum is None else grad_accum,

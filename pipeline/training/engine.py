@@ -66,6 +66,8 @@ class Run:
         if self.universal:
             self.ds["checkpoint"] = {**self.ds.get("checkpoint", {}), "load_universal": True}
         self.micro, self.accum, self.precision = resolved.micro, resolved.accum, resolved.precision
+        self.sp = resolved.sp
+        self.mpu = None  # DeepSpeed's sequence-parallel groups (attach_sequence_parallel)
         self.engine = None
         self.compat: dict = {}
         self.consumed_samples: int | None = None  # global samples before the resumed step (None: fresh start)
@@ -78,6 +80,41 @@ class Run:
     @property
     def world(self) -> int:
         return self.env.world_size
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's data-parallel group (its sequence-parallel group's index)."""
+        return self.env.rank // self.sp
+
+    @property
+    def dp_world(self) -> int:
+        """Groups that read different data: ``world / sp``."""
+        return self.env.world_size // self.sp
+
+    @property
+    def sp_rank(self) -> int:
+        return self.env.rank % self.sp
+
+    @property
+    def grad_divisor(self) -> int:
+        """What DeepSpeed divides summed gradients by (:func:`pipeline.training.sequence_parallel.grad_divisor`)."""
+        from pipeline.training.sequence_parallel import grad_divisor
+
+        return grad_divisor(self.world, self.sp, zero_stage(self.ds))
+
+    def attach_sequence_parallel(self, model) -> None:
+        """With ``sp`` > 1: DeepSpeed's Ulysses attention for ``model`` and its groups (after :meth:`start`)."""
+        from pipeline.training.sequence_parallel import attach
+
+        self.mpu = attach(model, sp=self.sp, micro_batch=self.micro, attn=self.cfg.model.attn_implementation)
+
+    def shard(self, batches):
+        """This rank's slices of its group's micro-batches (unchanged without sequence parallelism)."""
+        if self.sp == 1:
+            return batches
+        from pipeline.training.sequence_parallel import ShardedBatches
+
+        return ShardedBatches(batches, self.sp_rank, self.sp)
 
     def start(self) -> None:
         """Start the process group and seed every generator."""
@@ -105,6 +142,7 @@ class Run:
             model=model,
             model_parameters=param_groups(model, self.cfg.train.weight_decay),
             config=self.ds,
+            mpu=self.mpu,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.cfg.train)),
         )
         return self.engine
@@ -116,7 +154,7 @@ class Run:
             compat: what must match a checkpoint to resume from it (architecture,
                 tokenizer_fingerprint, world_size, zero_stage, model_summary).
         """
-        self.compat = {**compat, "world_size": self.world, "zero_stage": zero_stage(self.ds)}
+        self.compat = {**compat, "world_size": self.world, "zero_stage": zero_stage(self.ds), "sequence_parallel_size": self.sp}
         if self.resume_from is None:
             self._write_run_files()
             return 0
@@ -128,7 +166,7 @@ class Run:
         self.consumed_samples = int(meta["consumed_samples"]) if "consumed_samples" in meta else None
         self.start_step = int(meta["step"])
         if self.consumed_samples is None:  # a checkpoint without the count: this launch's global batch throughout
-            self.consumed_samples = self.start_step * self.micro * self.accum * self.world
+            self.consumed_samples = self.start_step * self.micro * self.accum * self.dp_world
         dist.print0(f"resumed from {self.resume_from} at step {meta['step']}")
         return self.start_step
 
@@ -137,18 +175,19 @@ class Run:
 
         device = next(self.engine.module.parameters()).device
         peak = peak_flops(device, self.precision)[0] if self.rank == 0 else 0.0  # only rank 0 reports
-        samples = self.micro * self.accum * self.world
+        samples = self.micro * self.accum * self.dp_world
         mon = Monitor(
             self.cfg.monitor, self.out / "tensorboard", enabled=self.rank == 0, world_size=self.world,
             flops_per_token=flops_per_token, peak_flops_per_device=peak, tokens_per_step=samples * seq_len,
             samples_per_step=samples, device=device,
         )
-        mon.log_hparams({**to_dict(self.cfg), **hparams, "world_size": self.world, "precision": self.precision})
+        mon.log_hparams({**to_dict(self.cfg), **hparams, "world_size": self.world, "precision": self.precision,
+                         "sequence_parallel_size": self.sp})
         return mon
 
     def saver(self, *, hf_files: Callable[[], dict[str, Path]], meta: dict) -> Callable[[int], Path]:
         """A collective ``save(step)``; ``hf_files()`` (rank 0) names what goes into ``hf/``."""
-        samples = self.micro * self.accum * self.world
+        samples = self.micro * self.accum * self.dp_world
         files = {"config.yaml": to_yaml(self.cfg), "ds_config.json": json.dumps(self.ds, indent=2) + "\n"}
 
         def save(step: int) -> Path:

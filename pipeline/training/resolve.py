@@ -72,6 +72,8 @@ class ResolvedRun:
     """Lines for the console (what ``auto`` chose and why)."""
     resume_from: Path | None = None
     """The checkpoint this launch continues (None: a fresh start)."""
+    sp: int = 1
+    """Sequence-parallel degree (``parallel.sequence_parallel_size``): ranks sharing one sequence."""
 
     @property
     def world(self) -> int:
@@ -79,8 +81,16 @@ class ResolvedRun:
 
     @property
     def dp_world(self) -> int:
-        """Ranks that see different data (today every rank; sequence parallelism will divide it)."""
-        return self.env.world_size
+        """Groups that see different data: ``world / sp`` (every batch formula reads this)."""
+        return self.env.world_size // self.sp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.env.rank // self.sp
+
+    @property
+    def sp_rank(self) -> int:
+        return self.env.rank % self.sp
 
     @property
     def micro(self) -> int:
@@ -154,7 +164,7 @@ def choose_auto(recipe: Recipe, target: Target) -> Estimate | None:
 
 
 def resolve_run(cfg: Any, conf, *, seq_len: int, head: str, local_rank: int | None = None,
-                refuse: bool = True) -> ResolvedRun:
+                refuse: bool = True, seq_len_key: str = "data.seq_len") -> ResolvedRun:
     """Resolve a training launch (see the module docstring).
 
     Args:
@@ -171,6 +181,12 @@ def resolve_run(cfg: Any, conf, *, seq_len: int, head: str, local_rank: int | No
     """
     d = cfg.deepspeed
     env = dist.detect(local_rank_arg=local_rank)
+    sp = getattr(getattr(cfg, "parallel", None), "sequence_parallel_size", 1)
+    if sp > 1:
+        from pipeline.training import sequence_parallel
+
+        sequence_parallel.check(conf, sp=sp, seq_len=seq_len, world=env.world_size,
+                                attn=cfg.model.attn_implementation, key=seq_len_key)
     precision = resolve_precision(d.precision)
     recipe = recipe_from(cfg, conf, seq_len=seq_len, head=head, precision=precision)
     hidden = _hidden(conf)
@@ -190,10 +206,10 @@ def resolve_run(cfg: Any, conf, *, seq_len: int, head: str, local_rank: int | No
                 f"{resume_from}), or set deepspeed.memory_check=false to start anyway.")
         if fit is not None:
             notes.append(f"deepspeed.config=auto: {trained_with} (the config of the checkpoint being resumed)")
-            ds = resolve_for_recipe(cfg, trained_with, world=env.world_size, precision=precision, hidden=hidden,
+            ds = resolve_for_recipe(cfg, trained_with, world=env.world_size // sp, sp=sp, precision=precision, hidden=hidden,
                                     strict_nvme=False)
             return ResolvedRun(env=env, precision=precision, config=trained_with, ds=ds, recipe=recipe, estimate=fit,
-                               target=target, notes=notes, resume_from=resume_from)
+                               target=target, notes=notes, resume_from=resume_from, sp=sp)
 
     if auto:
         rows = candidates(recipe, target)
@@ -214,15 +230,15 @@ def resolve_run(cfg: Any, conf, *, seq_len: int, head: str, local_rank: int | No
                          f"{'GPU' if target.on_gpu else 'rank'}, {_g(fit.cpu_node)} GiB CPU per node estimated; "
                          f"{target.describe()})")
         # an NVMe path in the recipe is for the case that auto picks the NVMe config
-        ds = resolve_for_recipe(cfg, fit.config, world=env.world_size, precision=precision, hidden=hidden,
+        ds = resolve_for_recipe(cfg, fit.config, world=env.world_size // sp, sp=sp, precision=precision, hidden=hidden,
                                 strict_nvme=False)
         return ResolvedRun(env=env, precision=precision, config=fit.config, ds=ds, recipe=recipe, estimate=fit,
-                           target=target, notes=notes, resume_from=resume_from)
+                           target=target, notes=notes, resume_from=resume_from, sp=sp)
 
     path = str(locate_ds_config(d.config))
-    ds = resolve_for_recipe(cfg, path, world=env.world_size, precision=precision, hidden=hidden)
+    ds = resolve_for_recipe(cfg, path, world=env.world_size // sp, sp=sp, precision=precision, hidden=hidden)
     resolved = ResolvedRun(env=env, precision=precision, config=d.config, ds=ds, recipe=recipe, target=target,
-                           resume_from=resume_from)
+                           resume_from=resume_from, sp=sp)
     if target is None:
         return resolved
     est = resolved.estimate = estimate(recipe.facts, ds, path, target, micro=recipe.micro_batch, seq=seq_len,

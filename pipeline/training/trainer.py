@@ -3,8 +3,10 @@
 One optimizer step = ``grad_accum`` micro-batches per rank. The loss is normalised by the
 number of target tokens in the whole window (every micro-batch of every rank), not a mean
 of per-micro-batch means: each micro-batch contributes ``sum of token losses × (accum ×
-world) / window tokens``, which DeepSpeed divides by ``accum`` (``engine.backward``) and
-averages over ranks, leaving exactly ``sum / window tokens``.
+D) / window tokens``, which DeepSpeed divides by ``accum`` (``engine.backward``) and by ``D``
+after summing over ranks, leaving exactly ``sum / window tokens``. ``D`` is the world size,
+except under sequence parallelism with ZeRO 0-2, where DeepSpeed divides by the data-parallel
+size (:func:`pipeline.training.sequence_parallel.grad_divisor`).
 
 Side concerns live elsewhere: :mod:`pipeline.training.monitor` (TensorBoard, throughput, MFU),
 :mod:`pipeline.training.checkpoint` (step directories), :mod:`pipeline.training.preemption` (signals).
@@ -155,15 +157,20 @@ class Trainer:
         batches: yields this rank's micro-batches in order, starting at ``start_step``.
         evaluate: ``evaluate(engine) -> {"loss": ..., ...}`` run by every rank, or None.
         save: ``save(step) -> Path`` writes a checkpoint collectively.
+        grad_divisor: what DeepSpeed divides summed gradients by (default: the world size).
     """
 
     def __init__(self, *, engine, task: Task, batches: Iterator, grad_accum: int, max_steps: int, start_step: int,
-                 monitor, evaluate: Callable | None, eval_every: int, save: Callable[[int], Path], save_every: int):
+                 monitor, evaluate: Callable | None, eval_every: int, save: Callable[[int], Path], save_every: int,
+                 grad_divisor: int | None = None):
         self.engine, self.task, self.batches = engine, task, batches
         self.grad_accum, self.max_steps, self.step = grad_accum, max_steps, start_step
         self.monitor, self.evaluate, self.eval_every = monitor, evaluate, eval_every
         self.save, self.save_every = save, save_every
         self.world = dist.world_size()
+        # what DeepSpeed divides the summed gradients by: the world, except ZeRO-0 under sequence
+        # parallelism (pipeline.training.sequence_parallel.grad_divisor)
+        self.grad_divisor = grad_divisor or self.world
         self.last_saved = start_step
         self.history: list[float] = []
 
@@ -175,7 +182,7 @@ class Trainer:
         total, tokens = dist.all_reduce_sum_floats([sum(task.targets(b) for b in window), sum(task.tokens(b) for b in window)])
         if total <= 0:
             raise RuntimeError("a training window without any target token (every label masked)")
-        scale = self.grad_accum * self.world / total
+        scale = self.grad_accum * self.grad_divisor / total
         loss_sum = torch.zeros((), dtype=torch.float64)
         for batch in window:
             loss, _ = task.loss(engine, batch)

@@ -62,6 +62,9 @@ class FinetuneTask(ABC):
     """What one of its data files holds, completing "set it to ..." in messages."""
     seq_len_field: ClassVar[str]
     """The section's field giving the tokens per example (activations and positions are sized by it)."""
+    sequence_parallel: ClassVar[bool] = False
+    """Whether the task trains under ``parallel.sequence_parallel_size`` > 1 (a loss that is a sum
+    over tokens: each rank's slice contributes its part; a head that pools the sequence cannot)."""
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
@@ -86,9 +89,14 @@ class FinetuneTask(ABC):
     def check(self) -> list[tuple[str, str]]:
         """Problems of the fine-tune config that only this task has, as ``(dotted key, problem
         and fix)``; subclasses add theirs to these. The training data must be given."""
+        p = []
         if not self.data_cfg.train.strip():
-            return [(f"{self.section}.train", f"is empty; set it to {self.data_what}")]
-        return []
+            p.append((f"{self.section}.train", f"is empty; set it to {self.data_what}"))
+        sp = getattr(getattr(self.cfg, "parallel", None), "sequence_parallel_size", 1)
+        if sp > 1 and not self.sequence_parallel:
+            p.append(("parallel.sequence_parallel_size", f"task={self.name} cannot train with sequence parallelism (its "
+                      "head reads the whole sequence); set it to 1 (sequence parallelism is for task=sft)"))
+        return p
 
     # ------------------------------------------------------------------ with the tokenizer
     @abstractmethod

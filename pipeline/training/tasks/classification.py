@@ -108,9 +108,9 @@ class ClassificationTask(FinetuneTask):
     def loaders(self, run: Any, start_step: int) -> tuple[Any, Any | None]:
         t, pad = self.cfg.train, pad_id(self.tokenizer)
         fn = partial(C.collate, pad_id=pad)
-        train = ExampleLoader(self.train_items, run.rank, run.world, run.micro, run.accum, t.seed, start_step, collate=fn, name="cls",
+        train = ExampleLoader(self.train_items, run.dp_rank, run.dp_world, run.micro, run.accum, t.seed, start_step, collate=fn, name="cls",
                               consumed_samples=run.consumed_samples)
-        val = FixedBatches(self.val_items, run.rank, run.world, run.micro, collate=fn, num_batches=t.eval_batches) if self.val_items else None
+        val = FixedBatches(self.val_items, run.dp_rank, run.dp_world, run.micro, collate=fn, num_batches=t.eval_batches) if self.val_items else None
         return train, val
 
     def loss(self) -> ClassificationLoss:

@@ -26,10 +26,20 @@ class SFTTask(FinetuneTask):
     head = "causal_lm"
     data_what = "a JSONL file of chat examples (messages, or prompt/response)"
     seq_len_field = "seq_len"
+    sequence_parallel = True  # a sum over target tokens: each rank's slice adds its part
 
     def check(self) -> list[tuple[str, str]]:
         p = super().check()
-        if self.data_cfg.packing and self.cfg.model.attn_implementation not in ("sdpa", "eager"):
+        sp = self.cfg.parallel.sequence_parallel_size
+        attn = self.cfg.model.attn_implementation
+        if self.data_cfg.packing and sp > 1 and not attn.startswith("flash_attention"):
+            # DeepSpeed's Ulysses wrapper drops the 4-D mask (and rebuilds flex masks as plain
+            # causal): packed documents would attend to each other. Flash attention separates
+            # them by the position ids, which restart at every document and survive the all-to-all.
+            p.append(("sft.packing", f"packed rows under parallel.sequence_parallel_size={sp} need "
+                      "model.attn_implementation=flash_attention_2 (GPUs) to keep documents apart; with "
+                      f"{attn} set sft.packing=false (each example its own row) or sequence_parallel_size=1"))
+        elif self.data_cfg.packing and attn not in ("sdpa", "eager"):
             p.append(("model.attn_implementation", "packing needs sdpa or eager (its block-diagonal mask is 4-D); or set sft.packing=false"))
         return p
 
@@ -56,10 +66,12 @@ class SFTTask(FinetuneTask):
         # the 4-D packing mask in the model's compute dtype (bf16 on GPUs: half the memory of fp32)
         dtype = torch_dtype(run.precision)
         kw = {"seq_len": self.seq_len, "pad_id": pad_id(self.tokenizer), "packed": self.data_cfg.packing, "dtype": dtype}
-        train = SFTLoader(self.data.train_rows, run.rank, run.world, run.micro, run.accum, t.seed, start_step,
+        # data-parallel groups: the members of a sequence-parallel group read the same rows (Run.shard slices them)
+        train = SFTLoader(self.data.train_rows, run.dp_rank, run.dp_world, run.micro, run.accum, t.seed, start_step,
                           consumed_samples=run.consumed_samples, **kw)
-        val = ValBatches(self.data.val_rows, run.rank, run.world, run.micro, num_batches=t.eval_batches, **kw) if self.data.val_rows else None
-        return train, val
+        val = (ValBatches(self.data.val_rows, run.dp_rank, run.dp_world, run.micro, num_batches=t.eval_batches, **kw)
+               if self.data.val_rows else None)
+        return run.shard(train), (run.shard(val) if val is not None else None)
 
     def loss(self) -> Task:
         return CausalLMTask()

@@ -1,0 +1,150 @@
+"""Sequence parallelism: DeepSpeed Ulysses (ALST, arXiv 2506.13996) for the training stages.
+
+With ``parallel.sequence_parallel_size = sp`` the ranks form groups of ``sp`` consecutive
+ranks (DeepSpeed's ``parallel_state_sp``: ranks ``[g·sp, (g+1)·sp)``); ``dp = world / sp``
+groups see different data. Every member of a group reads the same micro-batch (the loaders
+are keyed by the group, :func:`dp_coords`) and keeps its own ``1/sp`` slice of the sequence
+(:func:`shard`): inputs, shifted targets and the global position ids. Inside each attention
+layer DeepSpeed's ``UlyssesSPAttentionHF`` (registered into transformers by
+:func:`attach`) exchanges heads for sequence with an all-to-all, so each rank attends over the
+whole sequence for ``heads / sp`` heads, and exchanges back; everything else (embeddings,
+MLP, norms, LM head, loss) runs on the local slice only. That is where the memory goes: the
+activations of one rank are those of ``seq_len / sp`` tokens.
+
+Why the batch is sliced here and not by DeepSpeed's ``UlyssesSPDataLoaderAdapter``: the
+adapter gathers one batch from each member and has the group process them in turn (``sp``
+forward/backward passes per loader batch), which changes the batch arithmetic (a group would
+consume ``sp`` micro-batches per micro-step) and costs an all-gather of every batch. Reading
+the same micro-batch on every member needs neither, and keeps ``global batch = micro × accum ×
+dp`` with the sampler, checkpoints and resume unchanged.
+
+The loss: every rank returns the sum of its slice's token losses and its target count; the
+trainer normalises by the window's target tokens over all ranks (disjoint slices: each target
+is counted once) and scales by the divisor DeepSpeed averages gradients with
+(:func:`grad_divisor`: it differs between ZeRO stages), so the update equals the one of a single rank that saw the whole
+sequences, with masks (SFT) and accumulation exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+SUPPORTED_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+"""Attention implementations Ulysses wraps (``eager`` builds an O(seq²) mask: DeepSpeed refuses it)."""
+
+
+@dataclass
+class ParallelConfig:
+    sequence_parallel_size: int = 1
+    """Ranks that share one sequence (DeepSpeed Ulysses / ALST); 1 = off. World = data-parallel
+    × this; each rank holds seq_len / this tokens of activations. Needs the attention heads, the
+    KV heads, data.seq_len and the world size divisible by it."""
+
+    def check(self) -> list[tuple[str, str]]:
+        if self.sequence_parallel_size < 1:
+            return [("sequence_parallel_size", f"must be >= 1, got {self.sequence_parallel_size}")]
+        return []
+
+
+def check(conf, *, sp: int, seq_len: int, world: int, attn: str, key: str = "data.seq_len") -> None:
+    """Refuse what Ulysses cannot run exactly, before any heavy work (one message, all problems).
+
+    Raises:
+        UserError: heads or KV heads not divisible by ``sp``, ``seq_len`` not divisible by
+            ``sp``, a world size not divisible by ``sp``, or an attention implementation the
+            wrapper does not support.
+    """
+    from pipeline.errors import UserError
+
+    if sp == 1:
+        return
+    text = conf.get_text_config() if hasattr(conf, "get_text_config") else conf
+    heads = getattr(text, "num_attention_heads", None) or getattr(text, "n_head", None)
+    kv = getattr(text, "num_key_value_heads", None) or heads
+    problems = []
+    if heads is None or heads % sp:
+        problems.append(f"the model's {heads} attention heads are not divisible by it (each rank attends with heads / sp)")
+    if kv is not None and kv % sp and sp % kv:
+        problems.append(f"the model's {kv} key/value heads neither divide nor are divisible by it")
+    if seq_len % sp:
+        problems.append(f"{key}={seq_len} is not divisible by it (each rank holds seq_len / sp tokens)")
+    if world % sp:
+        problems.append(f"the launch has {world} rank(s), not a multiple of it (world = data-parallel x sequence-parallel)")
+    if attn not in SUPPORTED_ATTENTION:
+        problems.append(f"model.attn_implementation={attn} is not supported by DeepSpeed's Ulysses wrapper "
+                        f"(use one of {', '.join(SUPPORTED_ATTENTION)}; sdpa on CPU)")
+    if getattr(text, "model_type", "") == "gpt2":
+        problems.append("gpt2 takes no position ids through its attention (learned positions); use a RoPE model "
+                        "(llama, qwen2, mistral)")
+    if problems:
+        raise UserError(f"parallel.sequence_parallel_size={sp}: " + "; ".join(problems) + ".")
+
+
+def dp_coords(rank: int, world: int, sp: int) -> tuple[int, int, int]:
+    """``(dp_rank, dp_world, sp_rank)`` of ``rank``: groups of ``sp`` consecutive ranks."""
+    return rank // sp, world // sp, rank % sp
+
+
+def grad_divisor(world: int, sp: int, zero_stage: int) -> int:
+    """What DeepSpeed (0.19.8) divides the summed gradients by under sequence parallelism.
+
+    Every stage sums the gradients over all ``world`` ranks (the sequence-data-parallel group).
+    ZeRO-0 (the engine's ``allreduce_bucket``), ZeRO-1 and ZeRO-2 (``average_tensor``) then
+    divide by ``world / sp``, as if each member's loss were the whole group's (DeepSpeed's
+    convention for a loss all-gathered over the group); ZeRO-3 ends up divided by ``world``.
+    Measured with a scale-sensitive optimizer (AdamW with ``eps`` 1.0, no clipping, 8 steps,
+    SP=2 on 2 ranks vs 1 rank): scaling the loss by ``accum × world`` matched to 1e-6 under
+    ZeRO-3 and differed by 1.4e-2 under ZeRO-0/1/2, where ``accum × world / sp`` matched to 1e-6
+    (and ZeRO-3 then differed). With the default AdamW the difference hides: Adam is invariant
+    to a constant gradient scale except for ``eps``, and clipping a norm above the threshold
+    gives the same update either way; it shows once a clipped and an unclipped step differ (the
+    drift noted in shared/GUIDE.md under ZeRO-0 after six steps). ``tests/test_sequence_parallel.py``
+    checks this with the scale-sensitive settings, so a DeepSpeed upgrade that changes it fails there."""
+    return world // sp if (sp > 1 and zero_stage < 3) else world
+
+
+def shard(batch, sp_rank: int, sp: int) -> dict:
+    """This rank's slice of a micro-batch: a ``(B, T+1)`` token tensor (inputs ``[:, :-1]``,
+    targets ``[:, 1:]``) or a dict with ``input_ids``, ``labels`` (aligned: ``labels[t]`` is the
+    target of ``input_ids[t]``) and optional ``position_ids``. Positions are the global ones
+    (RoPE and causality need them after the all-to-all)."""
+    import torch
+
+    if isinstance(batch, torch.Tensor):
+        fields = {"input_ids": batch[:, :-1], "labels": batch[:, 1:]}
+    else:
+        fields = {k: v for k, v in batch.items() if k != "attention_mask"}
+    ids = fields["input_ids"]
+    if "position_ids" not in fields:
+        fields["position_ids"] = torch.arange(ids.shape[1], dtype=torch.long).expand(ids.shape[0], -1)
+    n = ids.shape[1] // sp
+    return {k: v[:, sp_rank * n:(sp_rank + 1) * n].contiguous() for k, v in fields.items()}
+
+
+class ShardedBatches:
+    """Wraps an iterator of micro-batches (the group's, the same on every member) into this
+    rank's slices; passes ``(batch, real)`` pairs (validation) through with the flag."""
+
+    def __init__(self, batches, sp_rank: int, sp: int):
+        self.batches, self.sp_rank, self.sp = batches, sp_rank, sp
+
+    def __iter__(self):
+        for item in self.batches:
+            if isinstance(item, tuple):
+                yield shard(item[0], self.sp_rank, self.sp), item[1]
+            else:
+                yield shard(item, self.sp_rank, self.sp)
+
+
+def attach(model, *, sp: int, micro_batch: int, attn: str) -> Any:
+    """Register DeepSpeed's Ulysses attention for ``model``'s attention implementation and return
+    the ``mpu`` (sequence-parallel groups) for ``deepspeed.initialize``; None when ``sp`` is 1.
+    Needs the process group (the groups are made here)."""
+    if sp == 1:
+        return None
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+
+    return UlyssesSPAttentionHF.register_with_transformers(
+        model_name_or_path=model, core_attn_implementation=attn, sequence_parallel_size=sp,
+        micro_batch_size=micro_batch, seq_length_is_variable=True)

@@ -1,0 +1,167 @@
+"""Sequence parallelism (DeepSpeed Ulysses / ALST): parallel.sequence_parallel_size.
+
+SP=2 on 2 ranks against 1 rank without SP on the same sequences, for pre-training under every
+ZeRO stage and for masked SFT: the losses must agree to 1e-5 over 8 steps. The runs use AdamW
+with eps 1.0 and no clipping, which makes the update proportional to the gradient's scale:
+with the default eps and clipping a gradient off by a constant factor gives the same losses
+(pipeline.training.sequence_parallel.grad_divisor says why that matters here).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_MODEL, run_deepspeed, run_script, write_jsonl
+
+from pipeline.errors import UserError
+from pipeline.training.sequence_parallel import dp_coords, grad_divisor, shard
+
+SCALE_SENSITIVE = ["train.eps=1.0", "train.grad_clip=0"]
+STEPS = 8
+
+
+# ---------------------------------------------------------------------------- pieces
+
+
+def test_shard_slices_inputs_targets_and_global_positions():
+    batch = torch.arange(2 * 9).reshape(2, 9)  # (B, T+1): inputs [:, :-1], targets [:, 1:]
+    a, b = shard(batch, 0, 2), shard(batch, 1, 2)
+    assert a["input_ids"].tolist() == [[0, 1, 2, 3], [9, 10, 11, 12]]
+    assert a["labels"].tolist() == [[1, 2, 3, 4], [10, 11, 12, 13]]
+    assert b["input_ids"].tolist() == [[4, 5, 6, 7], [13, 14, 15, 16]]
+    assert b["labels"].tolist() == [[5, 6, 7, 8], [14, 15, 16, 17]]
+    assert a["position_ids"].tolist() == [[0, 1, 2, 3]] * 2 and b["position_ids"].tolist() == [[4, 5, 6, 7]] * 2
+    # an SFT batch: labels already aligned, its own positions kept, the (dropped) mask removed
+    sft = {"input_ids": batch[:, :8], "labels": batch[:, 1:], "position_ids": torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]] * 2),
+           "attention_mask": torch.ones(2, 8)}
+    s = shard(sft, 1, 2)
+    assert set(s) == {"input_ids", "labels", "position_ids"} and s["position_ids"].tolist() == [[1, 2, 3, 4]] * 2
+
+
+def test_groups_and_the_gradient_divisor_of_each_zero_stage():
+    assert [dp_coords(r, 4, 2) for r in range(4)] == [(0, 2, 0), (0, 2, 1), (1, 2, 0), (1, 2, 1)]
+    assert [grad_divisor(4, 2, z) for z in range(4)] == [2, 2, 2, 4]
+    assert [grad_divisor(4, 1, z) for z in range(4)] == [4, 4, 4, 4]
+
+
+def _train_cfg(data: Path, *overrides: str):
+    from pipeline.config import load_config
+    from pipeline.data.shards import read_manifest
+    from pipeline.stages.train import TrainConfig
+    from pipeline.training.model import hf_config
+
+    cfg = load_config(TrainConfig, None, [f"data.datasets.0.path={data}", *TINY_MODEL, *overrides])
+    tok = read_manifest(data)["tokenizer"]
+    return cfg, hf_config(cfg.model, tok["vocab_size"], cfg.data.seq_len, tok)
+
+
+@pytest.mark.parametrize("overrides, phrase", [
+    (["model.num_heads=3", "model.hidden_size=48"], "the model's 3 attention heads are not divisible by it"),
+    (["model.num_kv_heads=3", "model.num_heads=6", "model.hidden_size=48", "parallel.sequence_parallel_size=4"],
+     "the model's 3 key/value heads neither divide nor are divisible by it"),
+    (["data.seq_len=33"], "data.seq_len=33 is not divisible by it"),
+    (["model.attn_implementation=eager"], "model.attn_implementation=eager is not supported"),
+    ([], "the launch has 1 rank(s), not a multiple of it"),
+    (["model.model_type=gpt2"], "gpt2 takes no position ids"),
+], ids=["heads", "kv heads", "seq_len", "eager", "world", "gpt2"])
+def test_bad_configs_are_refused_before_any_heavy_work(overrides, phrase, tiny_dataset: Path, tmp_path: Path):
+    from pipeline.training.resolve import resolve_run
+
+    cfg, conf = _train_cfg(tiny_dataset, f"output={tmp_path / 'run'}", "parallel.sequence_parallel_size=2", *overrides)
+    with pytest.raises(UserError) as e:
+        resolve_run(cfg, conf, seq_len=cfg.data.seq_len, head="causal_lm")
+    assert str(e.value).startswith(f"parallel.sequence_parallel_size={cfg.parallel.sequence_parallel_size}: ")
+    assert phrase in str(e.value)
+
+
+def test_the_resolved_json_counts_data_parallel_groups(tiny_dataset: Path, tmp_path: Path, monkeypatch):
+    """World 4 = dp 2 x sp 2: batch arithmetic over the 2 groups, sequence_parallel_size in the JSON."""
+    from pipeline.training.resolve import resolve_run
+
+    for k, v in {"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": "29999"}.items():
+        monkeypatch.setenv(k, v)
+    cfg, conf = _train_cfg(tiny_dataset, f"output={tmp_path / 'run'}", "parallel.sequence_parallel_size=2",
+                           "train.micro_batch_size=2", "train.grad_accum=3", "deepspeed.config=ds_configs/zero3.json",
+                           "deepspeed.memory_check=false")
+    r = resolve_run(cfg, conf, seq_len=cfg.data.seq_len, head="causal_lm")
+    assert (r.sp, r.dp_world, r.dp_rank, r.sp_rank) == (2, 2, 0, 1)
+    assert r.ds["sequence_parallel_size"] == 2 and r.ds["train_batch_size"] == 2 * 3 * 2
+
+
+def test_packing_and_classification_are_refused_with_sequence_parallelism(tmp_path: Path, tiny_hf_model: Path):
+    data = write_jsonl(tmp_path / "qa.jsonl", [{"prompt": "q", "response": "a"}] * 4)
+    common = [f"output={tmp_path / 'out'}", f"model.path={tiny_hf_model}", "parallel.sequence_parallel_size=2"]
+    r = run_script("finetune.py", *common, f"sft.train={data}", "sft.packing=true")
+    assert r.returncode == 2 and "sft.packing: packed rows under parallel.sequence_parallel_size=2 need" in r.stderr
+    assert "set sft.packing=false" in r.stderr and "Traceback" not in r.stderr
+    r = run_script("finetune.py", *common, "task=classification", f"classification.train={data}")
+    assert r.returncode == 2 and "task=classification cannot train with sequence parallelism" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------- equality with one rank
+
+
+def _losses(run: Path) -> list[float]:
+    return json.loads((run / "losses.json").read_text())["losses"]
+
+
+def _pretrain(out: Path, data: Path, config: str, sp: int):
+    args = [f"output={out}", f"data.datasets.0.path={data}", *TINY_MODEL, "data.seq_len=64", "train.micro_batch_size=2",
+            f"train.max_steps={STEPS}", "train.warmup_steps=2", "train.lr=3e-3", "train.eval_batches=2", "train.eval_every=4",
+            "checkpoint.every=0", f"deepspeed.config={config}", "deepspeed.memory_check=false",
+            f"parallel.sequence_parallel_size={sp}", *SCALE_SENSITIVE]
+    env = {"OMP_NUM_THREADS": "1"}
+    r = run_deepspeed("train.py", *args, env=env) if sp > 1 else run_script("train.py", *args, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory, tiny_dataset):
+    """Losses of 1 rank without SP: ZeRO-0 (also ZeRO-1/2: the same initial weights) and ZeRO-3
+    (the model is built under zero.Init, which draws other initial weights)."""
+    base = tmp_path_factory.mktemp("sp-base")
+    return {z: _losses(base / f"z{z}") if _pretrain(base / f"z{z}", tiny_dataset, f"ds_configs/zero{z}.json", 1) else None
+            for z in (0, 3)}
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_pretraining_sp2_on_two_ranks_equals_one_rank(stage: int, one_rank, tiny_dataset: Path, tmp_path: Path):
+    r = _pretrain(tmp_path / "sp", tiny_dataset, f"ds_configs/zero{stage}.json", 2)
+    assert "train: 2 rank(s) (data-parallel 1 x sequence-parallel 2)" in r.stdout
+    sp, base = _losses(tmp_path / "sp"), one_rank[3 if stage == 3 else 0]
+    assert len(sp) == len(base) == STEPS
+    assert max(abs(a - b) for a, b in zip(sp, base)) < 1e-5, (sp, base)
+    ds = json.loads((tmp_path / "sp" / "ds_config.json").read_text())
+    assert ds["sequence_parallel_size"] == 2 and ds["train_batch_size"] == 2  # micro 2 x accum 1 x dp 1
+    step = tmp_path / "sp" / "checkpoints" / f"step-{STEPS:08d}"
+    assert json.loads((step / "meta.json").read_text())["sequence_parallel_size"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_masked_sft_sp2_on_two_ranks_equals_one_rank(tmp_path: Path, tiny_hf_model: Path):
+    from pipeline.data.sample import generate_qa
+
+    data = write_jsonl(tmp_path / "qa.jsonl", list(generate_qa(80)))
+
+    def finetune(out: Path, sp: int):
+        args = [f"output={out}", f"model.path={tiny_hf_model}", f"sft.train={data}", "sft.seq_len=64", "sft.packing=false",
+                "train.micro_batch_size=2", f"train.max_steps={STEPS}", "train.warmup_steps=2", "train.lr=3e-3",
+                "train.eval_batches=2", "train.eval_every=4", "checkpoint.every=0", "deepspeed.config=ds_configs/zero3.json",
+                "deepspeed.memory_check=false", f"parallel.sequence_parallel_size={sp}", *SCALE_SENSITIVE]
+        env = {"OMP_NUM_THREADS": "1"}
+        r = run_deepspeed("finetune.py", *args, env=env) if sp > 1 else run_script("finetune.py", *args, env=env)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+        return _losses(out)
+
+    base, sp = finetune(tmp_path / "one", 1), finetune(tmp_path / "sp", 2)
+    assert len(sp) == len(base) == STEPS
+    assert max(abs(a - b) for a, b in zip(sp, base)) < 1e-5, (sp, base)
