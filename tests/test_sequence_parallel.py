@@ -110,11 +110,11 @@ def _losses(run: Path) -> list[float]:
     return json.loads((run / "losses.json").read_text())["losses"]
 
 
-def _pretrain(out: Path, data: Path, config: str, sp: int):
+def _pretrain(out: Path, data: Path, config: str, sp: int, *extra: str):
     args = [f"output={out}", f"data.datasets.0.path={data}", *TINY_MODEL, "data.seq_len=64", "train.micro_batch_size=2",
             f"train.max_steps={STEPS}", "train.warmup_steps=2", "train.lr=3e-3", "train.eval_batches=2", "train.eval_every=4",
             "checkpoint.every=0", f"deepspeed.config={config}", "deepspeed.memory_check=false",
-            f"parallel.sequence_parallel_size={sp}", *SCALE_SENSITIVE]
+            f"parallel.sequence_parallel_size={sp}", *SCALE_SENSITIVE, *extra]
     env = {"OMP_NUM_THREADS": "1"}
     r = run_deepspeed("train.py", *args, env=env) if sp > 1 else run_script("train.py", *args, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
@@ -134,7 +134,8 @@ def one_rank(tmp_path_factory, tiny_dataset):
 @pytest.mark.integration
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_pretraining_sp2_on_two_ranks_equals_one_rank(stage: int, one_rank, tiny_dataset: Path, tmp_path: Path):
-    r = _pretrain(tmp_path / "sp", tiny_dataset, f"ds_configs/zero{stage}.json", 2)
+    extra = ["checkpoint.every=4"] if stage == 3 else []
+    r = _pretrain(tmp_path / "sp", tiny_dataset, f"ds_configs/zero{stage}.json", 2, *extra)
     assert "train: 2 rank(s) (data-parallel 1 x sequence-parallel 2)" in r.stdout
     sp, base = _losses(tmp_path / "sp"), one_rank[3 if stage == 3 else 0]
     assert len(sp) == len(base) == STEPS
@@ -143,6 +144,12 @@ def test_pretraining_sp2_on_two_ranks_equals_one_rank(stage: int, one_rank, tiny
     assert ds["sequence_parallel_size"] == 2 and ds["train_batch_size"] == 2  # micro 2 x accum 1 x dp 1
     step = tmp_path / "sp" / "checkpoints" / f"step-{STEPS:08d}"
     assert json.loads((step / "meta.json").read_text())["sequence_parallel_size"] == 2
+    if stage == 3:  # exact resume under SP: from step 4 into another run directory
+        mid = tmp_path / "sp" / "checkpoints" / "step-00000004"
+        r = _pretrain(tmp_path / "resumed", tiny_dataset, "ds_configs/zero3.json", 2, f"checkpoint.resume={mid}")
+        assert f"resumed from {mid} at step 4" in r.stdout
+        resumed = _losses(tmp_path / "resumed")
+        assert len(resumed) == STEPS - 4 and max(abs(a - b) for a, b in zip(resumed, sp[4:])) <= 1e-6, (resumed, sp[4:])
 
 
 @pytest.mark.slow
