@@ -172,3 +172,18 @@ def test_masked_sft_sp2_on_two_ranks_equals_one_rank(tmp_path: Path, tiny_hf_mod
     base, sp = finetune(tmp_path / "one", 1), finetune(tmp_path / "sp", 2)
     assert len(sp) == len(base) == STEPS
     assert max(abs(a - b) for a, b in zip(sp, base)) < 1e-5, (sp, base)
+
+
+def test_the_planner_sizes_activations_by_the_tokens_one_rank_holds(tiny_dataset: Path, tmp_path: Path):
+    from pipeline.training.plan import GiB, Target, activation_bytes, estimate_config
+    from pipeline.training.resolve import recipe_from
+
+    target = Target(gpus_per_node=2, nodes=1, gpu_memory=0, cpu_memory=64 * GiB)
+    rows = {}
+    for sp in (1, 2):
+        cfg, conf = _train_cfg(tiny_dataset, f"output={tmp_path / 'run'}", "data.seq_len=512", f"parallel.sequence_parallel_size={sp}")
+        r = recipe_from(cfg, conf, seq_len=512, head="causal_lm", precision="fp32")
+        assert (r.sp, r.local_seq) == (sp, 512 // sp)
+        rows[sp] = estimate_config(r, "ds_configs/zero3.json", target, r.micro_batch, False)
+    assert rows[2].activations == activation_bytes(r.facts, r.micro_batch, 256, "fp32", False)
+    assert rows[2].activations < rows[1].activations == activation_bytes(r.facts, r.micro_batch, 512, "fp32", False)

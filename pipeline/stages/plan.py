@@ -102,7 +102,11 @@ def main(argv: list[str] | None = None, *, description: str = "") -> int:
         precision = ns.precision or cfg.deepspeed.precision
         if precision == "auto":
             precision = "bf16" if target.on_gpu else "fp32"
-        plan = make_plan(_recipe_for_cli(stage, cfg, ns.vocab_size, precision), target)
+        recipe = _recipe_for_cli(stage, cfg, ns.vocab_size, precision)
+        if target.world % recipe.sp:
+            p.error(f"parallel.sequence_parallel_size={recipe.sp} does not divide the target's {target.world} ranks "
+                    "(--gpus-per-node x --nodes)")
+        plan = make_plan(recipe, target)
         print(report(plan), end="")
         return 0 if plan.choice is not None else 1
 

@@ -352,6 +352,13 @@ class Recipe:
     checkpointing: bool
     precision: str
     cfg: Any  # the stage config (train and deepspeed sections)
+    sp: int = 1  # sequence-parallel degree: each rank holds the activations of seq_len / sp tokens
+
+    @property
+    def local_seq(self) -> int:
+        """Tokens whose activations one rank holds (Ulysses: after the all-to-all a rank holds the
+        whole sequence for heads / sp, the same number of elements)."""
+        return self.seq_len // self.sp
 
 
 def estimate_config(r: Recipe, config: str, target: Target, micro: int, checkpointing: bool,
@@ -364,14 +371,14 @@ def estimate_config(r: Recipe, config: str, target: Target, micro: int, checkpoi
         elif micro == r.micro_batch:
             grad_accum, global_batch = r.grad_accum, r.global_batch
         else:
-            grad_accum, global_batch = 0, r.global_batch or r.micro_batch * max(r.grad_accum, 1) * target.world
-        ds = resolve_for_recipe(r.cfg, config, world=target.world, precision=r.precision, hidden=r.facts.hidden,
+            grad_accum, global_batch = 0, r.global_batch or r.micro_batch * max(r.grad_accum, 1) * (target.world // r.sp)
+        ds = resolve_for_recipe(r.cfg, config, world=target.world // r.sp, sp=r.sp, precision=r.precision, hidden=r.facts.hidden,
                                 strict_nvme=False, micro=micro, grad_accum=grad_accum, global_batch=global_batch)
     except UserError:
         if micro == r.micro_batch:
             raise
         return None
-    return estimate(r.facts, ds, config, target, micro=micro, seq=r.seq_len, precision=r.precision, checkpointing=checkpointing)
+    return estimate(r.facts, ds, config, target, micro=micro, seq=r.local_seq, precision=r.precision, checkpointing=checkpointing)
 
 
 def largest_micro(r: Recipe, config: str, target: Target, checkpointing: bool, limit: int = 256) -> int:
@@ -402,8 +409,8 @@ class Plan:
                     "memory; use more GPUs or nodes, a shorter data.seq_len or a smaller model")
         parts = [f"deepspeed.config={c.config}"]
         if c.micro_batch != r.micro_batch:
-            accum = max(1, (r.global_batch or r.micro_batch * max(r.grad_accum, 1) * self.target.world)
-                        // (c.micro_batch * self.target.world))
+            dp = self.target.world // r.sp
+            accum = max(1, (r.global_batch or r.micro_batch * max(r.grad_accum, 1) * dp) // (c.micro_batch * dp))
             parts.append(f"train.micro_batch_size={c.micro_batch} train.grad_accum={accum}")
         if c.activation_checkpointing and not r.checkpointing:
             parts.append("model.activation_checkpointing=true")

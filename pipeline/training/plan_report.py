@@ -56,7 +56,8 @@ def report(p: Plan) -> str:
     return "\n".join([
         f"target: {p.target.describe()}",
         f"model: {f.n_params / 1e6:.1f}M parameters (largest layer {f.largest_layer / 1e6:.2f}M), {f.layers} layers, "
-        f"hidden {f.hidden}, vocab {f.vocab}; seq_len {r.seq_len}, micro batch {r.micro_batch}, {r.precision}",
+        f"hidden {f.hidden}, vocab {f.vocab}; seq_len {r.seq_len}, micro batch {r.micro_batch}, {r.precision}"
+        + (f", sequence-parallel {r.sp} ({r.local_seq} tokens of activations per rank)" if r.sp > 1 else ""),
         "memory in GiB; states = parameters + gradients + optimizer (DeepSpeed's estimators), buffers = "
         "communication buckets + " + ("CUDA context" if p.target.on_gpu else "rank process runtime") + " + fragmentation",
         "",

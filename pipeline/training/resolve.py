@@ -125,7 +125,8 @@ def recipe_from(cfg: Any, conf, *, seq_len: int, head: str, precision: str) -> R
     t, m = cfg.train, cfg.model
     return Recipe(facts=model_facts(conf, head=head, attn_implementation=m.attn_implementation), seq_len=seq_len,
                   micro_batch=t.micro_batch_size, grad_accum=t.grad_accum, global_batch=t.global_batch_size,
-                  checkpointing=m.activation_checkpointing, precision=precision, cfg=cfg)
+                  checkpointing=m.activation_checkpointing, precision=precision, cfg=cfg,
+                  sp=getattr(getattr(cfg, "parallel", None), "sequence_parallel_size", 1))
 
 
 def _rss() -> int:
@@ -241,7 +242,7 @@ def resolve_run(cfg: Any, conf, *, seq_len: int, head: str, local_rank: int | No
                            resume_from=resume_from, sp=sp)
     if target is None:
         return resolved
-    est = resolved.estimate = estimate(recipe.facts, ds, path, target, micro=recipe.micro_batch, seq=seq_len,
+    est = resolved.estimate = estimate(recipe.facts, ds, path, target, micro=recipe.micro_batch, seq=recipe.local_seq,
                                        precision=precision, checkpointing=recipe.checkpointing)
     if est.fits or not refuse:
         return resolved
