@@ -110,13 +110,14 @@ def _losses(run: Path) -> list[float]:
     return json.loads((run / "losses.json").read_text())["losses"]
 
 
-def _pretrain(out: Path, data: Path, config: str, sp: int, *extra: str):
+def _pretrain(out: Path, data: Path, config: str, sp: int, *extra: str, ranks: int | None = None):
     args = [f"output={out}", f"data.datasets.0.path={data}", *TINY_MODEL, "data.seq_len=64", "train.micro_batch_size=2",
             f"train.max_steps={STEPS}", "train.warmup_steps=2", "train.lr=3e-3", "train.eval_batches=2", "train.eval_every=4",
             "checkpoint.every=0", f"deepspeed.config={config}", "deepspeed.memory_check=false",
             f"parallel.sequence_parallel_size={sp}", *SCALE_SENSITIVE, *extra]
     env = {"OMP_NUM_THREADS": "1"}
-    r = run_deepspeed("train.py", *args, env=env) if sp > 1 else run_script("train.py", *args, env=env)
+    ranks = ranks or sp
+    r = run_deepspeed("train.py", *args, ranks=ranks, env=env) if ranks > 1 else run_script("train.py", *args, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return r
 
@@ -187,3 +188,20 @@ def test_the_planner_sizes_activations_by_the_tokens_one_rank_holds(tiny_dataset
         rows[sp] = estimate_config(r, "ds_configs/zero3.json", target, r.micro_batch, False)
     assert rows[2].activations == activation_bytes(r.facts, r.micro_batch, 256, "fp32", False)
     assert rows[2].activations < rows[1].activations == activation_bytes(r.facts, r.micro_batch, 512, "fp32", False)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_checkpoint_resumes_with_another_data_x_sequence_split(tiny_dataset: Path, tmp_path: Path):
+    """SP=2 x dp=1 to step 8, then SP=1 x dp=2 on the same 2 ranks (global batch 4 both ways): ZeRO-3
+    partitions over all ranks either way and the sampler counts global samples, so steps 9-10
+    equal those of the SP run itself."""
+    batch = ["train.global_batch_size=4", "train.max_steps=10"]
+    _pretrain(tmp_path / "sp", tiny_dataset, "ds_configs/zero3.json", 2, *batch, "checkpoint.every=8")
+    mid = tmp_path / "sp" / "checkpoints" / "step-00000008"
+    r = _pretrain(tmp_path / "dp", tiny_dataset, "ds_configs/zero3.json", 1, *batch, f"checkpoint.resume={mid}", ranks=2)
+    assert f"resumed from {mid} at step 8" in r.stdout and "sequence-parallel" not in r.stdout
+    assert json.loads((tmp_path / "sp" / "ds_config.json").read_text())["gradient_accumulation_steps"] == 2
+    assert json.loads((tmp_path / "dp" / "ds_config.json").read_text())["gradient_accumulation_steps"] == 1
+    full, resumed = _losses(tmp_path / "sp"), _losses(tmp_path / "dp")
+    assert len(resumed) == 2 and max(abs(a - b) for a, b in zip(resumed, full[8:])) < 1e-5, (resumed, full[8:])
