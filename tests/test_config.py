@@ -12,7 +12,8 @@ import yaml
 from pipeline.config import describe_keys, field_docs, help_text, load_config, parse_value, to_dict
 from pipeline.errors import ConfigError, UserError
 
-from conftest import ROOT, run_script
+from conftest import ROOT
+from inproc import run_entry
 
 
 @dataclass
@@ -122,23 +123,24 @@ def test_every_shipped_yaml_loads():
         load_config(stages[stage], str(f))
 
 
-def test_cli_error_exit_code_and_no_traceback(tmp_path: Path):
-    r = run_script("preprocess.py", "val_fraction=2", "clean.min_char=3", "workers=x", cwd=tmp_path)
-    assert r.returncode == 2
-    assert "Traceback" not in r.stderr
-    assert "val_fraction: must be in [0, 1), got 2.0" in r.stderr
-    assert "clean.min_char: unknown key; did you mean 'min_chars'?" in r.stderr
-    assert "workers: expected an integer, got 'x'" in r.stderr
+def test_cli_error_exit_code_and_no_traceback(tmp_path: Path, monkeypatch, capsys):
+    code, _, err = run_entry("preprocess.py", ["val_fraction=2", "clean.min_char=3", "workers=x"], monkeypatch, capsys, cwd=tmp_path)
+    assert code == 2
+    assert "Traceback" not in err
+    assert "val_fraction: must be in [0, 1), got 2.0" in err
+    assert "clean.min_char: unknown key; did you mean 'min_chars'?" in err
+    assert "workers: expected an integer, got 'x'" in err
     assert not any(tmp_path.iterdir()), "a failed config check must not write anything"
 
 
-def test_cli_help_and_print_config(tmp_path: Path):
-    r = run_script("preprocess.py", "--help", cwd=tmp_path)
-    assert r.returncode == 0
-    assert "tokenizer.vocab_size" in r.stdout and "sources.N.text_field" in r.stdout and "val_fraction" in r.stdout
-    r = run_script("preprocess.py", "--print-config", "tokenizer.vocab_size=1000", "sources.0.weight=2", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    cfg = yaml.safe_load(r.stdout)
+def test_cli_help_and_print_config(tmp_path: Path, monkeypatch, capsys):
+    code, out, _ = run_entry("preprocess.py", ["--help"], monkeypatch, capsys, cwd=tmp_path)
+    assert code == 0
+    assert "tokenizer.vocab_size" in out and "sources.N.text_field" in out and "val_fraction" in out
+    code, out, err = run_entry("preprocess.py", ["--print-config", "tokenizer.vocab_size=1000", "sources.0.weight=2"], monkeypatch, capsys,
+                               cwd=tmp_path)
+    assert code == 0, err
+    cfg = yaml.safe_load(out)
     assert cfg["tokenizer"]["vocab_size"] == 1000 and cfg["sources"][0]["weight"] == 2.0
     assert not any(tmp_path.iterdir())
 
@@ -209,9 +211,9 @@ def test_deepspeed_json_as_config_is_one_problem(tmp_path: Path):
     assert "did you mean 'train.grad_accum'?" in got["gradient_accumulation_steps"]
 
 
-def test_cli_deepspeed_json_as_config(tmp_path: Path):
-    r = run_script("train.py", "--config", str(ROOT / "ds_configs" / "zero3.json"), cwd=tmp_path)
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "invalid config (1 problem):" in r.stderr and "is a DeepSpeed config" in r.stderr
-    assert f"pass it as deepspeed.config={ROOT / 'ds_configs' / 'zero3.json'}" in r.stderr
+def test_cli_deepspeed_json_as_config(tmp_path: Path, monkeypatch, capsys):
+    code, _, err = run_entry("train.py", ["--config", str(ROOT / "ds_configs" / "zero3.json")], monkeypatch, capsys, cwd=tmp_path)
+    assert code == 2 and "Traceback" not in err
+    assert "invalid config (1 problem):" in err and "is a DeepSpeed config" in err
+    assert f"pass it as deepspeed.config={ROOT / 'ds_configs' / 'zero3.json'}" in err
     assert not any(tmp_path.iterdir())

@@ -1,10 +1,14 @@
-"""Every user-facing error path, through the real entry points (``launch/*.py`` in a fresh
-interpreter): one ``error: ...`` line naming what is wrong and how to fix it, exit code 2,
-no traceback, and nothing lost -- a result already in the output directory is untouched.
+"""Every user-facing error path, through the real entry points (``launch/*.py``): one
+``error: ...`` line naming what is wrong and how to fix it, exit code 2, no traceback, and
+nothing lost -- a result already in the output directory is untouched, no ``.partial`` left.
 
-The cases run as subprocesses in parallel (most fail at the config or input check, before
-any model is built); each test then judges its own case. Faults that need a running job
-(a killed rank, a full disk, damaged shards) are in ``test_faults.py``.
+Most cases are refused by checks that run before any process group or model exists; they
+run in this process (:func:`inproc.run_entry`: the real script under ``runpy``, a tripwire
+in place of the heavy work), milliseconds each. The cases in :data:`LAUNCHED` run as fresh
+interpreters, four at a time while the others run: those refused only once the process group
+or the model exists, and one case for each other entry point, for what only a real process
+shows (nothing printed on import or at exit, not one traceback line). Faults that need a
+running job (a killed rank, a full disk, damaged shards) are in ``test_faults.py``.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, TINY_MODEL, write_jsonl
+from inproc import run_entry
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -133,6 +138,21 @@ CASES: dict[str, Case] = {
 }
 
 
+# Run as fresh interpreters: the refusals that come once the process group or the model exists
+# (they cannot run in this process), and one case for each other entry point.
+LAUNCHED = {
+    "resume a checkpoint of another model",  # train: compared once the engine exists
+    "finetune: bad chat line",  # finetune: the task reads its records on the ranks
+    "finetune: record without label",
+    "evaluate: missing text field",  # evaluate: a text file is read with the loaded model's tokenizer
+    "evaluate: malformed JSONL line",
+    "evaluate: tokenizer differs from the data's",  # ... and compared to the shards' once loaded
+    "malformed JSONL line",  # preprocess
+    "export: not a checkpoint",
+    "plan: no nodes",
+}
+
+
 def _files(d: Path, docs: list[str]) -> None:
     d.mkdir(parents=True, exist_ok=True)
     (d / "bad.jsonl").write_text('{"text": "a fine first line"}\n{"text": "cut off\n')
@@ -160,7 +180,8 @@ def _run(script: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess
 
 @pytest.fixture(scope="module")
 def catalogue(request, tmp_path_factory, tiny_dataset: Path, tiny_hf_model: Path, tiny_tokenizer: Path):
-    """Prepare and start every selected case at once; yields ``{case: (Future, out, before, subs)}``."""
+    """Prepare every selected case and start the launched ones; yields
+    ``{case: (Future or None, args, out, before, subs)}`` and the working directory under ``""``."""
     from conftest import make_docs
 
     base = tmp_path_factory.mktemp("catalogue")
@@ -196,23 +217,29 @@ def catalogue(request, tmp_path_factory, tiny_dataset: Path, tiny_hf_model: Path
         subs = {"data": tiny_dataset, "hf": tiny_hf_model, "other_tok": other_tok, "run": run, "out": out, "files": files,
                 "noweights": noweights, "root": ROOT}
         args = [a.format(**subs) for a in case.args]
-        started[name] = (pool.submit(_run, case.script, args, base), out, _tree(out), subs)
+        before = _tree(out)
+        started[name] = (pool.submit(_run, case.script, args, base) if name in LAUNCHED else None, args, out, before, subs)
+    started[""] = base
     yield started
     pool.shutdown(wait=True)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_user_error(catalogue, name: str):
+def test_user_error(catalogue, name: str, monkeypatch, capfd):
     case = CASES[name]
-    future, out, before, subs = catalogue[name]
-    r = future.result()
-    assert r.returncode == 2, f"exit {r.returncode}\n{r.stdout[-1500:]}\n{r.stderr[-3000:]}"
-    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    future, args, out, before, subs = catalogue[name]
+    if future is not None:
+        r = future.result()
+        code, stdout, stderr = r.returncode, r.stdout, r.stderr
+    else:
+        code, stdout, stderr = run_entry(case.script, args, monkeypatch, capfd, cwd=catalogue[""])
+    assert code == 2, f"exit {code}\n{stdout[-1500:]}\n{stderr[-3000:]}"
+    assert "Traceback" not in stderr, stderr[-3000:]
     # ours: "error: ..."; argparse's usage errors: "launch/X.py: error: ..."
-    errors = [line for line in r.stderr.splitlines() if re.match(r"(launch/\w+\.py: )?error: ", line)]
-    assert len(errors) == 1, r.stderr[-3000:]  # one message (it may go on over the following lines)
+    errors = [line for line in stderr.splitlines() if re.match(r"(launch/\w+\.py: )?error: ", line)]
+    assert len(errors) == 1, stderr[-3000:]  # one message (it may go on over the following lines)
     for phrase in case.phrases:
-        assert phrase.format(**subs) in r.stderr, f"{phrase!r} not in:\n{r.stderr[-3000:]}"
+        assert phrase.format(**subs) in stderr, f"{phrase!r} not in:\n{stderr[-3000:]}"
     after = _tree(out)
     lost = sorted(k for k, v in before.items() if after.get(k) != v)
     assert not lost, f"the failed run changed or removed {lost}"

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_MODEL, run_deepspeed, run_script, write_jsonl
+from inproc import run_entry
 
 pytestmark = pytest.mark.integration
 ENV = {"OMP_NUM_THREADS": "1"}
@@ -53,13 +54,13 @@ def test_sft_trains_and_saves_template(tmp_path: Path, tiny_hf_model: Path):
     assert "eval step 6 | loss" in r.stdout
 
 
-def test_inspect_marks_trained_tokens(tmp_path: Path, tiny_hf_model: Path):
+def test_inspect_marks_trained_tokens(tmp_path: Path, tiny_hf_model: Path, monkeypatch, capsys):
     data = write_jsonl(tmp_path / "one.jsonl", [{"prompt": "Who founded Kalo?", "response": "Ren Tor"}])
-    r = run_script("finetune.py", "--inspect", "1", *_common(tmp_path / "run", tiny_hf_model, f"sft.train={data}", "sft.val_fraction=0",
-                                                             "sft.seq_len=64"))
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "Who founded Kalo?" in r.stdout and "[[" in r.stdout
-    trained = "".join(part.split("]]")[0] for part in r.stdout.split("[[")[1:])
+    code, out, err = run_entry("finetune.py", ["--inspect", "1", *_common(tmp_path / "run", tiny_hf_model, f"sft.train={data}",
+                                                                         "sft.val_fraction=0", "sft.seq_len=64")], monkeypatch, capsys)
+    assert code == 0, err[-2000:]
+    assert "Who founded Kalo?" in out and "[[" in out
+    trained = "".join(part.split("]]")[0] for part in out.split("[[")[1:])
     assert "Ren Tor" in trained and "Who founded" not in trained and "</s>" in trained
     assert not (tmp_path / "run").exists()
 
@@ -82,9 +83,13 @@ def test_classification_learns_above_chance(tmp_path: Path, tiny_hf_model: Path)
 
 @pytest.mark.slow
 def test_sft_from_pipeline_checkpoint_two_ranks_zero3(tmp_path: Path, tiny_dataset: Path):
-    pre = run_deepspeed("train.py", f"output={tmp_path / 'pre'}", f"data.datasets.0.path={tiny_dataset}", *TINY_MODEL,
-                        "train.micro_batch_size=2", "train.max_steps=2", "train.eval_batches=0")
-    assert pre.returncode == 0, pre.stdout[-3000:]
+    """Fine-tuning on 2 ranks (ZeRO-3) starts from a training run's checkpoint: rank 0 exports it
+    into init_model. (The checkpoint is made on one rank: the export of a 2-rank ZeRO-3
+    checkpoint is test_export.py's.)"""
+    pre = run_script("train.py", f"output={tmp_path / 'pre'}", f"data.datasets.0.path={tiny_dataset}", *TINY_MODEL,
+                     "train.micro_batch_size=2", "train.max_steps=2", "train.eval_batches=0", env=ENV)
+    assert pre.returncode == 0, pre.stderr[-3000:]
+    assert json.loads((tmp_path / "pre" / "ds_config.json").read_text())["zero_optimization"]["stage"] == 3
     data = _qa(tmp_path)
     r = run_deepspeed("finetune.py", *_common(tmp_path / "ft", tmp_path / "pre", f"sft.train={data}", "sft.seq_len=32",
                                               "train.max_steps=3", "train.micro_batch_size=2"))
@@ -96,17 +101,20 @@ def test_sft_from_pipeline_checkpoint_two_ranks_zero3(tmp_path: Path, tiny_datas
 @pytest.mark.parametrize("extra, message", [
     (["task=sft"], "sft.train: is empty"),
     (["task=classification", "classification.train=nowhere.jsonl"], "classification.train 'nowhere.jsonl' does not exist"),
-    (["sft.train=BAD"], "BAD_FILE:2"),
     (["model.path=/nonexistent", "sft.train=BAD"], "model.path '/nonexistent' does not exist"),
 ])
-def test_finetune_user_errors(tmp_path: Path, tiny_hf_model: Path, extra, message):
+def test_finetune_user_errors(tmp_path: Path, tiny_hf_model: Path, extra, message, monkeypatch, capsys):
+    """Exit 2 and the message, no output written; refused before the process group, so run in this
+    process. (A bad record is read by the task on the ranks: test_error_catalogue.py launches
+    "finetune: bad chat line" and "finetune: record without label".)"""
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": 3}\n')
     extra = [e.replace("BAD", str(bad)) for e in extra]
     # sft.seq_len within the tiny model's 64 positions, so the data checks are reached
-    r = run_script("finetune.py", *_common(tmp_path / "run", tiny_hf_model, "sft.seq_len=64"), *extra, env=ENV)
-    assert r.returncode == 2, r.stderr[-2000:]
-    assert message.replace("BAD_FILE", str(bad)) in r.stderr and "Traceback" not in r.stderr
+    code, _, err = run_entry("finetune.py", [*_common(tmp_path / "run", tiny_hf_model, "sft.seq_len=64"), *extra], monkeypatch, capsys)
+    assert code == 2, err[-2000:]
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow

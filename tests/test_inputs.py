@@ -4,32 +4,26 @@ answer: a model directory (train, finetune, evaluate, plan, export), an output d
 preprocess).
 
 The table runs each case through the real ``launch/*.py`` script *in this process*
-(``runpy``), so a case costs milliseconds once the libraries are imported. The functions that
-would start heavy work (the process group, loading or consolidating weights) are replaced by
-a tripwire: a case that gets past its input check fails the test instead of training. A few
-cases run through the real launchers in ``test_error_catalogue.py`` and below.
+(:func:`inproc.run_entry`), so a case costs milliseconds once the libraries are imported; a
+case that gets past its input check hits a tripwire instead of training. A few cases run
+through the real launchers in ``test_error_catalogue.py`` and below.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import runpy
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY_MODEL, run_deepspeed, write_jsonl
+from conftest import TINY_MODEL, run_deepspeed, run_script, write_jsonl
+from inproc import HeavyWork, run_entry
 
 from pipeline.errors import UserError
 from pipeline.inputs import check_data_file, check_model, check_output, check_positions, max_positions
-
-
-class _HeavyWork(BaseException):
-    """Raised by the tripwires: the entry point went past its input checks."""
 
 
 # ---------------------------------------------------------------------------- the checks alone
@@ -210,31 +204,6 @@ def inputs(tmp_path_factory, tiny_dataset: Path, tiny_hf_model: Path) -> dict[st
     return {"base": base, "files": files, "models": models, "bad_data": data}
 
 
-def _run_in_process(script: str, argv: list[str], monkeypatch, capsys) -> tuple[int, str]:
-    """Run ``launch/<script>`` as ``__main__`` in this process; returns (exit code, stderr)."""
-    import pipeline.dist
-    import pipeline.stages.evaluate
-    import pipeline.stages.export
-
-    def tripwire(*a, **k):
-        raise _HeavyWork(f"{script} went past its input checks into heavy work")
-
-    monkeypatch.setattr(pipeline.dist, "init", tripwire)  # train, finetune (and evaluate zero3)
-    # dist.finish ends a process that ever started a process group with os._exit; an earlier
-    # test in this process may have (and shut it down again): these runs start none.
-    monkeypatch.setattr(pipeline.dist, "_started", False)
-    monkeypatch.setattr(pipeline.stages.evaluate, "load", tripwire)  # evaluate: weights
-    monkeypatch.setattr(pipeline.stages.export, "consolidate", tripwire)  # export: weights
-    monkeypatch.setattr(sys, "argv", [str(ROOT / "launch" / script), *argv])
-    capsys.readouterr()
-    try:
-        runpy.run_path(str(ROOT / "launch" / script), run_name="__main__")
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    return code, capsys.readouterr().err
-
-
 def _table(entries: dict[str, Entry], cases: dict[str, tuple[str, ...]], skip: set[tuple[str, str]] = frozenset()):
     return [pytest.param(e, c, id=f"{e}: {c}") for e in entries for c in cases if (e, c) not in skip]
 
@@ -258,7 +227,7 @@ def test_model_directory(entry, case, inputs, tiny_dataset, tiny_hf_model, tmp_p
     e = MODEL_ENTRIES[entry]
     path = inputs["models"] / _CASE_DIRS.get(case, case)
     subs = {"data": tiny_dataset, "hf": tiny_hf_model, "out": tmp_path / "out", "files": inputs["files"]}
-    code, err = _run_in_process(e.script, _args(e, path, subs), monkeypatch, capsys)
+    code, _, err = run_entry(e.script, _args(e, path, subs), monkeypatch, capsys)
     _check(code, err, _phrases(entry, case), {"key": e.key, "path": path})
     assert not (tmp_path / "out").exists(), "a refused run must not write its output"
 
@@ -267,7 +236,7 @@ def test_model_directory(entry, case, inputs, tiny_dataset, tiny_hf_model, tmp_p
 def test_planner_plans_a_model_without_weights(entry, inputs, tiny_dataset, tiny_hf_model, monkeypatch, capsys):
     e = MODEL_ENTRIES[entry]
     subs = {"data": tiny_dataset, "hf": tiny_hf_model, "out": "unused", "files": inputs["files"]}
-    code, err = _run_in_process(e.script, _args(e, inputs["models"] / "no weights", subs), monkeypatch, capsys)
+    code, _, err = run_entry(e.script, _args(e, inputs["models"] / "no weights", subs), monkeypatch, capsys)
     assert code in (0, 1) and "error:" not in err, err[-3000:]  # 0: something fits, 1: nothing does
 
 
@@ -275,7 +244,7 @@ def test_planner_plans_a_model_without_weights(entry, inputs, tiny_dataset, tiny
 def finished_run(tmp_path_factory, tiny_dataset: Path) -> Path:
     """A one-step training run with a checkpoint (export's input)."""
     run = tmp_path_factory.mktemp("run") / "run"
-    r = run_deepspeed("train.py", *[a.format(data=tiny_dataset, out=run) for a in T], "checkpoint.every=1", ranks=1)
+    r = run_script("train.py", *[a.format(data=tiny_dataset, out=run) for a in T], "checkpoint.every=1", env={"OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     return run
 
@@ -297,7 +266,7 @@ def test_output_directory(entry, case, inputs, tiny_dataset, tiny_hf_model, step
     e = OUTPUT_ENTRIES[entry]
     path = inputs["base"] / "out" / "a file" if case == "an existing file" else inputs["base"] / "out" / "a file" / "sub"
     subs = {"data": tiny_dataset, "hf": tiny_hf_model, "out": "unused", "files": inputs["files"], "run": step_dir}
-    code, err = _run_in_process(e.script, _args(e, path, subs), monkeypatch, capsys)
+    code, _, err = run_entry(e.script, _args(e, path, subs), monkeypatch, capsys)
     _check(code, err, OUTPUT_CASES[case], {"key": e.key, "path": path})
     assert (inputs["base"] / "out" / "a file").read_text() == "an earlier result\n"
 
@@ -312,7 +281,7 @@ def test_output_that_is_the_input(entry, key, tiny_dataset, tiny_hf_model, tmp_p
     subs = {"data": tiny_dataset, "hf": model, "out": model, "files": tmp_path}
     write_jsonl(tmp_path / "sft_ok.jsonl", [{"prompt": f"q {i}", "response": f"a {i}"} for i in range(20)])
     args = [a.format(**subs) for a in e.args if not a.startswith("model")] + [e.arg.format(path=model)]
-    code, err = _run_in_process(e.script, args, monkeypatch, capsys)
+    code, _, err = run_entry(e.script, args, monkeypatch, capsys)
     _check(code, err, (f"output '{model}' is {key} '{model}': the run would write over its own input",), {})
     assert {p.name: p.read_bytes() for p in model.iterdir()} == before
 
@@ -322,7 +291,7 @@ def test_data_path(entry, case, inputs, tiny_dataset, tiny_hf_model, tmp_path, m
     e = DATA_ENTRIES[entry]
     path = inputs["bad_data"] / case
     subs = {"data": tiny_dataset, "hf": tiny_hf_model, "out": tmp_path / "out", "files": inputs["files"]}
-    code, err = _run_in_process(e.script, _args(e, path, subs), monkeypatch, capsys)
+    code, _, err = run_entry(e.script, _args(e, path, subs), monkeypatch, capsys)
     _check(code, err, DATA_CASES[case], {"key": e.key, "path": path})
     assert not (tmp_path / "out").exists()
 
@@ -331,7 +300,7 @@ def test_data_path(entry, case, inputs, tiny_dataset, tiny_hf_model, tmp_path, m
                                           ("a directory", "is not a preprocessed dataset (no manifest.json)")])
 def test_train_dataset_path(path, phrase, inputs, tiny_dataset, tmp_path, monkeypatch, capsys):
     args = [a.format(data=inputs["bad_data"] / path, out=tmp_path / "out") for a in T]
-    code, err = _run_in_process("train.py", args, monkeypatch, capsys)
+    code, _, err = run_entry("train.py", args, monkeypatch, capsys)
     _check(code, err, (phrase, "run launch/preprocess.py first"), {})
 
 
@@ -344,7 +313,7 @@ def test_new_model_sequence_beyond_its_positions(model_type, tiny_dataset, tmp_p
     used to crash, Llama trained silently past its positions), for every documented type."""
     args = [a.format(data=tiny_dataset, out=tmp_path / "out") for a in T]
     args += [f"model.model_type={model_type}", "data.seq_len=48", "model.max_position_embeddings=32"]
-    code, err = _run_in_process("train.py", args, monkeypatch, capsys)
+    code, _, err = run_entry("train.py", args, monkeypatch, capsys)
     _check(code, err, ("data.seq_len=48 is beyond the model's 32 positions",
                        "raise model.max_position_embeddings to at least 48"), {})
 
@@ -353,8 +322,8 @@ def test_new_model_sequence_beyond_its_positions(model_type, tiny_dataset, tmp_p
 def test_new_model_positions_default_to_seq_len(model_type, tiny_dataset, tmp_path, monkeypatch, capsys):
     """The default (0) takes data.seq_len: the run gets past every input check (to the tripwire)."""
     args = [a.format(data=tiny_dataset, out=tmp_path / "out") for a in T] + [f"model.model_type={model_type}", "data.seq_len=48"]
-    with pytest.raises(_HeavyWork):
-        _run_in_process("train.py", args, monkeypatch, capsys)
+    with pytest.raises(HeavyWork):
+        run_entry("train.py", args, monkeypatch, capsys)
 
 
 # ---------------------------------------------------------------------------- through the real launcher
@@ -384,7 +353,7 @@ def test_continue_training_from_a_pipeline_checkpoint(finished_run, tiny_dataset
     exports it (verified) into <output>/init_model and training starts from those weights."""
     out = tmp_path / "continued"
     args = [a.format(data=tiny_dataset, out=out) for a in T if not a.startswith("model.")]
-    r = run_deepspeed("train.py", *args, f"model.path={finished_run}", "checkpoint.every=1", ranks=1)
+    r = run_script("train.py", *args, f"model.path={finished_run}", "checkpoint.every=1", env={"OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     made = json.loads((out / "init_model" / "export_meta.json").read_text())
     assert made["source_checkpoint"] == str((finished_run / "checkpoints" / "step-00000001").resolve())

@@ -1,4 +1,9 @@
-"""The preprocess stage end to end: formats, cleaning, round trip, resume, errors, tasks."""
+"""The preprocess stage end to end: formats, cleaning, round trip, resume, errors, tasks.
+
+The refusals, and the runs around them in the same test, run the real ``launch/preprocess.py``
+in this process (:func:`inproc.run_entry`: no interpreter start); the rest are fresh processes
+(a killed run must be one).
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import ROOT, make_docs, run_script, write_jsonl
+from inproc import run_entry
 
 pytestmark = pytest.mark.integration
 
@@ -178,18 +184,18 @@ def test_encode_calls_split_batches_evenly():
     assert sum(_parts(["x" * 100, "y", "z"], 3), []) == ["x" * 100, "y", "z"]
 
 
-def test_malformed_line_fails_then_skip_counts(tmp_path: Path, tiny_tokenizer: Path):
+def test_malformed_line_fails_then_skip_counts(tmp_path: Path, tiny_tokenizer: Path, monkeypatch, capsys):
     docs = make_docs(20)
     path = tmp_path / "bad.jsonl"
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs[:7]) + '{"text": "broken\n' +
                     "".join(json.dumps({"text": t}) + "\n" for t in docs[7:]))
-    r = run_script("preprocess.py", f"sources.0.path={path}", "output=out", f"tokenizer.path={tiny_tokenizer}", cwd=tmp_path)
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert f"{path}:8" in r.stderr and "bad_records=skip" in r.stderr
+    args = [f"sources.0.path={path}", "output=out", f"tokenizer.path={tiny_tokenizer}"]
+    code, _, err = run_entry("preprocess.py", args, monkeypatch, capsys, cwd=tmp_path)
+    assert code == 2 and "Traceback" not in err
+    assert f"{path}:8" in err and "bad_records=skip" in err
     assert not (tmp_path / "out").exists()
-    r = run_script("preprocess.py", f"sources.0.path={path}", "output=out", f"tokenizer.path={tiny_tokenizer}",
-                   "bad_records=skip", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
+    code, _, err = run_entry("preprocess.py", [*args, "bad_records=skip"], monkeypatch, capsys, cwd=tmp_path)
+    assert code == 0, err
     m = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert m["stats"]["bad_records"] == 1 and m["stats"]["kept"] == 20
 
@@ -205,7 +211,7 @@ def test_malformed_line_fails_then_skip_counts(tmp_path: Path, tiny_tokenizer: P
         ("sources.0.path=BLANK tokenizer.path=TOK", "holds no documents"),  # found at its end, after reading
     ],
 )
-def test_bad_input_messages(tmp_path: Path, corpus: Path, tiny_tokenizer: Path, override: str, message: str):
+def test_bad_input_messages(tmp_path: Path, corpus: Path, tiny_tokenizer: Path, override: str, message: str, monkeypatch, capsys):
     """Exit 2, the message, and nothing left behind: no output, no .partial of a run that never started."""
     (tmp_path / "EMPTY.jsonl").write_bytes(b"")
     (tmp_path / "BLANK.jsonl").write_text("\n  \n\n")
@@ -222,9 +228,10 @@ def test_bad_input_messages(tmp_path: Path, corpus: Path, tiny_tokenizer: Path, 
         PreTrainedTokenizerFast(tokenizer_object=t, eos_token="w1", unk_token="[UNK]").save_pretrained(tmp_path / "BIG")
         override = override.replace("BIG", str(tmp_path / "BIG"))
     before = sorted(tmp_path.iterdir())
-    r = run_script("preprocess.py", f"sources.0.path={corpus}", "output=out", *override.split(), cwd=tmp_path)
-    assert r.returncode == 2, r.stderr
-    assert message in r.stderr and "Traceback" not in r.stderr
+    code, _, err = run_entry("preprocess.py", [f"sources.0.path={corpus}", "output=out", *override.split()], monkeypatch, capsys,
+                             cwd=tmp_path)
+    assert code == 2, err
+    assert message in err and "Traceback" not in err
     assert sorted(tmp_path.iterdir()) == before  # neither out nor out.partial
 
 
@@ -242,7 +249,7 @@ def _kill_after_commits(args: list[str], cwd: Path, commits: int) -> None:
     assert len(list(progress.glob("*.json"))) >= commits, "the run ended before it was killed"
 
 
-def test_failed_start_leaves_earlier_partial_and_output_untouched(tmp_path: Path, tiny_tokenizer: Path):
+def test_failed_start_leaves_earlier_partial_and_output_untouched(tmp_path: Path, tiny_tokenizer: Path, monkeypatch, capsys):
     args = _args(tmp_path, tiny_tokenizer, "output=out")
     _kill_after_commits(args, tmp_path, 2)
     partial = _tree(tmp_path / "out.partial")
@@ -251,31 +258,31 @@ def test_failed_start_leaves_earlier_partial_and_output_untouched(tmp_path: Path
                ("tokenizer.path=missing_tok", "missing_tok"),
                (f"sources.1.path={tmp_path / 'empty.jsonl'}", "holds no documents")]
     for override, message in failing:  # each a different config: the partial run must not be discarded
-        r = run_script("preprocess.py", *args, override, cwd=tmp_path)
-        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+        code, _, err = run_entry("preprocess.py", [*args, override], monkeypatch, capsys, cwd=tmp_path)
+        assert code == 2 and message in err and "Traceback" not in err, err
         assert _tree(tmp_path / "out.partial") == partial, override
-    r = run_script("preprocess.py", *args, cwd=tmp_path)
-    assert r.returncode == 0 and "resuming the partial run" in r.stderr, r.stderr
+    code, _, err = run_entry("preprocess.py", args, monkeypatch, capsys, cwd=tmp_path)
+    assert code == 0 and "resuming the partial run" in err, err
     published = _tree(tmp_path / "out")
-    r = run_script("preprocess.py", *args, "sources.0.path=missing.jsonl", "overwrite=true", cwd=tmp_path)
-    assert r.returncode == 2 and "no input matches" in r.stderr
+    code, _, err = run_entry("preprocess.py", [*args, "sources.0.path=missing.jsonl", "overwrite=true"], monkeypatch, capsys, cwd=tmp_path)
+    assert code == 2 and "no input matches" in err
     assert _tree(tmp_path / "out") == published and not (tmp_path / "out.partial").exists()
 
 
-def test_empty_source_is_not_committed(tmp_path: Path, corpus: Path, tiny_tokenizer: Path):
+def test_empty_source_is_not_committed(tmp_path: Path, corpus: Path, tiny_tokenizer: Path, monkeypatch, capsys):
     """An input with no records stops the run once read, and is not recorded as done: the
     other sources' committed work is kept, and the fixed input is read on the rerun."""
     b = tmp_path / "b.jsonl"
     b.write_text("\n\n")
     args = [f"sources=[{{path: {corpus}, name: a}}, {{path: {b}, name: b}}]", "output=out",
             f"tokenizer.path={tiny_tokenizer}", "shard_tokens=2000", "batch_chars=3000"]
-    r = run_script("preprocess.py", *args, cwd=tmp_path)
-    assert r.returncode == 2 and f"source 'b' ({b}) holds no documents" in r.stderr, r.stderr
+    code, _, err = run_entry("preprocess.py", args, monkeypatch, capsys, cwd=tmp_path)
+    assert code == 2 and f"source 'b' ({b}) holds no documents" in err, err
     assert list((tmp_path / "out.partial" / ".progress").glob("a-*.json"))  # resumable: kept
     assert not list((tmp_path / "out.partial" / ".progress").glob("b-*.json"))
     write_jsonl(b, [{"text": t} for t in make_docs(5, prefix="late")])
-    r = run_script("preprocess.py", *args, cwd=tmp_path)
-    assert r.returncode == 0 and "resuming the partial run" in r.stderr, r.stderr
+    code, _, err = run_entry("preprocess.py", args, monkeypatch, capsys, cwd=tmp_path)
+    assert code == 0 and "resuming the partial run" in err, err
     m = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert [s["stats"]["kept"] for s in m["sources"]] == [300, 5]
 
@@ -320,20 +327,24 @@ def test_tokenizer_from_model_dir_copies_tokenizer_files_only(tmp_path: Path, co
     check_tokenizer_match(check_model(str(model), "model.path"), AutoConfig.from_pretrained(model), m["tokenizer"], str(out))
 
 
-def test_existing_output_is_never_damaged(tmp_path: Path, corpus: Path, tiny_tokenizer: Path):
+def test_existing_output_is_never_damaged(tmp_path: Path, corpus: Path, tiny_tokenizer: Path, monkeypatch, capsys):
+    def run(*argv: str) -> tuple[int, str]:
+        code, _, err = run_entry("preprocess.py", list(argv), monkeypatch, capsys, cwd=tmp_path)
+        return code, err
+
     base = [f"sources.0.path={corpus}", "output=out", f"tokenizer.path={tiny_tokenizer}"]
-    assert run_script("preprocess.py", *base, cwd=tmp_path).returncode == 0
+    assert run(*base)[0] == 0
     before = _tree(tmp_path / "out")
-    r = run_script("preprocess.py", *base, cwd=tmp_path)  # same config: nothing to do
-    assert r.returncode == 0 and "already complete" in r.stderr
-    r = run_script("preprocess.py", *base, "val_fraction=0.5", cwd=tmp_path)
-    assert r.returncode == 2 and "overwrite=true" in r.stderr
+    code, err = run(*base)  # same config: nothing to do
+    assert code == 0 and "already complete" in err
+    code, err = run(*base, "val_fraction=0.5")
+    assert code == 2 and "overwrite=true" in err
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"x": 1}])
-    r = run_script("preprocess.py", f"sources.0.path={bad}", "output=out", f"tokenizer.path={tiny_tokenizer}", "overwrite=true", cwd=tmp_path)
-    assert r.returncode == 2
+    code, err = run(f"sources.0.path={bad}", "output=out", f"tokenizer.path={tiny_tokenizer}", "overwrite=true")
+    assert code == 2
     assert _tree(tmp_path / "out") == before
-    r = run_script("preprocess.py", *base, "val_fraction=0.5", "overwrite=true", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
+    code, err = run(*base, "val_fraction=0.5", "overwrite=true")
+    assert code == 0, err
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["val_fraction"] == 0.5
 
 
