@@ -112,15 +112,14 @@ def test_activations_grow_with_batch_and_sequence_and_checkpointing_cuts_them():
     assert 0.3 * GiB < a / 32 < 0.8 * GiB
 
 
-@pytest.mark.slow
-def test_plan_cli_prints_the_table_and_the_fastest_config_that_fits(tiny_dataset: Path):
-    r = run_script("plan.py", f"data.datasets.0.path={tiny_dataset}", *TINY_MODEL, "--gpus-per-node", "8",
-                   "--gpu-memory", "80", "--cpu-memory", "500", "--nodes", "2")
-    assert r.returncode == 0, r.stderr
-    assert "| zero0.json | 0 | none |" in r.stdout and "| zero3_offload.json | 3 |" in r.stdout
-    assert "yes **(chosen)**" in r.stdout.split("| zero0.json")[1].split("\n")[0]
-    assert "recommended (fastest that fits): deepspeed.config=ds_configs/zero0.json" in r.stdout
-    assert "2 node(s) x 8 GPU(s) of 80.0 GiB" in r.stdout
+def test_plan_cli_prints_the_table_and_the_fastest_config_that_fits(tiny_dataset: Path, monkeypatch, capsys):
+    code, out, err = _entry("plan", [f"data.datasets.0.path={tiny_dataset}", *TINY_MODEL, "--gpus-per-node", "8",
+                                     "--gpu-memory", "80", "--cpu-memory", "500", "--nodes", "2"], monkeypatch, capsys)
+    assert code == 0, err
+    assert "| zero0.json | 0 | none |" in out and "| zero3_offload.json | 3 |" in out
+    assert "yes **(chosen)**" in out.split("| zero0.json")[1].split("\n")[0]
+    assert "recommended (fastest that fits): deepspeed.config=ds_configs/zero0.json" in out
+    assert "2 node(s) x 8 GPU(s) of 80.0 GiB" in out
 
 
 def test_plan_recommends_offload_when_the_model_is_big(tiny_dataset: Path):
@@ -207,26 +206,48 @@ def test_plan_cli_assumes_a_stated_cpu_memory_for_gpus_described_from_a_machine_
 # ---------------------------------------------------------------------------- the stages
 
 
-def test_print_config_with_auto_shows_what_this_launch_would_use(tiny_dataset: Path):
+def _entry(stage: str, argv: list[str], monkeypatch, capsys, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """``launch/<stage>.py ARGV`` in this process (``pipeline.stages.<stage>.main``), for a launch
+    that ends before any heavy work: starting a process group fails the test. ``env`` is the
+    launcher's environment (e.g. rank 0 of 2). Returns (exit code, stdout, stderr)."""
+    import importlib
+
+    import pipeline.dist
+
+    def no_process_group(*_a, **_k):
+        raise AssertionError(f"launch/{stage}.py went past its checks and started a process group")
+
+    monkeypatch.setattr(pipeline.dist, "init", no_process_group)
+    for k, v in (env or {}).items():
+        monkeypatch.setenv(k, v)
+    main = importlib.import_module(f"pipeline.stages.{stage}").main
+    capsys.readouterr()
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_print_config_with_auto_shows_what_this_launch_would_use(tiny_dataset: Path, monkeypatch, capsys):
     """--print-config resolves `auto` as the stage does (one resolver): the recipe keeps `auto`,
     the JSON shown is the planner's choice for this world size, filled."""
-    r = run_script("train.py", "--print-config", f"data.datasets.0.path={tiny_dataset}", "deepspeed.config=auto")
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "  config: auto\n" in r.stdout
-    assert "# deepspeed.config=auto: ds_configs/zero0.json (the fastest that fits: " in r.stdout  # a tiny model: no ZeRO
-    shown = json.loads(r.stdout[r.stdout.index("\n{") + 1:])
+    code, out, err = _entry("train", ["--print-config", f"data.datasets.0.path={tiny_dataset}", "deepspeed.config=auto"],
+                            monkeypatch, capsys)
+    assert code == 0, err[-2000:]
+    assert "  config: auto\n" in out
+    assert "# deepspeed.config=auto: ds_configs/zero0.json (the fastest that fits: " in out  # a tiny model: no ZeRO
+    shown = json.loads(out[out.index("\n{") + 1:])
     assert shown["zero_optimization"]["stage"] == 0 and shown["train_micro_batch_size_per_gpu"] == 4
     assert "auto" not in json.dumps(shown)
     # an explicit config that cannot fit is shown with its estimate, not refused (the launch refuses it)
-    r = run_script("train.py", "--print-config", f"data.datasets.0.path={tiny_dataset}", *BIG,
-                   "deepspeed.config=ds_configs/zero0.json")
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "# memory: " in r.stdout and "(does not fit: needs " in r.stdout
+    code, out, err = _entry("train", ["--print-config", f"data.datasets.0.path={tiny_dataset}", *BIG,
+                                      "deepspeed.config=ds_configs/zero0.json"], monkeypatch, capsys)
+    assert code == 0, err[-2000:]
+    assert "# memory: " in out and "(does not fit: needs " in out
 
 
-@pytest.mark.slow
 @pytest.mark.integration
-def test_training_refuses_a_plan_that_cannot_fit_and_names_one_that_does(tmp_path: Path, tiny_dataset: Path):
+def test_training_refuses_a_plan_that_cannot_fit_and_names_one_that_does(tmp_path: Path, tiny_dataset: Path, monkeypatch,
+                                                                         capsys):
     from pipeline.training.plan import available_cpu_memory, make_plan
 
     # A model sized to this machine: on 2 CPU ranks ZeRO-0 (a full copy of the states per rank)
@@ -241,9 +262,13 @@ def test_training_refuses_a_plan_that_cannot_fit_and_names_one_that_does(tmp_pat
             break
     else:
         pytest.skip(f"no model size separates ZeRO-0 from a partitioned config with {avail:.1f} GiB available")
-    r = run_deepspeed("train.py", *_args(tmp_path / "run", tiny_dataset, *big, "deepspeed.config=ds_configs/zero0.json"), ranks=2)
-    assert r.returncode == 2, r.stderr[-3000:]
-    err = r.stderr
+    # rank 0 of `deepspeed --num_gpus 2 launch/train.py ...`, in this process: the refusal comes before the
+    # process group (a launch through the launcher and its exit code 2: test_launch_hygiene.py's port test)
+    rank0 = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+             "MASTER_PORT": str(free_port())}
+    code, _, err = _entry("train", _args(tmp_path / "run", tiny_dataset, *big, "deepspeed.config=ds_configs/zero0.json"),
+                          monkeypatch, capsys, env=rank0)
+    assert code == 2, err[-3000:]
     assert "ds_configs/zero0.json will not fit" in err and "GiB" in err and "Use instead: deepspeed.config=ds_configs/" in err, err
     assert "deepspeed.memory_check=false" in err
     assert not (tmp_path / "run").exists()  # refused before anything is written
@@ -265,7 +290,7 @@ def test_auto_picks_the_fastest_config_that_fits_and_trains(tmp_path: Path, tiny
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_finetune_auto_and_its_refusal(tmp_path: Path, tiny_hf_model: Path):
+def test_finetune_auto_and_its_refusal(tmp_path: Path, tiny_hf_model: Path, monkeypatch, capsys):
     from conftest import write_jsonl
 
     data = write_jsonl(tmp_path / "cls.jsonl", [{"text": f"item {i} is {'red' if i % 2 else 'blue'}", "label": i % 2}
@@ -278,10 +303,10 @@ def test_finetune_auto_and_its_refusal(tmp_path: Path, tiny_hf_model: Path):
     assert "deepspeed.config=auto: ds_configs/zero0.json" in r.stdout
     assert json.loads((tmp_path / "run" / "ds_config.json").read_text())["zero_optimization"]["stage"] == 0
     # a micro batch whose activations cannot fit: refused before any work, with the numbers
-    r = run_script("finetune.py", f"output={tmp_path / 'big'}", *common, "train.micro_batch_size=4000000",
-                   "deepspeed.config=ds_configs/zero3_offload.json", env={"OMP_NUM_THREADS": "1"})
-    assert r.returncode == 2 and "ds_configs/zero3_offload.json will not fit" in r.stderr, r.stderr[-3000:]
-    assert "micro batch 4000000 x seq_len 32" in r.stderr and not (tmp_path / "big").exists()
+    code, _, err = _entry("finetune", [f"output={tmp_path / 'big'}", *common, "train.micro_batch_size=4000000",
+                                       "deepspeed.config=ds_configs/zero3_offload.json"], monkeypatch, capsys)
+    assert code == 2 and "ds_configs/zero3_offload.json will not fit" in err, err[-3000:]
+    assert "micro batch 4000000 x seq_len 32" in err and not (tmp_path / "big").exists()
 
 
 # ---------------------------------------------------------------------------- estimates vs measured
@@ -338,14 +363,15 @@ MEASURED_CASES = {
 }
 
 
-def measure_case(name: str, tmp_path: Path, data: Path) -> dict:
-    """Estimated and measured peak memory per rank of one case (also used to write the docs' table)."""
+def measure_case(name: str, tmp_path: Path, data: Path, steps: int = 4) -> dict:
+    """Estimated and measured peak memory per rank of one case, over ``steps`` optimizer steps
+    (4 for the docs' table)."""
     import os
 
     from pipeline.training.plan import estimate_config
 
     ranks, overrides = MEASURED_CASES[name]
-    overrides = [*overrides, "train.max_steps=4", "deepspeed.memory_check=false"]
+    overrides = [*overrides, f"train.max_steps={steps}", "deepspeed.memory_check=false"]
     r, target = _recipe(data, *overrides, ranks=ranks)
     est = estimate_config(r, r.cfg.deepspeed.config, target, r.micro_batch, r.checkpointing)
     estimate = est.cpu_node / ranks
@@ -364,7 +390,11 @@ def measure_case(name: str, tmp_path: Path, data: Path) -> dict:
 @pytest.mark.integration
 @pytest.mark.parametrize("name", ["zero3off-h512", "zero1-acts-ckpt"])
 def test_estimate_is_within_tolerance_of_measured_peak_rss(name: str, tmp_path: Path, tiny_dataset: Path):
-    m = measure_case(name, tmp_path, tiny_dataset)
+    # 2 steps: the peak is reached by step 2 (the optimizer states exist from step 1). Measured
+    # here (VmHWM of each rank against its step lines), the largest rank's peak after step 2 was
+    # within 2.5 % of the 4-step figure: zero3off-h512 1,483 vs 1,500 MiB, zero1-acts-ckpt 1,112
+    # vs 1,138 MiB; step 1 alone fell 8 % short on zero3off-h512 (1,385 MiB).
+    m = measure_case(name, tmp_path, tiny_dataset, steps=2)
     assert -TOLERANCE_UNDER <= m["error"] <= TOLERANCE_OVER, m
 
 
