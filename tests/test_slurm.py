@@ -108,15 +108,39 @@ def _losses(out: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def reference(slurm: SlurmCluster, tmp_path_factory, tiny_dataset: Path) -> tuple[Path, str]:
-    """An uninterrupted pretrain job: one node, two tasks, ZeRO-3 + offload, STEPS steps."""
+def side_by_side(slurm: SlurmCluster, tmp_path_factory, tiny_dataset: Path) -> dict:
+    """Two jobs at once, one per node: the reference run (an uninterrupted pretrain: one node,
+    two tasks, ZeRO-3 + offload, STEPS steps) and the time-limit job, which mostly waits for
+    Slurm's warning signal, so the two take little longer than the reference alone.
+
+    The time-limit job: the header's mechanism itself, --signal=B:USR1@T, on a 2-minute job.
+    Slurm sends USR1 once fewer than T seconds are left (it checks periodically: often at once
+    here, maybe while the ranks are still importing, who then ignore it until the script
+    repeats it). Once requeued it is cancelled (it would start again in ~120 s)."""
     j = Jobs(slurm, tmp_path_factory.mktemp("reference"))
     try:
+        opts = [o for o in ONE_NODE if not o.startswith("--time")] + ["--time=2", "--signal=B:USR1@105"]
+        limited = j.submit("pretrain.sh", opts, *_train(j.cwd / "time_limit", tiny_dataset, "train.max_steps=1000"),
+                           env={"PIPELINE_TEST_STEP_DELAY": "0.5"})
+        submitted = time.monotonic()
         job = j.submit("pretrain.sh", ONE_NODE, *_train(j.cwd / "run", tiny_dataset, f"train.max_steps={STEPS}"))
         j.done("pretrain", job, timeout=240)
+        try:
+            slurm.wait(limited, lambda i: i.get("Restarts") == "1", max(10.0, 150 - (time.monotonic() - submitted)),
+                       "the requeue")
+            requeue_error = None
+        except AssertionError as e:  # reported by test_time_limit_warning_signal_requeues, not by the reference's tests
+            requeue_error = str(e)
     finally:
         j.cancel_all()
-    return j.cwd / "run", j.log("pretrain", job)
+    return {"reference": (j.cwd / "run", j.log("pretrain", job)),
+            "time_limit": (limited, j.log("pretrain", limited), requeue_error)}
+
+
+@pytest.fixture(scope="module")
+def reference(side_by_side: dict) -> tuple[Path, str]:
+    """The reference run of :func:`side_by_side`: its run directory and job log."""
+    return side_by_side["reference"]
 
 
 def test_scripts_are_valid_bash():
@@ -180,19 +204,20 @@ def test_pretrain_one_node_two_tasks_zero3(reference):
     assert len(_losses(run)["losses"]) == STEPS
 
 
-def test_two_nodes_one_task_each_then_resume(jobs: Jobs, tiny_dataset: Path):
+def test_two_nodes_one_task_each_then_resume(jobs: Jobs, reference, tiny_dataset: Path):
+    """The reference run (one node, two tasks) resumed by a second submission across two nodes
+    with one task each: the same world size, so it continues from its last checkpoint. (A
+    fresh start on two nodes: test_a_dead_rank_fails_the_job_at_once_naming_it trains there.)"""
     out = jobs.cwd / "run"
-    first = jobs.submit("pretrain.sh", TWO_NODES, *_train(out, tiny_dataset, "train.max_steps=4"))
-    info = jobs.done("pretrain", first, timeout=240)
-    log = jobs.log("pretrain", first)
+    shutil.copytree(reference[0], out)  # the reference stays as it is: the preemption test compares with it
+    job = jobs.submit("pretrain.sh", TWO_NODES, *_train(out, tiny_dataset, f"train.max_steps={STEPS + 2}"))
+    info = jobs.done("pretrain", job, timeout=240)
+    log = jobs.log("pretrain", job)
     assert info["NodeList"] == "n[1-2]" and "2 node(s) x 1 task(s)" in log and "rendezvous n1:" in log
-    assert "train: 2 rank(s)" in log
-    assert (out / "checkpoints" / "latest").read_text() == "step-00000004"
-    second = jobs.submit("pretrain.sh", TWO_NODES, *_train(out, tiny_dataset, "train.max_steps=6"))
-    jobs.done("pretrain", second, timeout=240)
-    assert "resumed from" in jobs.log("pretrain", second) and "at step 4" in jobs.log("pretrain", second)
-    assert _losses(out)["start_step"] == 4 and len(_losses(out)["losses"]) == 2
-    assert (out / "checkpoints" / "latest").read_text() == "step-00000006"
+    assert "train: 2 rank(s)" in log and "pipeline: pretrain finished" in log
+    assert "resumed from" in log and f"at step {STEPS}" in log
+    assert _losses(out)["start_step"] == STEPS and len(_losses(out)["losses"]) == 2
+    assert (out / "checkpoints" / "latest").read_text() == f"step-{STEPS + 2:08d}"
 
 
 def test_preemption_checkpoints_requeues_and_ends_like_an_uninterrupted_run(jobs: Jobs, slurm: SlurmCluster, reference,
@@ -206,7 +231,10 @@ def test_preemption_checkpoints_requeues_and_ends_like_an_uninterrupted_run(jobs
     # forwards it through srun to every rank.
     sig = slurm.run(["scancel", "--batch", "--signal=USR1", str(job)])
     assert sig.returncode == 0, sig.stderr
-    slurm.wait(job, lambda i: i.get("Restarts") == "1" and i["JobState"] == "PENDING", 120, "the requeue")
+    # PENDING with Reason=BeginTime first: StartTime=now sent at once after the requeue made Slurm 22.05
+    # fail the job for good ("Job credential revoked"; the shared GUIDE)
+    slurm.wait(job, lambda i: i.get("Restarts") == "1" and i["JobState"] == "PENDING" and i.get("Reason") == "BeginTime", 120,
+               "the requeue")
     slurm.scontrol("update", f"JobId={job}", "StartTime=now")  # skip the ~120 s delay of a requeued job
     info = jobs.done("pretrain", job, timeout=240)
     assert info["Restarts"] == "1"
@@ -222,15 +250,10 @@ def test_preemption_checkpoints_requeues_and_ends_like_an_uninterrupted_run(jobs
     assert (out / "checkpoints" / "latest").read_text() == f"step-{STEPS:08d}"
 
 
-def test_time_limit_warning_signal_requeues(jobs: Jobs, slurm: SlurmCluster, tiny_dataset: Path):
-    # The header's mechanism itself, --signal=B:USR1@T, on a 2-minute job: Slurm sends USR1
-    # once fewer than T seconds are left (it checks periodically: often at once here, maybe
-    # while the ranks are still importing, who then ignore it until the script repeats it).
-    opts = [o for o in ONE_NODE if not o.startswith("--time")] + ["--time=2", "--signal=B:USR1@105"]
-    job = jobs.submit("pretrain.sh", opts, *_train(jobs.cwd / "run", tiny_dataset, "train.max_steps=1000"),
-                      env={"PIPELINE_TEST_STEP_DELAY": "0.5"})
-    slurm.wait(job, lambda i: i.get("Restarts") == "1", 150, "the requeue")
-    log = jobs.log("pretrain", job)
+def test_time_limit_warning_signal_requeues(side_by_side: dict):
+    # the job ran beside the reference run (side_by_side): --time=2 --signal=B:USR1@105
+    job, log, requeue_error = side_by_side["time_limit"]
+    assert requeue_error is None, requeue_error
     assert "batch shell got SIGUSR1" in log and "stop requested (SIGUSR1)" in log and f"requeueing job {job}" in log, log[-3000:]
     assert "FAILED" not in log
 
