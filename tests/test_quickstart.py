@@ -1,24 +1,38 @@
-"""The main job end to end: launch/quickstart.py --tiny, its summary, artifacts, monitoring and resume."""
+"""The main job end to end: launch/quickstart.py --tiny, its summary, artifacts, monitoring and resume.
+
+The quickstart's own process runs in this one (``pipeline.stages.quickstart.main``, what
+launch/quickstart.py calls): its stages are still their own processes, as for a user, but
+each call saves an interpreter and the torch/transformers imports of the export check.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 ROOT = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
-def _quickstart(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "launch" / "quickstart.py"), *args], capture_output=True, text=True,
-                          env=ENV, timeout=timeout, cwd=ROOT)
+def _quickstart(*args: str) -> subprocess.CompletedProcess:
+    """``launch/quickstart.py ARGS`` in this process: its exit code, stdout and stderr."""
+    import torch  # noqa: F401  (imported before OMP_NUM_THREADS=1 below, so this process keeps its threads)
+
+    from pipeline.stages.quickstart import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        mp.setenv("OMP_NUM_THREADS", "1")  # the stages' processes, as a 2-rank run on 2 cores wants
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.chdir(ROOT)
+        code = main(list(args))
+    return subprocess.CompletedProcess(["launch/quickstart.py", *args], code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="module")
