@@ -54,9 +54,17 @@ def test_bert_rotten_tomatoes_split_is_by_movie(bert_rt_wheels):
 
 
 def test_bert_rotten_tomatoes_end_to_end(tmp_path: Path, bert_rt_wheels):
-    """run.sh on 480 train / 200 test reviews, 30 steps of 16: the fine-tune beats the base classifier."""
+    """run.sh on 480 train / 120 test reviews, 30 steps of 16: the fine-tune beats the base classifier
+    and the majority class.
+
+    Measured with the example's seed (1234): accuracy 0.417 -> 0.700 on these 120 reviews against
+    a majority class of 0.617, macro-F1 0.352 -> 0.631 (on 200 reviews, 0.410 -> 0.685 against
+    0.600: the margin is the same, 8 points). Fewer steps do not hold across seeds: 15 steps of
+    16 gave 0.650 (seed 1234) but only the majority class with seed 7 (at lr 2e-4, 5e-4 and
+    1e-3 alike), and 15 steps of 32 about the majority class with both.
+    """
     work = tmp_path / "bert_rt"
-    env = {**os.environ, "WORK": str(work), "TRAIN_SIZE": "480", "TEST_SIZE": "200", "RANKS": "2"}
+    env = {**os.environ, "WORK": str(work), "TRAIN_SIZE": "480", "TEST_SIZE": "120", "RANKS": "2"}
     r = subprocess.run(["bash", str(BERT_RT / "run.sh"), "train.max_steps=30", "train.warmup_steps=3", "train.lr=2e-4",
                         "train.micro_batch_size=8", "monitor.log_every=10"],
                        env=env, capture_output=True, text=True, timeout=600)
@@ -68,8 +76,8 @@ def test_bert_rotten_tomatoes_end_to_end(tmp_path: Path, bert_rt_wheels):
     conf = json.loads((work / "export" / "config.json").read_text())
     assert conf["architectures"] == ["BertForSequenceClassification"] and conf["id2label"] == {"0": "fresh", "1": "rotten"}
     s = json.loads((work / "summary.json").read_text())
-    assert s["train_examples"] == 480 and s["test_examples"] == 200 and s["steps"] == 30
+    assert s["train_examples"] == 480 and s["test_examples"] == 120 and s["steps"] == 30
     assert s["before"] == s["before_evaluated_alone"]  # the base is evaluated identically both times
     assert s["after"]["accuracy"] > s["before"]["accuracy"], s
-    assert s["after"]["accuracy"] > 0.6 and s["after"]["macro_f1"] > s["before"]["macro_f1"], s
+    assert s["after"]["accuracy"] > max(0.6, s["majority_class_accuracy"]) and s["after"]["macro_f1"] > s["before"]["macro_f1"], s
     assert "accuracy before" in r.stdout and "after" in r.stdout
