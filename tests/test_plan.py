@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 from conftest import ROOT, TINY_MODEL, free_port, run_deepspeed, run_script
+from inproc import run_entry
 
 GiB = 1024 ** 3
 
@@ -113,8 +114,8 @@ def test_activations_grow_with_batch_and_sequence_and_checkpointing_cuts_them():
 
 
 def test_plan_cli_prints_the_table_and_the_fastest_config_that_fits(tiny_dataset: Path, monkeypatch, capsys):
-    code, out, err = _entry("plan", [f"data.datasets.0.path={tiny_dataset}", *TINY_MODEL, "--gpus-per-node", "8",
-                                     "--gpu-memory", "80", "--cpu-memory", "500", "--nodes", "2"], monkeypatch, capsys)
+    code, out, err = run_entry("plan.py", [f"data.datasets.0.path={tiny_dataset}", *TINY_MODEL, "--gpus-per-node", "8",
+                                           "--gpu-memory", "80", "--cpu-memory", "500", "--nodes", "2"], monkeypatch, capsys)
     assert code == 0, err
     assert "| zero0.json | 0 | none |" in out and "| zero3_offload.json | 3 |" in out
     assert "yes **(chosen)**" in out.split("| zero0.json")[1].split("\n")[0]
@@ -206,32 +207,11 @@ def test_plan_cli_assumes_a_stated_cpu_memory_for_gpus_described_from_a_machine_
 # ---------------------------------------------------------------------------- the stages
 
 
-def _entry(stage: str, argv: list[str], monkeypatch, capsys, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    """``launch/<stage>.py ARGV`` in this process (``pipeline.stages.<stage>.main``), for a launch
-    that ends before any heavy work: starting a process group fails the test. ``env`` is the
-    launcher's environment (e.g. rank 0 of 2). Returns (exit code, stdout, stderr)."""
-    import importlib
-
-    import pipeline.dist
-
-    def no_process_group(*_a, **_k):
-        raise AssertionError(f"launch/{stage}.py went past its checks and started a process group")
-
-    monkeypatch.setattr(pipeline.dist, "init", no_process_group)
-    for k, v in (env or {}).items():
-        monkeypatch.setenv(k, v)
-    main = importlib.import_module(f"pipeline.stages.{stage}").main
-    capsys.readouterr()
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def test_print_config_with_auto_shows_what_this_launch_would_use(tiny_dataset: Path, monkeypatch, capsys):
     """--print-config resolves `auto` as the stage does (one resolver): the recipe keeps `auto`,
     the JSON shown is the planner's choice for this world size, filled."""
-    code, out, err = _entry("train", ["--print-config", f"data.datasets.0.path={tiny_dataset}", "deepspeed.config=auto"],
-                            monkeypatch, capsys)
+    code, out, err = run_entry("train.py", ["--print-config", f"data.datasets.0.path={tiny_dataset}", "deepspeed.config=auto"],
+                               monkeypatch, capsys)
     assert code == 0, err[-2000:]
     assert "  config: auto\n" in out
     assert "# deepspeed.config=auto: ds_configs/zero0.json (the fastest that fits: " in out  # a tiny model: no ZeRO
@@ -239,8 +219,8 @@ def test_print_config_with_auto_shows_what_this_launch_would_use(tiny_dataset: P
     assert shown["zero_optimization"]["stage"] == 0 and shown["train_micro_batch_size_per_gpu"] == 4
     assert "auto" not in json.dumps(shown)
     # an explicit config that cannot fit is shown with its estimate, not refused (the launch refuses it)
-    code, out, err = _entry("train", ["--print-config", f"data.datasets.0.path={tiny_dataset}", *BIG,
-                                      "deepspeed.config=ds_configs/zero0.json"], monkeypatch, capsys)
+    code, out, err = run_entry("train.py", ["--print-config", f"data.datasets.0.path={tiny_dataset}", *BIG,
+                                            "deepspeed.config=ds_configs/zero0.json"], monkeypatch, capsys)
     assert code == 0, err[-2000:]
     assert "# memory: " in out and "(does not fit: needs " in out
 
@@ -264,10 +244,11 @@ def test_training_refuses_a_plan_that_cannot_fit_and_names_one_that_does(tmp_pat
         pytest.skip(f"no model size separates ZeRO-0 from a partitioned config with {avail:.1f} GiB available")
     # rank 0 of `deepspeed --num_gpus 2 launch/train.py ...`, in this process: the refusal comes before the
     # process group (a launch through the launcher and its exit code 2: test_launch_hygiene.py's port test)
-    rank0 = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-             "MASTER_PORT": str(free_port())}
-    code, _, err = _entry("train", _args(tmp_path / "run", tiny_dataset, *big, "deepspeed.config=ds_configs/zero0.json"),
-                          monkeypatch, capsys, env=rank0)
+    for k, v in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": str(free_port())}.items():
+        monkeypatch.setenv(k, v)
+    code, _, err = run_entry("train.py", _args(tmp_path / "run", tiny_dataset, *big, "deepspeed.config=ds_configs/zero0.json"),
+                             monkeypatch, capsys)
     assert code == 2, err[-3000:]
     assert "ds_configs/zero0.json will not fit" in err and "GiB" in err and "Use instead: deepspeed.config=ds_configs/" in err, err
     assert "deepspeed.memory_check=false" in err
@@ -303,8 +284,8 @@ def test_finetune_auto_and_its_refusal(tmp_path: Path, tiny_hf_model: Path, monk
     assert "deepspeed.config=auto: ds_configs/zero0.json" in r.stdout
     assert json.loads((tmp_path / "run" / "ds_config.json").read_text())["zero_optimization"]["stage"] == 0
     # a micro batch whose activations cannot fit: refused before any work, with the numbers
-    code, _, err = _entry("finetune", [f"output={tmp_path / 'big'}", *common, "train.micro_batch_size=4000000",
-                                       "deepspeed.config=ds_configs/zero3_offload.json"], monkeypatch, capsys)
+    code, _, err = run_entry("finetune.py", [f"output={tmp_path / 'big'}", *common, "train.micro_batch_size=4000000",
+                                             "deepspeed.config=ds_configs/zero3_offload.json"], monkeypatch, capsys)
     assert code == 2 and "ds_configs/zero3_offload.json will not fit" in err, err[-3000:]
     assert "micro batch 4000000 x seq_len 32" in err and not (tmp_path / "big").exists()
 
