@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,49 @@ def run_deepspeed(script: str, *args: str, ranks: int = 2, cwd=None, env: dict |
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
     cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), str(ROOT / "launch" / script), *args]
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+# ---------------------------------------------------------------------------- the shared 2-rank run
+
+Z3_STEPS = 4
+"""Optimizer steps of the shared run (:func:`z3_run`); its checkpoints are at steps 2 and 4."""
+
+
+def z3_run_args(out: Path, data: Path, *extra: str) -> list[str]:
+    """The recipe of the shared run (:func:`z3_run`), for ``output=out``; a test that continues or
+    repeats it (another world size, a resume) passes the same keys plus its ``extra``."""
+    # global batch 4 = micro 2 x 2 ranks x accum 1 = micro 2 x 1 rank x accum 2: both layouts read the
+    # same global samples per step (pipeline.data.sampler.rank_indices), so their losses are comparable
+    return [f"output={out}", f"data.datasets.0.path={data}", *TINY_MODEL, "deepspeed.config=ds_configs/zero3_offload.json",
+            "train.micro_batch_size=2", "train.global_batch_size=4", "train.warmup_steps=2", "train.lr=3e-3",
+            "train.eval_every=0", "train.eval_batches=2", "monitor.log_every=1", "checkpoint.every=2", "checkpoint.keep_last=0",
+            f"train.max_steps={Z3_STEPS}", *extra]
+
+
+def tree_hashes(d: Path) -> dict[str, str]:
+    """sha256 of every file under ``d``, by relative path."""
+    from pipeline.io import sha256_file
+
+    return {str(p.relative_to(d)): sha256_file(p) for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def z3_run(tmp_path_factory, tiny_dataset: Path) -> Iterator[Path]:
+    """One ``deepspeed --num_gpus 2 launch/train.py`` run of the tiny model under the default
+    ZeRO-3 + CPU offload config (:func:`z3_run_args`), shared by every test that only reads a run:
+    ``<run>/checkpoints/step-00000002`` and ``step-00000004`` (``latest``), ``losses.json`` (4
+    steps), ``tensorboard/`` (``eval/loss`` at step 4, over 2 validation batches), ``config.yaml``.
+
+    Read it, never write into or next to it: a test that does copies it to its ``tmp_path`` first
+    (a few MB). The session's end checks that no file of it changed."""
+    out = tmp_path_factory.mktemp("z3") / "pretrain"
+    r = run_deepspeed("train.py", *z3_run_args(out, tiny_dataset))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    before = tree_hashes(out)
+    yield out
+    after = tree_hashes(out)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not changed, f"a test wrote into the shared run {out} (copy it to tmp_path first): {changed}"
 
 
 @pytest.fixture(scope="session", autouse=True)

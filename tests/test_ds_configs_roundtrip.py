@@ -1,16 +1,19 @@
 """Every shipped DeepSpeed config, and what ``deepspeed.config=auto`` picks, round-trips: a short
 training run's checkpoint exports with verified logits, evaluates from the checkpoint itself (the
-same perplexity as its export) and fine-tunes from it."""
+same perplexity as its export) and fine-tunes from it. The default config's case reads conftest's
+shared 2-rank run (z3_run) instead of training its own."""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import TINY_MODEL, model_logits, run_deepspeed, run_script, validation_loss, write_jsonl
+from conftest import ROOT, TINY_MODEL, Z3_STEPS, model_logits, run_deepspeed, run_script, validation_loss, write_jsonl, z3_run_args
 
 from pipeline.stages.export import consolidate, export, resolve_checkpoint
 
@@ -27,6 +30,7 @@ CONFIGS = {  # case -> (deepspeed.config, ranks, the ZeRO stage its checkpoint m
     "zero3_offload_nvme": ("ds_configs/zero3_offload_nvme.json", 2, 3),
     "auto": ("auto", 2, 0),  # a model this small fits on every rank: the planner picks ds_configs/zero0.json
 }
+SHARED = "zero3_offload"  # the config of conftest's z3_run (Z3_STEPS steps on 2 ranks): that case reads it
 
 
 def _nvme_unavailable(directory: Path) -> str | None:
@@ -62,6 +66,18 @@ def _train(run: Path, data: Path, config: str, ranks: int, *extra: str):
     return run_deepspeed("train.py", *args, ranks=ranks, env=ENV) if ranks > 1 else run_script("train.py", *args, env=ENV)
 
 
+def _start_finetune(ft: Path, run: Path, data: Path, config: str, log: Path) -> subprocess.Popen:
+    """``python launch/finetune.py``: one SFT step from the checkpoint of ``run`` (on one rank: reading
+    the checkpoint is what is tested), started in the background (output to ``log``) while this
+    process checks the same checkpoint."""
+    args = [f"output={ft}", f"model.path={run}", "task=sft", f"sft.train={data}", "sft.seq_len=32", "sft.val_fraction=0",
+            "train.micro_batch_size=2", "train.max_steps=1", "train.warmup_steps=0", "train.eval_every=0",
+            "train.eval_batches=0", "checkpoint.every=0", f"deepspeed.config={config}"]
+    with open(log, "w") as f:
+        return subprocess.Popen([sys.executable, str(ROOT / "launch" / "finetune.py"), *args], stdout=f, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONPATH": str(ROOT), **ENV})
+
+
 def _checkpoint_model(step: Path):
     """The checkpoint's own weights in a model built from hf/config.json (strict load_state_dict),
     not through pipeline.stages.export's loader."""
@@ -73,7 +89,39 @@ def _checkpoint_model(step: Path):
 
 
 @pytest.mark.parametrize("case", list(CONFIGS))
-def test_checkpoint_exports_evaluates_and_finetunes(case: str, tmp_path: Path, tiny_dataset: Path, sft_data: Path):
+def test_checkpoint_exports_evaluates_and_finetunes(case: str, tmp_path: Path, tiny_dataset: Path, sft_data: Path, request):
+    config, ranks, stage = CONFIGS[case]
+    if case == SHARED:
+        run, steps = request.getfixturevalue("z3_run"), Z3_STEPS  # read only: everything below writes to tmp_path
+        assert f"deepspeed.config={config}" in z3_run_args(run, tiny_dataset)
+    else:
+        extra = []
+        if case == "zero3_offload_nvme":
+            nvme = Path(tempfile.mkdtemp(prefix="nvme-", dir=tmp_path))
+            if reason := _nvme_unavailable(nvme):
+                pytest.skip(f"{reason}; on a machine with libaio and a local NVMe disk this test runs the NVMe path")
+            extra = [f"deepspeed.nvme_path={nvme}"]
+        run, steps = tmp_path / "run", 2
+        r = _train(run, tiny_dataset, config, ranks, *extra)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    # fine-tune one step from the checkpoint, in a process of its own while this one checks the same checkpoint
+    ft, log = tmp_path / "ft", tmp_path / "ft.log"
+    finetune = _start_finetune(ft, run, sft_data, "auto" if case == "auto" else "ds_configs/zero0.json", log)
+    try:
+        step = _checks(run, steps, stage, ranks, tmp_path, tiny_dataset)
+        code = finetune.wait(timeout=600)
+    finally:
+        if finetune.poll() is None:
+            finetune.kill()
+            finetune.wait()
+    assert code == 0, log.read_text()[-6000:]
+    assert json.loads((ft / "checkpoints" / "step-00000001" / "meta.json").read_text())["step"] == 1
+    assert json.loads((ft / "init_model" / "export_meta.json").read_text())["source_checkpoint"] == str(step.resolve())
+
+
+def _checks(run: Path, steps: int, stage: int, ranks: int, tmp_path: Path, data: Path) -> Path:
+    """The checkpoint of ``run`` (``steps`` steps, ZeRO ``stage`` on ``ranks``) exports, and evaluates
+    from itself as its export does; returns its step directory."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from transformers import AutoModelForCausalLM
 
@@ -81,19 +129,9 @@ def test_checkpoint_exports_evaluates_and_finetunes(case: str, tmp_path: Path, t
     from pipeline.stages.evaluate import EvalConfig
     from pipeline.stages.evaluate import run as evaluate
 
-    config, ranks, stage = CONFIGS[case]
-    extra = []
-    if case == "zero3_offload_nvme":
-        nvme = Path(tempfile.mkdtemp(prefix="nvme-", dir=tmp_path))
-        if reason := _nvme_unavailable(nvme):
-            pytest.skip(f"{reason}; on a machine with libaio and a local NVMe disk this test runs the NVMe path")
-        extra = [f"deepspeed.nvme_path={nvme}"]
-    run = tmp_path / "run"
-    r = _train(run, tiny_dataset, config, ranks, *extra)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     step = resolve_checkpoint(run)
     meta = json.loads((step / "meta.json").read_text())
-    assert (meta["step"], meta["zero_stage"], meta["world_size"]) == (2, stage, ranks)
+    assert (meta["step"], meta["zero_stage"], meta["world_size"]) == (steps, stage, ranks)
 
     # export: verified against the checkpoint by the stage itself, then checked here with plain transformers
     summary = export(run, tmp_path / "export", log=lambda *_: None)
@@ -105,27 +143,13 @@ def test_checkpoint_exports_evaluates_and_finetunes(case: str, tmp_path: Path, t
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
     logged = events.Scalars("eval/loss")[-1]
-    assert logged.step == 2 and validation_loss(exported, tiny_dataset) == pytest.approx(logged.value, abs=1e-5)
+    assert logged.step == steps and validation_loss(exported, data) == pytest.approx(logged.value, abs=1e-5)
 
-    # evaluate the checkpoint directly, and its export beside it: the same numbers
+    # evaluate the checkpoint directly, and its export beside it: the same numbers. (Evaluate's ZeRO-3
+    # mode on 2 ranks, rank 0 consolidating a checkpoint for both: test_evaluate.py::test_zero3_two_ranks_equals_single_process.)
     report = evaluate(load_config(EvalConfig, None, [f"output={tmp_path / 'eval'}", f"model={run}", f"compare_to={tmp_path / 'export'}",
-                                                     f"data={tiny_dataset}", "max_batches=2", "batch_size=4"]))
+                                                     f"data={data}", "max_batches=2", "batch_size=4"]))
     ckpt, exp = (m["metrics"] for m in report["models"])
-    assert report["models"][0]["checkpoint"] == str(step) and report["models"][0]["step"] == 2
+    assert report["models"][0]["checkpoint"] == str(step) and report["models"][0]["step"] == steps
     assert ckpt["tokens"] == exp["tokens"] > 0 and ckpt["ppl"] == pytest.approx(exp["ppl"], rel=1e-6)
-    if case == "auto":  # evaluate's ZeRO-3 mode on 2 ranks: rank 0 consolidates the checkpoint for both (once is enough)
-        r = run_deepspeed("evaluate.py", f"output={tmp_path / 'eval_z3'}", f"model={run}", f"data={tiny_dataset}", "max_batches=2",
-                          "batch_size=4", "zero3=true", env=ENV)
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-        z3 = json.loads((tmp_path / "eval_z3" / "report.json").read_text())["models"][0]["metrics"]
-        assert z3["tokens"] == ckpt["tokens"] and z3["loss"] == pytest.approx(ckpt["loss"], abs=1e-4)
-
-    # fine-tune one step from the checkpoint (on one rank: reading the checkpoint is what is tested)
-    ft = tmp_path / "ft"
-    r = run_script("finetune.py", f"output={ft}", f"model.path={run}", "task=sft", f"sft.train={sft_data}", "sft.seq_len=32",
-                   "sft.val_fraction=0", "train.micro_batch_size=2", "train.max_steps=1", "train.warmup_steps=0",
-                   "train.eval_every=0", "train.eval_batches=0", "checkpoint.every=0",
-                   f"deepspeed.config={'auto' if case == 'auto' else 'ds_configs/zero0.json'}", env=ENV)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert json.loads((ft / "checkpoints" / "step-00000001" / "meta.json").read_text())["step"] == 1
-    assert json.loads((ft / "init_model" / "export_meta.json").read_text())["source_checkpoint"] == str(step.resolve())
+    return step

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_MODEL, run_deepspeed, run_script, write_jsonl
+from conftest import Z3_STEPS, run_deepspeed, write_jsonl
+from inproc import run_entry
 from pipeline.config import load_config
 from pipeline.errors import UserError
 from pipeline.eval.metrics import classification_report, contains, exact_match
@@ -298,50 +299,44 @@ def test_user_errors(tmp_path, tiny_dataset, tiny_hf_model):
     assert not (tmp_path / "o").exists()
 
 
-def test_cli_errors_exit_2_with_one_message(tmp_path, tiny_dataset):
-    r = run_script("evaluate.py", f"output={tmp_path / 'o'}", f"model={tmp_path / 'missing'}", f"data={tiny_dataset}")
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip().startswith("error: model ") and "does not exist" in r.stderr
+def test_cli_errors_exit_2_with_one_message(tmp_path, tiny_dataset, monkeypatch, capsys):
+    # launch/evaluate.py in this process (inproc.run_entry); one real launch of it: test_error_catalogue.py
+    args = [f"output={tmp_path / 'o'}", f"model={tmp_path / 'missing'}", f"data={tiny_dataset}"]
+    code, _, err = run_entry("evaluate.py", args, monkeypatch, capsys)
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().startswith("error: model ") and "does not exist" in err
     (tmp_path / "o").mkdir()
-    r = run_script("evaluate.py", f"output={tmp_path / 'o'}", f"model={tmp_path / 'missing'}", f"data={tiny_dataset}")
-    assert r.returncode == 2 and "already exists" in r.stderr and "overwrite=true" in r.stderr
-    r = run_script("evaluate.py", "task=classification", "batch_size=0")
-    assert r.returncode == 2 and "model: no model" in r.stderr and "batch_size: must be >= 1" in r.stderr
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tiny_dataset) -> Path:
-    """A training run directory holding one checkpoint (step 1) of a tiny Llama with 32 positions."""
-    out = tmp_path_factory.mktemp("run") / "pretrain"
-    r = run_script("train.py", f"output={out}", f"data.datasets.0.path={tiny_dataset}", *TINY_MODEL, "train.micro_batch_size=2",
-                   "train.max_steps=1", "train.warmup_steps=1", "train.eval_batches=0", "checkpoint.every=0",
-                   "deepspeed.config=ds_configs/zero1.json", env={"OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
-    return out
+    code, _, err = run_entry("evaluate.py", args, monkeypatch, capsys)
+    assert code == 2 and "already exists" in err and "overwrite=true" in err
+    code, _, err = run_entry("evaluate.py", ["task=classification", "batch_size=0"], monkeypatch, capsys)
+    assert code == 2 and "model: no model" in err and "batch_size: must be >= 1" in err
 
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_pipeline_checkpoint_is_evaluated_at_its_step(tmp_path, tiny_dataset, tiny_run):
+def test_pipeline_checkpoint_is_evaluated_at_its_step(tmp_path, tiny_dataset, z3_run):
+    """conftest's shared run (directory ``pretrain``, 2 ranks, ZeRO-3): its latest checkpoint, step 4."""
     from pipeline.data.shards import TokenDataset
     from pipeline.training.hf_model import load_model
 
     out = tmp_path / "eval"
-    report = run(_cfg(out, f"model={tiny_run}", f"data={tiny_dataset}", "max_batches=2", "batch_size=4"))
+    report = run(_cfg(out, f"model={z3_run}", f"data={tiny_dataset}", "max_batches=2", "batch_size=4"))
     m = report["models"][0]
-    assert (m["name"], m["step"]) == ("pretrain-step1", 1) and m["checkpoint"].endswith("step-00000001")
+    name = f"pretrain-step{Z3_STEPS}"
+    assert (m["name"], m["step"]) == (name, Z3_STEPS) and m["checkpoint"].endswith(f"step-{Z3_STEPS:08d}")
     assert m["metrics"]["seq_len"] == 32  # the checkpoint's positions
     ds = TokenDataset(tiny_dataset, "val")
-    total, count = _manual_loss(load_model(tiny_run)[0], [ds.sample(i, 32).tolist() for i in range(8)])
+    total, count = _manual_loss(load_model(z3_run)[0], [ds.sample(i, 32).tolist() for i in range(8)])
     assert m["metrics"]["loss"] == pytest.approx(total / count, abs=1e-5)
-    assert _scalars(out / "tensorboard" / "pretrain-step1")["eval/loss"][0][0] == 1  # TensorBoard step = checkpoint step
+    assert _scalars(out / "tensorboard" / name)["eval/loss"][0][0] == Z3_STEPS  # TensorBoard step = checkpoint step
 
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_zero3_two_ranks_equals_single_process(tmp_path, tiny_dataset, tiny_hf_model, tiny_run):
-    """2 CPU ranks, ZeRO-3: an HF directory loaded partitioned and a checkpoint consolidated on rank 0."""
-    args = [f"model={tiny_hf_model}", f"compare_to={tiny_run}", f"data={tiny_dataset}", "max_batches=5", "batch_size=4"]
+def test_zero3_two_ranks_equals_single_process(tmp_path, tiny_dataset, tiny_hf_model, z3_run):
+    """2 CPU ranks, ZeRO-3: an HF directory loaded partitioned and a checkpoint (conftest's shared
+    2-rank ZeRO-3 run) consolidated on rank 0."""
+    args = [f"model={tiny_hf_model}", f"compare_to={z3_run}", f"data={tiny_dataset}", "max_batches=5", "batch_size=4"]
     single = run(_cfg(tmp_path / "one", *args))
     r = run_deepspeed("evaluate.py", f"output={tmp_path / 'z3'}", *args, "zero3=true", timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

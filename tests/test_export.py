@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -14,7 +16,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import ROOT, TINY_MODEL, free_port, model_logits, run_deepspeed, run_script, validation_loss
+from conftest import ROOT, TINY_MODEL, Z3_STEPS, free_port, model_logits, run_script, validation_loss
+from inproc import run_entry
 from pipeline.errors import UserError
 from pipeline.stages.export import consolidate, export, is_pipeline_checkpoint, load_model, resolve_checkpoint, stop_token_ids
 from pipeline.io import sha256_file
@@ -22,7 +25,8 @@ from pipeline.io import sha256_file
 pytestmark = pytest.mark.integration
 
 ENV = {"OMP_NUM_THREADS": "1"}
-STEP = "step-00000002"
+STEP = "step-00000002"  # the last step of the runs trained here
+Z3_STEP = f"step-{Z3_STEPS:08d}"  # the latest checkpoint of conftest's shared run (z3_run)
 
 
 def _train_args(out: Path, data: Path, *extra: str) -> list[str]:
@@ -36,20 +40,18 @@ def _quiet(*_args) -> None:
 
 
 @pytest.fixture(scope="module")
-def z3_run(tmp_path_factory, tiny_dataset: Path) -> Path:
-    """A run directory trained 2 steps on 2 CPU ranks with the default ZeRO-3 + offload config."""
-    out = tmp_path_factory.mktemp("z3") / "run"
-    r = run_deepspeed("train.py", *_train_args(out, tiny_dataset))
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return out
+def z3_export(tmp_path_factory, z3_run: Path) -> tuple[Path, SimpleNamespace]:
+    """``launch/export.py``'s command line (its stage's ``main``, in this process) on conftest's shared
+    run directory (2 CPU ranks, the default ZeRO-3 + offload config, latest checkpoint at step 4), with
+    shards of at most 100 kB; with its exit code and output. (Exports in processes of their own:
+    test_export_peak_memory_is_about_one_fp32_copy, test_verification_failure_publishes_nothing_...)"""
+    from pipeline.stages.export import main
 
-
-@pytest.fixture(scope="module")
-def z3_export(z3_run: Path) -> tuple[Path, subprocess.CompletedProcess]:
-    """``launch/export.py`` of the ZeRO-3 run directory, with shards of at most 100 kB."""
-    out = z3_run.parent / "exported"
-    r = run_script("export.py", "--checkpoint", str(z3_run), "--output", str(out), "--max-shard-size", "100KB", env=ENV)
-    return out, r
+    out = tmp_path_factory.mktemp("z3export") / "exported"
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = main(["--checkpoint", str(z3_run), "--output", str(out), "--max-shard-size", "100KB"])
+    return out, SimpleNamespace(returncode=code, stdout=stdout.getvalue(), stderr=stderr.getvalue())
 
 
 def _reference(step: Path, head: str = "causal"):
@@ -72,7 +74,7 @@ def test_zero3_two_ranks_export_loads_and_equals_the_checkpoint(z3_run: Path, z3
     out, r = z3_export
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "max |Δlogit| = 0" in r.stdout and "Traceback" not in r.stderr
-    step = z3_run / "checkpoints" / STEP
+    step = z3_run / "checkpoints" / Z3_STEP
     # sharded safetensors + index
     shards = sorted(p.name for p in out.glob("model-*.safetensors"))
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -86,7 +88,7 @@ def test_zero3_two_ranks_export_loads_and_equals_the_checkpoint(z3_run: Path, z3
     ea = EventAccumulator(str(z3_run / "tensorboard"))
     ea.Reload()
     logged = ea.Scalars("eval/loss")[-1]
-    assert logged.step == 2
+    assert logged.step == Z3_STEPS
     assert validation_loss(model, tiny_dataset) == pytest.approx(logged.value, abs=1e-5)
     # tokenizer, generation config, config
     tok = AutoTokenizer.from_pretrained(out)
@@ -98,7 +100,7 @@ def test_zero3_two_ranks_export_loads_and_equals_the_checkpoint(z3_run: Path, z3
     assert conf["architectures"] == ["LlamaForCausalLM"]
     # provenance
     meta = json.loads((out / "export_meta.json").read_text())
-    assert meta["source_checkpoint"] == str(step.resolve()) and meta["step"] == 2
+    assert meta["source_checkpoint"] == str(step.resolve()) and meta["step"] == Z3_STEPS
     assert (meta["zero_stage"], meta["world_size"], meta["dtype"]) == (3, 2, "fp32")
     assert meta["max_abs_logit_diff"] <= 1e-4 and meta["tolerance"] == 1e-4
     assert meta["files"] == {p.name: sha256_file(p) for p in out.iterdir() if p.name != "export_meta.json"}
@@ -136,11 +138,13 @@ def test_zero1_single_rank_tied_embeddings_fp32_and_bf16(tmp_path: Path, tiny_da
 
 
 @pytest.mark.slow
-def test_verification_failure_publishes_nothing_and_keeps_the_old_export(z3_run: Path, z3_export):
-    out, first = z3_export
+def test_verification_failure_publishes_nothing_and_keeps_the_old_export(tmp_path: Path, z3_run: Path, z3_export):
+    first = z3_export[1]
     assert first.returncode == 0, first.stderr[-3000:]
+    out = tmp_path / "exported"  # a copy: the module's export stays as it is for the other tests
+    shutil.copytree(z3_export[0], out)
     before = {p.name: sha256_file(p) for p in out.iterdir()}
-    r = run_script("export.py", "--checkpoint", str(z3_run / "checkpoints" / STEP), "--output", str(out), "--overwrite",
+    r = run_script("export.py", "--checkpoint", str(z3_run / "checkpoints" / Z3_STEP), "--output", str(out), "--overwrite",
                    env={**ENV, "PIPELINE_TEST_CORRUPT_EXPORT": "1"})
     assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
     assert "export verification failed: max |Δlogit| = " in r.stderr and "> tolerance 0.0001" in r.stderr
@@ -169,7 +173,7 @@ def test_verification_failure_publishes_nothing_and_keeps_the_old_export(z3_run:
 ])
 @pytest.mark.slow
 def test_user_errors(tmp_path: Path, z3_run: Path, tiny_hf_model: Path, case: str, message: str):
-    step = z3_run / "checkpoints" / STEP
+    step = z3_run / "checkpoints" / Z3_STEP
     checkpoint, out, kwargs = step, tmp_path / "out", {}
     if case == "missing":
         checkpoint = tmp_path / "nowhere"
@@ -179,10 +183,10 @@ def test_user_errors(tmp_path: Path, z3_run: Path, tiny_hf_model: Path, case: st
     elif case == "hf dir":
         checkpoint = tiny_hf_model
     elif case == "no optimizer shards":
-        checkpoint = tmp_path / STEP
+        checkpoint = tmp_path / Z3_STEP
         shutil.copytree(step, checkpoint, ignore=shutil.ignore_patterns("*_optim_states.pt"))
     elif case == "one rank's model states":
-        checkpoint = tmp_path / STEP
+        checkpoint = tmp_path / Z3_STEP
         shutil.copytree(step, checkpoint, ignore=shutil.ignore_patterns("zero_pp_rank_1_*_model_states.pt"))
     elif case == "run without checkpoint":
         checkpoint = tmp_path / "run"
@@ -192,12 +196,14 @@ def test_user_errors(tmp_path: Path, z3_run: Path, tiny_hf_model: Path, case: st
         checkpoint.mkdir(parents=True)
         (checkpoint / "latest").write_text("step-00000009")
         if case.endswith("removed step"):
-            shutil.copytree(step, checkpoint / STEP)
-            message += str(checkpoint / STEP) + ")"
+            shutil.copytree(step, checkpoint / Z3_STEP)
+            message += str(checkpoint / Z3_STEP) + ")"
     elif case == "output exists":
         out.mkdir()
-    elif case == "output holds the checkpoint":
-        out, kwargs = z3_run, {"overwrite": True}
+    elif case == "output holds the checkpoint":  # in a copy of the shared run: were it not refused, it would be replaced
+        out, kwargs = tmp_path / "run", {"overwrite": True}
+        shutil.copytree(z3_run, out)
+        checkpoint = out / "checkpoints" / Z3_STEP
     elif case == "bad dtype":
         kwargs = {"dtype": "fp8"}
     else:
@@ -207,9 +213,11 @@ def test_user_errors(tmp_path: Path, z3_run: Path, tiny_hf_model: Path, case: st
     assert out.exists() == (case in ("output exists", "output holds the checkpoint"))
 
 
-def test_user_error_exits_2_with_one_message(tmp_path: Path):
-    r = run_script("export.py", "--checkpoint", str(tmp_path / "nowhere"), "--output", str(tmp_path / "out"))
-    assert r.returncode == 2 and r.stderr.startswith("error: --checkpoint") and "Traceback" not in r.stderr
+def test_user_error_exits_2_with_one_message(tmp_path: Path, monkeypatch, capsys):
+    # launch/export.py in this process (inproc.run_entry); one real launch of it: test_error_catalogue.py
+    code, _, err = run_entry("export.py", ["--checkpoint", str(tmp_path / "nowhere"), "--output", str(tmp_path / "out")],
+                             monkeypatch, capsys)
+    assert code == 2 and err.startswith("error: --checkpoint") and "Traceback" not in err
     assert not (tmp_path / "out").exists()
 
 
@@ -217,7 +225,7 @@ def test_user_error_exits_2_with_one_message(tmp_path: Path):
 def test_load_model_from_hf_dir_and_from_checkpoint(tmp_path: Path, tiny_hf_model: Path, z3_run: Path, z3_export):
     model, tok = load_model(tiny_hf_model)
     assert type(model).__name__ == "LlamaForCausalLM" and not model.training and tok.eos_token_id == 2
-    step = z3_run / "checkpoints" / STEP
+    step = z3_run / "checkpoints" / Z3_STEP
     for p in (z3_run, z3_run / "checkpoints", step):
         assert is_pipeline_checkpoint(p) and resolve_checkpoint(p) == step
     assert not is_pipeline_checkpoint(tiny_hf_model) and not is_pipeline_checkpoint(tmp_path / "nowhere")
@@ -242,8 +250,8 @@ def test_chat_template_and_recorded_stop_tokens(tmp_path: Path, z3_run: Path, ti
     from pipeline.data.chat import BUILTIN_TEMPLATE
 
     # a step directory copied elsewhere is exportable on its own; give it what fine-tuning records
-    step = tmp_path / STEP
-    shutil.copytree(z3_run / "checkpoints" / STEP, step)
+    step = tmp_path / Z3_STEP
+    shutil.copytree(z3_run / "checkpoints" / Z3_STEP, step)
     tok_conf = step / "hf" / "tokenizer" / "tokenizer_config.json"
     tok_conf.write_text(json.dumps({**json.loads(tok_conf.read_text()), "chat_template": BUILTIN_TEMPLATE}))
     meta = json.loads((step / "meta.json").read_text())
@@ -264,68 +272,86 @@ def test_chat_template_and_recorded_stop_tokens(tmp_path: Path, z3_run: Path, ti
 
 
 _ENGINE_CHECKPOINT = r"""
-# A checkpoint in this pipeline's layout written by a 1-rank DeepSpeed engine after one step, for
-# what launch/train.py cannot make on CPU: a sequence classifier, a bf16 run.
-import json, os, shutil, sys
+# Checkpoints in this pipeline's layout, each written by a 1-rank DeepSpeed engine after one step, for
+# what launch/train.py cannot make on CPU: a sequence classifier, a bf16 run. argv[1]: a JSON list of
+# specs, written one after the other in this process (each from the same seed, as in a process of its own).
+import gc, json, os, shutil, sys
 from pathlib import Path
 import torch, deepspeed
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-out, tok_dir, port, head, stage, precision, hidden, inter, layers, optimizer = sys.argv[1:]
-out, stage, hidden, inter, layers = Path(out), int(stage), int(hidden), int(inter), int(layers)
+specs, port = json.loads(sys.argv[1]), sys.argv[2]
 os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
 deepspeed.init_distributed(dist_backend="gloo")
-torch.manual_seed(0)
-cls = LlamaForSequenceClassification if head == "cls" else LlamaForCausalLM
-conf = LlamaConfig(vocab_size=512, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=4,
-                   num_key_value_heads=4, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=3,
-                   num_labels=3, architectures=[cls.__name__])
-model = cls(conf)
-ds = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
-      "bf16": {"enabled": precision == "bf16"}}
-if optimizer == "deepspeed":  # DeepSpeed's AdamW on the pipeline's groups, as launch/train.py builds it
-    from pipeline.training.model import param_groups
-    ds["optimizer"] = {"type": "AdamW", "params": {"lr": 1e-2}}
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.1), config=ds)
-else:
-    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2), config=ds)
-ids = torch.randint(4, 512, (2, 8))
-loss = engine(input_ids=ids, labels=torch.tensor([0, 2]) if head == "cls" else ids).loss
-engine.backward(loss)
-engine.step()
-step = out / "checkpoints" / "step-00000001"
-engine.save_checkpoint(str(out / "checkpoints"), tag=step.name, save_latest=False)
-conf.save_pretrained(step / "hf")
-shutil.copytree(tok_dir, step / "hf" / "tokenizer")
-meta = {"step": 1, "zero_stage": stage, "world_size": 1, "precision": precision}
-if head == "cls":
-    meta["labels"] = ["neg", "neutral", "pos"]
-(step / "meta.json").write_text(json.dumps(meta))
-(out / "checkpoints" / "latest").write_text(step.name)
+for spec in specs:
+    out, head, stage, precision, optimizer = Path(spec["out"]), spec["head"], spec["stage"], spec["precision"], spec["optimizer"]
+    hidden, inter, layers = spec["size"]
+    torch.manual_seed(0)
+    cls = LlamaForSequenceClassification if head == "cls" else LlamaForCausalLM
+    conf = LlamaConfig(vocab_size=512, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=4,
+                       num_key_value_heads=4, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=3,
+                       num_labels=3, architectures=[cls.__name__])
+    model = cls(conf)
+    ds = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
+          "bf16": {"enabled": precision == "bf16"}}
+    if optimizer == "deepspeed":  # DeepSpeed's AdamW on the pipeline's groups, as launch/train.py builds it
+        from pipeline.training.model import param_groups
+        ds["optimizer"] = {"type": "AdamW", "params": {"lr": 1e-2}}
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.1), config=ds)
+    else:
+        engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2), config=ds)
+    ids = torch.randint(4, 512, (2, 8))
+    loss = engine(input_ids=ids, labels=torch.tensor([0, 2]) if head == "cls" else ids).loss
+    engine.backward(loss)
+    engine.step()
+    step = out / "checkpoints" / "step-00000001"
+    engine.save_checkpoint(str(out / "checkpoints"), tag=step.name, save_latest=False)
+    conf.save_pretrained(step / "hf")
+    shutil.copytree(spec["tokenizer"], step / "hf" / "tokenizer")
+    meta = {"step": 1, "zero_stage": stage, "world_size": 1, "precision": precision}
+    if head == "cls":
+        meta["labels"] = ["neg", "neutral", "pos"]
+    (step / "meta.json").write_text(json.dumps(meta))
+    (out / "checkpoints" / "latest").write_text(step.name)
+    del engine, model, loss
+    gc.collect()
 """
 
 
-def _engine_checkpoint(run: Path, tokenizer: Path, head: str, stage: int, precision: str,
-                       size: tuple[int, int, int] = (64, 128, 2), optimizer: str = "torch") -> Path:
-    """A 1-rank checkpoint (see _ENGINE_CHECKPOINT); ``size``: hidden size, MLP size, layers;
-    ``optimizer``: torch's AdamW on one group, or ``deepspeed``'s on the pipeline's groups."""
-    r = subprocess.run([sys.executable, "-c", _ENGINE_CHECKPOINT, str(run), str(tokenizer), str(free_port()), head, str(stage),
-                        precision, *map(str, size), optimizer], env={**os.environ, "PYTHONPATH": str(ROOT), **ENV}, capture_output=True, text=True,
-                       timeout=300)
+def _engine_checkpoints(root: Path, tokenizer: Path, specs: dict[str, dict]) -> dict[str, Path]:
+    """1-rank checkpoints written by one process (see _ENGINE_CHECKPOINT), one per entry of ``specs``:
+    name -> ``head`` (causal or cls), ``stage``, ``precision``, optionally ``size`` (hidden size, MLP
+    size, layers; default 64, 128, 2) and ``optimizer`` (torch's AdamW on one group, the default, or
+    ``deepspeed``'s on the pipeline's groups). Returns name -> the step directory."""
+    full = [{"out": str(root / name), "tokenizer": str(tokenizer), "size": (64, 128, 2), "optimizer": "torch", **spec}
+            for name, spec in specs.items()]
+    r = subprocess.run([sys.executable, "-c", _ENGINE_CHECKPOINT, json.dumps(full), str(free_port())],
+                       env={**os.environ, "PYTHONPATH": str(ROOT), **ENV}, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    return run / "checkpoints" / "step-00000001"
+    return {name: root / name / "checkpoints" / "step-00000001" for name in specs}
+
+
+@pytest.fixture(scope="module")
+def engine_checkpoints(tmp_path_factory, tiny_dataset: Path) -> dict[str, Path]:
+    """The tiny 1-rank engine checkpoints of the tests below (one process writes them all); a test
+    that changes its checkpoint works on a copy."""
+    return _engine_checkpoints(tmp_path_factory.mktemp("engine"), tiny_dataset / "tokenizer", {
+        "cls_zero2_bf16": {"head": "cls", "stage": 2, "precision": "bf16"},
+        "zero0_bf16_torch": {"head": "causal", "stage": 0, "precision": "bf16", "optimizer": "torch"},
+        "zero0_bf16_deepspeed": {"head": "causal", "stage": 0, "precision": "bf16", "optimizer": "deepspeed"},
+    })
 
 
 @pytest.mark.slow
-def test_bf16_trained_zero2_classifier_keeps_its_labels_and_fp32_master_weights(tmp_path: Path, tiny_dataset: Path):
+def test_bf16_trained_zero2_classifier_keeps_its_labels_and_fp32_master_weights(tmp_path: Path, engine_checkpoints):
     from transformers import AutoModelForSequenceClassification
 
-    step = _engine_checkpoint(tmp_path / "cls", tiny_dataset / "tokenizer", "cls", 2, "bf16")
+    step = engine_checkpoints["cls_zero2_bf16"]  # only read
     master = consolidate(step)["model.layers.0.mlp.up_proj.weight"]
     assert master.dtype == torch.float32 and (master.bfloat16().float() != master).any()  # not the bf16 working copy
     ref = model_logits(_reference(step, head="cls"))
 
-    summary = export(tmp_path / "cls", tmp_path / "bf16", log=_quiet)  # dtype auto: bf16, as trained
+    summary = export(step.parent.parent, tmp_path / "bf16", log=_quiet)  # the run directory; dtype auto: bf16, as trained
     assert (summary["zero_stage"], summary["dtype"], summary["architecture"]) == (2, "bf16", "LlamaForSequenceClassification")
     assert 0 < summary["max_abs_logit_diff"] <= summary["tolerance"]
     conf = json.loads((tmp_path / "bf16" / "config.json").read_text())
@@ -343,13 +369,14 @@ def test_bf16_trained_zero2_classifier_keeps_its_labels_and_fp32_master_weights(
 
 @pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["torch", "deepspeed"])
-def test_zero0_bf16_exports_the_fp32_master_weights(tmp_path: Path, tiny_dataset: Path, optimizer: str):
+def test_zero0_bf16_exports_the_fp32_master_weights(tmp_path: Path, engine_checkpoints, optimizer: str):
     """ZeRO-0 writes no *_optim_states.pt: the module's state dict in mp_rank_00_model_states.pt holds
     the weights and, trained in bf16, DeepSpeed's FP16 optimizer keeps the fp32 master weights beside
     it (per parameter with torch's AdamW; one flat tensor per group with DeepSpeed's fused AdamW)."""
     from transformers import AutoModelForCausalLM
 
-    step = _engine_checkpoint(tmp_path / "z0", tiny_dataset / "tokenizer", "causal", 0, "bf16", optimizer=optimizer)
+    step = tmp_path / "z0" / "step-00000001"  # a copy: the end of this test damages it
+    shutil.copytree(engine_checkpoints[f"zero0_bf16_{optimizer}"], step)
     assert not list(step.glob("*_optim_states.pt"))
     states = torch.load(step / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     masters = "fp32_groups" if optimizer == "torch" else "fp32_groups_flat"
@@ -407,28 +434,40 @@ def _peak_rss(*cmd: str) -> tuple[int, str]:
     return int(r.stdout.split()[-1]), r.stdout
 
 
+@pytest.fixture(scope="module")
+def big_checkpoints(tmp_path_factory, tiny_dataset: Path) -> dict[int, Path]:
+    """ZeRO stage -> a 1-rank fp32 checkpoint of a 38.3M-parameter Llama (146 MiB fp32): the weights
+    dominate an export process, and it trains a step in seconds. One process writes both."""
+    made = _engine_checkpoints(tmp_path_factory.mktemp("big"), tiny_dataset / "tokenizer", {
+        f"zero{stage}": {"head": "causal", "stage": stage, "precision": "fp32", "size": (1024, 2816, 3)} for stage in (1, 0)})
+    return {stage: made[f"zero{stage}"] for stage in (1, 0)}
+
+
+@pytest.fixture(scope="module")
+def rss_baseline(tiny_dataset: Path) -> int:
+    """Peak RSS (bytes) of what every export process holds besides the weights (_BASELINE), measured
+    here on the same machine and versions: 427 MiB, vs 431 MiB for a whole export of a 0.2M-parameter
+    checkpoint (docs/export.md), so it errs on the strict side."""
+    return _peak_rss(sys.executable, "-c", _BASELINE, str(tiny_dataset / "tokenizer"))[0]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 0])
-def test_export_peak_memory_is_about_one_fp32_copy(tmp_path: Path, tiny_dataset: Path, stage: int):
+def test_export_peak_memory_is_about_one_fp32_copy(tmp_path: Path, big_checkpoints, rss_baseline: int, stage: int):
     """ZeRO-1/2 keep each parameter group's fp32 master weights as flat partitions; the export must
     not hold a merged copy beside the model (it did: 2.03x fp32, 1.52x bf16, docs/export.md).
     ZeRO-0 keeps the weights with both Adam moments in one file (3x the weights): only the weights
     may be read, and their pages handed back."""
-    tok = tiny_dataset / "tokenizer"
-    # 38.3M parameters (146 MiB fp32): the weights dominate the process, and it trains a step in seconds
-    big = _engine_checkpoint(tmp_path / "big", tok, "causal", stage, "fp32", size=(1024, 2816, 3))
+    big = big_checkpoints[stage]  # only read
     states = torch.load(big / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False, mmap=True)
     shapes = states["param_shapes"][0] if stage else {k: t.shape for k, t in states["module"].items()}
     fp32_bytes = 4 * sum(s.numel() for s in shapes.values())
     del states
     assert fp32_bytes > 140 * 2**20
-    # the baseline, measured here on the same machine and versions: 427 MiB, vs 431 MiB for a whole
-    # export of a 0.2M-parameter checkpoint (docs/export.md), so it errs on the strict side
-    baseline, _ = _peak_rss(sys.executable, "-c", _BASELINE, str(tok))
     for dtype in ("fp32", "bf16"):
         peak, out = _peak_rss(sys.executable, str(ROOT / "launch" / "export.py"), "--checkpoint", str(big),
                               "--output", str(tmp_path / f"big_{dtype}"), "--dtype", dtype)
         assert "max |Δlogit| = " in out
-        above = (peak - baseline) / fp32_bytes
+        above = (peak - rss_baseline) / fp32_bytes
         assert above <= 1.3, f"{dtype} export peaked at {above:.2f}x the fp32 model size above the baseline"
     assert json.loads((tmp_path / "big_bf16" / "export_meta.json").read_text())["n_params"] * 4 == fp32_bytes

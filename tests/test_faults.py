@@ -17,6 +17,7 @@ import psutil
 import pytest
 
 from conftest import ROOT, TINY_MODEL, free_port, run_deepspeed, run_script
+from inproc import run_entry
 
 pytestmark = pytest.mark.integration
 
@@ -304,16 +305,21 @@ def test_disk_full_during_preprocess_is_a_clear_error_and_keeps_the_published_ou
 
 
 @pytest.mark.slow
-def test_disk_full_during_export_is_a_clear_error_and_keeps_the_earlier_export(small_disk: Path, base_run: Path):
+def test_disk_full_during_export_is_a_clear_error_and_keeps_the_earlier_export(small_disk: Path, base_run: Path, capsys):
+    from pipeline.stages.export import main as export_main
+
     out = small_disk / "export"
     out.mkdir()
     (out / "config.json").write_text('{"earlier": "export"}\n')
     before = _tree(out)
     _fill(small_disk, 64 << 10)  # less than the weights (safetensors reports ENOSPC as text: "os error 28")
-    r = run_script("export.py", "--checkpoint", str(base_run), "--output", str(out), "--overwrite", env=ENV)
-    assert r.returncode == 2, r.stderr[-3000:]
-    assert "Traceback" not in r.stderr
-    assert "error: disk full while writing the output" in r.stderr and "free space on that filesystem" in r.stderr
+    # launch/export.py's command line (its stage's main), in this process: an export starts no process group
+    capsys.readouterr()
+    code = export_main(["--checkpoint", str(base_run), "--output", str(out), "--overwrite"])
+    err = capsys.readouterr().err
+    assert code == 2, err[-3000:]
+    assert "Traceback" not in err
+    assert "error: disk full while writing the output" in err and "free space on that filesystem" in err
     assert _tree(out) == before
     assert sorted(p.name for p in small_disk.iterdir()) == ["export", "filler"], "the export's temporary directory is removed"
 
@@ -326,8 +332,8 @@ def test_disk_full_during_export_is_a_clear_error_and_keeps_the_earlier_export(s
     ("truncate_bin", "fast", "(size listed in manifest.json)"),
     ("flip_bin", "thorough", "has sha256 "),
 ])
-@pytest.mark.slow
-def test_training_refuses_damaged_shards_naming_the_file(tmp_path: Path, tiny_dataset: Path, damage, verify_mode, message):
+def test_training_refuses_damaged_shards_naming_the_file(tmp_path: Path, tiny_dataset: Path, damage, verify_mode, message,
+                                                         monkeypatch, capsys):
     data = tmp_path / "data"
     shutil.copytree(tiny_dataset, data)
     shard = sorted((data / "train").glob("*.bin"))[0]
@@ -344,10 +350,12 @@ def test_training_refuses_damaged_shards_naming_the_file(tmp_path: Path, tiny_da
         b = bytearray(shard.read_bytes())
         b[len(b) // 2] ^= 0x01
         shard.write_bytes(bytes(b))
-    r = run_script("train.py", *_args(tmp_path / "run", data, "train.max_steps=1", f"data.verify={verify_mode}"), env=ENV)
-    assert r.returncode == 2, r.stderr[-3000:]
-    assert "Traceback" not in r.stderr
-    assert f"'{shard}' " in r.stderr and message in r.stderr and "re-run preprocess" in r.stderr
+    # launch/train.py in this process: the check runs before the process group (inproc.run_entry's tripwire)
+    code, _, err = run_entry("train.py", _args(tmp_path / "run", data, "train.max_steps=1", f"data.verify={verify_mode}"),
+                             monkeypatch, capsys)
+    assert code == 2, err[-3000:]
+    assert "Traceback" not in err
+    assert f"'{shard}' " in err and message in err and "re-run preprocess" in err
     assert not (tmp_path / "run").exists()
 
 
