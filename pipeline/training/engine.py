@@ -83,17 +83,15 @@ class Run:
 
     @property
     def dp_rank(self) -> int:
-        """This rank's data-parallel group (its sequence-parallel group's index)."""
-        return self.env.rank // self.sp
+        return self.resolved.dp_rank
 
     @property
     def dp_world(self) -> int:
-        """Groups that read different data: ``world / sp``."""
-        return self.env.world_size // self.sp
+        return self.resolved.dp_world
 
     @property
     def sp_rank(self) -> int:
-        return self.env.rank % self.sp
+        return self.resolved.sp_rank
 
     @property
     def grad_divisor(self) -> int:

@@ -48,6 +48,8 @@ from pipeline.training.plan import (
     make_plan,
     model_facts,
 )
+from pipeline.training.sequence_parallel import check as check_sequence_parallel
+from pipeline.training.sequence_parallel import dp_coords
 
 
 @dataclass
@@ -80,17 +82,18 @@ class ResolvedRun:
         return self.env.world_size
 
     @property
-    def dp_world(self) -> int:
-        """Groups that see different data: ``world / sp`` (every batch formula reads this)."""
-        return self.env.world_size // self.sp
+    def dp_rank(self) -> int:
+        """This rank's data-parallel group (the index of its sequence-parallel group)."""
+        return dp_coords(self.env.rank, self.env.world_size, self.sp)[0]
 
     @property
-    def dp_rank(self) -> int:
-        return self.env.rank // self.sp
+    def dp_world(self) -> int:
+        """Groups that see different data: ``world / sp`` (every batch formula reads this)."""
+        return dp_coords(self.env.rank, self.env.world_size, self.sp)[1]
 
     @property
     def sp_rank(self) -> int:
-        return self.env.rank % self.sp
+        return dp_coords(self.env.rank, self.env.world_size, self.sp)[2]
 
     @property
     def micro(self) -> int:
@@ -182,14 +185,11 @@ def resolve_run(cfg: Any, conf, *, seq_len: int, head: str, local_rank: int | No
     """
     d = cfg.deepspeed
     env = dist.detect(local_rank_arg=local_rank)
-    sp = getattr(getattr(cfg, "parallel", None), "sequence_parallel_size", 1)
-    if sp > 1:
-        from pipeline.training import sequence_parallel
-
-        sequence_parallel.check(conf, sp=sp, seq_len=seq_len, world=env.world_size,
-                                attn=cfg.model.attn_implementation, key=seq_len_key)
     precision = resolve_precision(d.precision)
     recipe = recipe_from(cfg, conf, seq_len=seq_len, head=head, precision=precision)
+    sp = recipe.sp
+    check_sequence_parallel(conf, sp=sp, seq_len=seq_len, world=env.world_size, attn=cfg.model.attn_implementation,
+                            key=seq_len_key)
     hidden = _hidden(conf)
     auto = d.config.strip() == "auto"
     notes: list[str] = []
