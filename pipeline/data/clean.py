@@ -33,6 +33,11 @@ class CleanConfig:
     """Drop documents shorter than this many characters after cleaning."""
     max_chars: int = 0
     """Drop documents longer than this many characters after cleaning (0: no limit)."""
+    min_tokens: int = 0
+    """Drop documents shorter than this many tokens of the run's tokenizer, counted after
+    encoding with the EOS that ends each document (0: keep all). For long-context training:
+    documents of at least data.seq_len + 1 tokens give rows with at most one document
+    boundary; see docs/preprocess.md. Not applied to the tokenizer-training sample."""
     dedup: bool = True
     """Drop exact duplicates (same text after cleaning) across all sources; the first
     occurrence in input order is kept."""
@@ -45,6 +50,8 @@ class CleanConfig:
             problems.append(("max_chars", f"must be >= 0 (0 means no limit), got {self.max_chars}"))
         if self.max_chars and self.max_chars < self.min_chars:
             problems.append(("max_chars", f"{self.max_chars} is below min_chars={self.min_chars}; raise it or set 0 for no limit"))
+        if self.min_tokens < 0:
+            problems.append(("min_tokens", f"must be >= 0 (0 keeps every document), got {self.min_tokens}"))
         return problems
 
 

@@ -148,6 +148,27 @@ def block_pattern(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return comp, rank
 
 
+def _no_sample(d: Path, m: dict, split: str, seq_len: int, found: dict[str, int]) -> str:
+    """The refusal of a dataset whose ``split`` holds no sample, with the ways out (train-stage keys)."""
+    where = "; ".join(f"{n}: {t:,} tokens" for n, t in found.items()) or "no source with a weight > 0"
+    fixes = [f"lower data.seq_len to at most {max(found.values()) - 1:,}"] if max(found.values(), default=0) > 1 else []
+    if split == "val":
+        frac = float(m.get("val_fraction") or 0.0)
+        per_source = {n: sum(s["tokens"] for s in m["shards"] if s["source"] == n) for n in found}
+        most = max(per_source.values(), default=0)
+        need = (seq_len + 1) / most if most else math.inf
+        fixes.append(f"re-run preprocess with a larger val_fraction (now {frac:g}; one sample needs about {need:.2g} of "
+                     f"the {most:,} tokens of its largest source, in whole documents) or more data" if need < 1 else
+                     "re-run preprocess with more data (no source holds one sample's tokens in all)")
+        fixes.append("set train.eval_batches=0 to train without validation")
+    else:
+        min_tokens = ((m.get("config") or {}).get("clean") or {}).get("min_tokens") or 0
+        fixes.append("re-run preprocess with more data" + (f" or a lower clean.min_tokens (now {min_tokens:,})" if min_tokens else ""))
+        fixes.append("remove the dataset from data.datasets")
+    return (f"split {split!r} of dataset '{d}' holds no sample of seq_len={seq_len} (+1) tokens with a weight > 0 "
+            f"({where}); " + "; or ".join(fixes))
+
+
 class BlendedSamples:
     """Deterministic, endless, blended and shuffled sample stream over preprocessed datasets.
 
@@ -203,14 +224,15 @@ class BlendedSamples:
                 raise UserError(f"'{d / 'manifest.json'}': source {bad[0]!r} has weight {sweights[bad[0]]}; "
                                 f"source weights must be finite and >= 0; re-run preprocess with a valid weight")
             total_w = sum(sweights.values())
-            found, kept = [], 0
+            found, kept = {}, 0  # tokens in the split of each source with a weight > 0
             for name in names:
                 cname = f"{d}:{name}"
                 in_split = any(s["split"] == split and s["source"] == name for s in m["shards"])
                 ds = TokenDataset(d, split, name, verify) if in_split else None
                 n = ds.num_samples(seq_len) if ds is not None else 0
                 w = dweight * sweights[name] / total_w if total_w > 0 else 0.0
-                found.append(f"{name}: {ds.num_tokens if ds else 0} tokens")
+                if w > 0:
+                    found[name] = ds.num_tokens if ds else 0
                 if n == 0 or w == 0:
                     self.dropped.append((cname, "no sample" if n == 0 else "weight 0"))
                     continue
@@ -220,9 +242,7 @@ class BlendedSamples:
                 raw.append(w)
                 kept += 1
             if dweight > 0 and not kept:
-                raise UserError(f"split {split!r} of dataset '{d}' holds no sample of seq_len={seq_len} (+1) tokens "
-                                f"with a weight > 0 ({'; '.join(found) or 'no sources'}); use a smaller seq_len, "
-                                f"re-run preprocess with more data (or a val_fraction > 0 for val), or remove the dataset")
+                raise UserError(_no_sample(d, m, split, seq_len, found))
         if not self.components:
             raise UserError("every dataset has weight 0; give at least one dataset a weight > 0")
         self.tokenizer_dir = first_dir / str(self.tokenizer.get("dir", "tokenizer"))

@@ -2,13 +2,14 @@
 
 Flow (one task)::
 
-    sources --read--> records --clean/dedup/split--> batches --encode--> shards + manifest
+    sources --read--> records --clean/dedup/split--> batches --encode--> [min_tokens] --> shards + manifest
 
-A reader thread reads, cleans, hashes and batches documents; encoder threads (one per core)
-encode batches concurrently with the tokenizer's native batch API (which releases the GIL);
-the main thread writes the encoded batches, in input order, into shards. Work is committed in *segments*: a segment is a contiguous run of one source's
-documents whose train part reaches ``shard_tokens``; it yields one train and one
-validation shard plus a small progress record (input cursor, statistics, the
+A reader thread (:mod:`pipeline.data.batches`) reads, cleans, hashes and batches documents;
+encoder threads (one per core) encode batches concurrently with the tokenizer's native batch API
+(which releases the GIL); the main thread drops the documents below ``clean.min_tokens`` and
+writes the rest, in input order, into shards. Work is committed in *segments*: a segment is a
+contiguous run of one source's documents whose train part reaches ``shard_tokens``; it yields one
+train and one validation shard plus a small progress record (input cursor, statistics, the
 de-duplication keys of its documents). A killed run restarts after its last committed
 segment and, because every boundary depends only on the input, produces byte-identical
 output. Everything is written in ``<output>.partial`` and renamed to ``<output>`` at the end.
@@ -23,7 +24,6 @@ import os
 import queue
 import shutil
 import sys
-import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -37,9 +37,19 @@ import numpy as np
 from pipeline import faults
 from pipeline.config import to_dict, to_yaml
 from pipeline.data import sample as builtin_sample
-from pipeline.data.clean import CleanConfig, Cleaner, SeenHashes, content_hash, dedup_key, is_validation, task_of
-from pipeline.data.shards import ShardWriter, dtype_for_vocab, file_entries, write_manifest
-from pipeline.data.sources import SourceConfig, iter_records, resolve_files, source_name
+from pipeline.data.batches import Batch, BatchReader
+from pipeline.data.clean import CleanConfig, SeenHashes
+from pipeline.data.doc_lengths import distribution, keep_long, summary_line
+from pipeline.data.shards import (
+    ShardWriter,
+    compute_totals,
+    dtype_for_vocab,
+    file_entries,
+    known_hashes,
+    list_files,
+    write_manifest,
+)
+from pipeline.data.sources import SourceConfig, resolve_files, source_name
 from pipeline.data.tokenizer import TokenizerConfig, load_tokenizer
 from pipeline.data.tokenizer_train import train_on_sources
 from pipeline.errors import UserError
@@ -49,7 +59,7 @@ from pipeline.progress import progress_bar
 from pipeline.stages.preprocess_merge import check_existing, merge, output_config
 
 BUILTIN_PREFIX = "builtin:"
-# Test aid: seconds to sleep after each encoded batch, so a test can kill a run mid-way.
+_TOO_FEW_TOKENS = "dropped_too_few_tokens"  # the statistic of clean.min_tokens
 # Encode calls run concurrently, one per core, each on one SentencePiece thread (the HF backend's
 # calls share its pool of `workers` threads). One call at a time on all cores left cores idle
 # at the end of each call, while the thread holding a batch's longest document finished (measured:
@@ -142,74 +152,6 @@ def _tasks(cfg: PreprocessConfig) -> tuple[int, int]:
 
 def _threads(cfg: PreprocessConfig) -> int:
     return cfg.workers or len(os.sched_getaffinity(0))
-
-
-@dataclass
-class Batch:
-    """Documents of one source, ready to encode, with the reader's state after them."""
-
-    texts: list[str]
-    keys: list[int]  # de-duplication keys, uint64 values
-    val: np.ndarray  # (n,) bool: document goes to the validation split
-    cursor: tuple[int, int] | None  # next raw record to read; None when the source is done
-    stats: dict[str, int]  # cumulative source statistics at ``cursor``
-
-
-class _Reader(threading.Thread):
-    """Reads one source from a cursor and puts :class:`Batch` objects on a bounded queue."""
-
-    def __init__(self, cfg, src, files, start, stats, seen, task, out: queue.Queue):
-        super().__init__(daemon=True)
-        self.cfg, self.src, self.files, self.start_at = cfg, src, files, start
-        self.stats, self.seen, self.task, self.out = stats, seen, task, out
-        self.error: BaseException | None = None
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        try:
-            self._run()
-        except BaseException as e:  # handed to the main thread
-            self.error = e
-            self.out.put(None)
-
-    def _put(self, item) -> None:
-        while not self.stop.is_set():
-            try:
-                self.out.put(item, timeout=0.2)
-                return
-            except queue.Full:
-                continue
-
-    def _run(self) -> None:
-        cfg, stats = self.cfg, self.stats
-        for k in ("kept", "dropped_duplicate", "other_task"):
-            stats.setdefault(k, 0)
-        clean = Cleaner(cfg.clean, stats)
-        dedup, val_fraction = cfg.clean.dedup, cfg.val_fraction
-        task_index, task_count = self.task
-        texts, keys, vals, chars = [], [], [], 0
-        for text, f, r in iter_records(self.files, self.src, start=self.start_at, bad_records=cfg.bad_records, stats=stats):
-            if self.stop.is_set():
-                return
-            text = clean(text)
-            if text is not None:
-                digest = content_hash(text)
-                if task_count > 1 and task_of(digest, task_count) != task_index:
-                    stats["other_task"] += 1
-                else:
-                    key = dedup_key(digest)
-                    if dedup and not self.seen.add(key):
-                        stats["dropped_duplicate"] += 1
-                    else:
-                        stats["kept"] += 1
-                        texts.append(text)
-                        keys.append(key)
-                        vals.append(is_validation(digest, val_fraction))
-                        chars += len(text)
-            if chars >= cfg.batch_chars:
-                self._put(Batch(texts, keys, np.array(vals, dtype=bool), (f, r + 1), dict(stats)))
-                texts, keys, vals, chars = [], [], [], 0
-        self._put(Batch(texts, keys, np.array(vals, dtype=bool), None, dict(stats)))
 
 
 def _encode(handle, texts: list[str], eos: int, dtype, threads: int) -> tuple[np.ndarray, np.ndarray]:
@@ -376,8 +318,10 @@ class Preprocessor:
         k = len(done)
         start = tuple(done[-1]["cursor"]) if done else (0, 0)
         stats = dict(done[-1]["stats"]) if done else {}
+        # clean.min_tokens drops documents here, after encoding: the reader counted them as kept
+        dropped, dropped_before = 0, stats.get(_TOO_FEW_TOKENS, 0)  # this run, committed runs
         q: queue.Queue = queue.Queue(maxsize=2)
-        reader = _Reader(cfg, src, files, start, stats, seen, self.task, q)
+        reader = BatchReader(cfg, src, files, start, stats, seen, self.task, q)
         reader.start()
         writers = self._writers(name, k, dtype)
         keys: list[np.ndarray] = []
@@ -403,14 +347,18 @@ class Preprocessor:
                 batch, futs = pending.popleft()
                 if futs:
                     flat, lengths = _joined([f.result() for f in futs])
-                    tok_val = np.repeat(batch.val, lengths)
-                    writers["train"].add_documents(flat[~tok_val], lengths[~batch.val])
-                    writers["val"].add_documents(flat[tok_val], lengths[batch.val])
-                    keys.append(np.array(batch.keys, dtype=np.uint64))
                     self._new_tokens += len(flat)
+                    flat, lengths, val, n = keep_long(flat, lengths, batch.val, cfg.clean.min_tokens)
+                    dropped += n
+                    tok_val = np.repeat(val, lengths)
+                    writers["train"].add_documents(flat[~tok_val], lengths[~val])
+                    writers["val"].add_documents(flat[tok_val], lengths[val])
+                    keys.append(np.array(batch.keys, dtype=np.uint64))  # every key: dropped ones stay seen
                     bar.update(len(batch.texts))
                     bar.set_postfix_str(f"{self._new_tokens / max(time.time() - self._t0, 1e-9):,.0f} tok/s", refresh=False)
                     faults.after_batch()  # a test's pause between committed segments
+                batch.stats["kept"] = batch.stats.get("kept", 0) - dropped
+                batch.stats[_TOO_FEW_TOKENS] = dropped_before + dropped
                 if batch.cursor is None and not batch.stats.get("records"):
                     raise _no_documents(name, src.path)  # before committing: a rerun reads it again
                 if batch.cursor is None or writers["train"].tokens >= cfg.shard_tokens:
@@ -465,7 +413,7 @@ class Preprocessor:
 
     def _finish(self, sources, handle, dtype, segments, seconds: float, new_tokens: int) -> dict:
         cfg = self.cfg
-        shards, source_entries, totals = [], [], {s: {"documents": 0, "tokens": 0} for s in ("train", "val")}
+        shards, source_entries = [], []
         stats_sum: dict[str, int] = {}
         for (src, name, files), orig in zip(sources, cfg.sources):
             recs = segments.get(name, [])
@@ -477,18 +425,14 @@ class Preprocessor:
             source_entries.append({"name": name, "weight": orig.weight, "files": len(files), "stats": stats})
             for key, v in stats.items():
                 stats_sum[key] = stats_sum.get(key, 0) + v
-        for s in shards:
-            totals[s["split"]]["documents"] += s["documents"]
-            totals[s["split"]]["tokens"] += s["tokens"]
+        totals = compute_totals(shards)
         if totals["train"]["documents"] == 0:
-            raise UserError("no document survived cleaning and de-duplication; check clean.min_chars/max_chars and the inputs")
+            by_tokens = (f" and clean.min_tokens={cfg.clean.min_tokens} ({stats_sum.get(_TOO_FEW_TOKENS, 0):,} documents "
+                         "had fewer tokens: lower it, or add longer documents)") if cfg.clean.min_tokens > 1 else ""
+            raise UserError(f"no train document survived cleaning and de-duplication{by_tokens}; check "
+                            "clean.min_chars/max_chars and the inputs")
         atomic_write_text(self.work / "config.yaml", to_yaml(cfg))
         shutil.rmtree(self.progress_dir)
-        known = {}
-        for s in shards:
-            for part in ("bin", "idx"):
-                known[s[part]] = {"bytes": s["bytes"][part], "sha256": s["sha256"][part]}
-        relpaths = sorted(str(p.relative_to(self.work)) for p in self.work.rglob("*") if p.is_file())
         manifest = {
             "format": "pipeline.token_shards",
             "version": 1,
@@ -505,8 +449,9 @@ class Preprocessor:
             "task": {"index": self.task[0], "count": self.task[1]},
             "sources": source_entries,
             "shards": shards,
-            "files": file_entries(self.work, relpaths, known),
+            "files": file_entries(self.work, list_files(self.work), known_hashes(shards)),
             "totals": totals,
+            "doc_tokens": distribution(self.work, shards),
             "stats": stats_sum,
             "config": to_dict(cfg),
         }
@@ -531,6 +476,7 @@ def _summary(result: dict, output: Path) -> str:
         f"control characters removed in {st.get('control_removed', 0):,}",
         f"  train: {m['totals']['train']['documents']:,} documents, {m['totals']['train']['tokens']:,} tokens; "
         f"val: {m['totals']['val']['documents']:,} documents, {m['totals']['val']['tokens']:,} tokens",
+        summary_line(m["doc_tokens"]),
         f"  {len(m['shards'])} shards ({m['dtype']}), tokenizer vocab {m['tokenizer']['vocab_size']:,} ({result.get('tokenizer_backend', '?')} encoder)",
         f"  {secs:.1f} s, {result['new_tokens'] / max(secs, 1e-9):,.0f} tokens/s this run",
     ]

@@ -15,12 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import to_dict, to_yaml
+from pipeline.data.doc_lengths import distribution
 from pipeline.data.shards import file_entries, read_manifest, verify, write_manifest
 from pipeline.errors import UserError
 from pipeline.io import atomic_write_text, publish_dir
 
-_PARTITIONED_STATS = ("kept", "dropped_duplicate")
+_PARTITIONED_STATS = ("kept", "dropped_duplicate", "dropped_too_few_tokens")
 _TASK_DIR = re.compile(r"task-(\d{5})-of-(\d{5})$")
+# Keys added to the config after outputs were made: at this value they change nothing, and an
+# output (or partial run) made before they existed still counts as made with this config.
+_ADDED_KEYS = {("clean", "min_tokens"): 0}
 
 
 def output_config(cfg: Any) -> dict:
@@ -28,6 +32,14 @@ def output_config(cfg: Any) -> dict:
     d = to_dict(cfg)
     for k in ("workers", "overwrite", "step", "task_index", "task_count"):
         d.pop(k)
+    return _without_added_defaults(d)
+
+
+def _without_added_defaults(d: dict) -> dict:
+    """``d`` without the :data:`_ADDED_KEYS` that hold their no-op value (a copy where any is removed)."""
+    for (section, key), value in _ADDED_KEYS.items():
+        if isinstance(d.get(section), dict) and d[section].get(key, value) == value and key in d[section]:
+            d = {**d, section: {k: v for k, v in d[section].items() if k != key}}
     return d
 
 
@@ -37,7 +49,8 @@ def check_existing(cfg: Any, output: Path) -> bool:
         return False
     if (output / "manifest.json").exists():
         manifest = read_manifest(output)
-        if {k: v for k, v in manifest["config"].items() if k in output_config(cfg)} == output_config(cfg):
+        wanted = output_config(cfg)
+        if _without_added_defaults({k: v for k, v in manifest["config"].items() if k in wanted}) == wanted:
             return True
         if cfg.overwrite:
             return False
@@ -110,6 +123,7 @@ def merge(cfg: Any, tasks_dir: Path, output: Path) -> dict | None:
         "shards": shards,
         "files": file_entries(work, relpaths, {k: v for k, v in known.items() if k != "config.yaml"}),
         "totals": totals,
+        "doc_tokens": distribution(work, shards),
         "stats": stats,
         "config": to_dict(cfg),
     }
