@@ -135,8 +135,14 @@ def one_rank(tmp_path_factory, tiny_dataset):
 @pytest.mark.integration
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_pretraining_sp2_on_two_ranks_equals_one_rank(stage: int, one_rank, tiny_dataset: Path, tmp_path: Path):
-    # ZeRO-2 also with activation checkpointing (the layers recomputed in the backward, all-to-alls included)
-    extra = {3: ["checkpoint.every=4"], 2: ["model.activation_checkpointing=true"]}.get(stage, [])
+    # with ALST's memory savers (pipeline/training/tiling.py: 32 tokens per rank in tiles of 8): ZeRO-1 the
+    # tiled MLP, ZeRO-2 activation checkpointing (the layers recomputed in the backward, all-to-alls included)
+    # and the tiled head + loss, ZeRO-3 all three; ZeRO-0 plain
+    tiles = ["model.tile_tokens=8"]
+    extra = {1: ["model.tiled_mlp=true", *tiles],
+             2: ["model.activation_checkpointing=true", "model.tiled_logits=true", *tiles],
+             3: ["checkpoint.every=4", "model.activation_checkpointing=true", "model.tiled_mlp=true", "model.tiled_logits=true",
+                 *tiles]}.get(stage, [])
     r = _pretrain(tmp_path / "sp", tiny_dataset, f"ds_configs/zero{stage}.json", 2, *extra)
     assert "train: 2 rank(s) (data-parallel 1 x sequence-parallel 2)" in r.stdout
     sp, base = _losses(tmp_path / "sp"), one_rank[3 if stage == 3 else 0]
@@ -148,7 +154,7 @@ def test_pretraining_sp2_on_two_ranks_equals_one_rank(stage: int, one_rank, tiny
     assert json.loads((step / "meta.json").read_text())["sequence_parallel_size"] == 2
     if stage == 3:  # exact resume under SP: from step 4 into another run directory
         mid = tmp_path / "sp" / "checkpoints" / "step-00000004"
-        r = _pretrain(tmp_path / "resumed", tiny_dataset, "ds_configs/zero3.json", 2, f"checkpoint.resume={mid}")
+        r = _pretrain(tmp_path / "resumed", tiny_dataset, "ds_configs/zero3.json", 2, f"checkpoint.resume={mid}", *extra[1:])
         assert f"resumed from {mid} at step 4" in r.stdout
         resumed = _losses(tmp_path / "resumed")
         assert len(resumed) == STEPS - 4 and max(abs(a - b) for a, b in zip(resumed, sp[4:])) <= 1e-6, (resumed, sp[4:])
@@ -161,17 +167,20 @@ def test_masked_sft_sp2_on_two_ranks_equals_one_rank(tmp_path: Path, tiny_hf_mod
 
     data = write_jsonl(tmp_path / "qa.jsonl", list(generate_qa(80)))
 
-    def finetune(out: Path, sp: int):
+    def finetune(out: Path, sp: int, *savers: str):
         args = [f"output={out}", f"model.path={tiny_hf_model}", f"sft.train={data}", "sft.seq_len=64", "sft.packing=false",
                 "train.micro_batch_size=2", f"train.max_steps={STEPS}", "train.warmup_steps=2", "train.lr=3e-3",
                 "train.eval_batches=2", "train.eval_every=4", "checkpoint.every=0", "deepspeed.config=ds_configs/zero3.json",
-                "deepspeed.memory_check=false", f"parallel.sequence_parallel_size={sp}", *SCALE_SENSITIVE]
+                "deepspeed.memory_check=false", f"parallel.sequence_parallel_size={sp}", *SCALE_SENSITIVE,
+                *savers]
         env = {"OMP_NUM_THREADS": "1"}
         r = run_deepspeed("finetune.py", *args, env=env) if sp > 1 else run_script("finetune.py", *args, env=env)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
         return _losses(out)
 
-    base, sp = finetune(tmp_path / "one", 1), finetune(tmp_path / "sp", 2)
+    # SP with the tiled MLP and the tiled head + loss (masked prompts across tiles of 8 of the 32 tokens per rank)
+    base = finetune(tmp_path / "one", 1)
+    sp = finetune(tmp_path / "sp", 2, "model.tiled_mlp=true", "model.tiled_logits=true", "model.tile_tokens=8")
     assert len(sp) == len(base) == STEPS
     assert max(abs(a - b) for a, b in zip(sp, base)) < 1e-5, (sp, base)
 

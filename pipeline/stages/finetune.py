@@ -52,6 +52,20 @@ class FinetuneModelConfig:
     """Recompute activations in the backward pass: less memory, about a third more compute."""
     attn_implementation: str = "sdpa"
     """Attention kernel: sdpa or eager (packing needs one of these: its block-diagonal mask is 4-D)."""
+    tiled_mlp: bool = False
+    """Run each MLP over tiles of the sequence (DeepSpeed's TiledMLP, recomputed in the backward):
+    the MLP's intermediate activations of one tile at a time. For long sequences (ALST)."""
+    tiled_logits: bool = False
+    """task=sft: compute the LM head and the loss over tiles of the sequence, recomputed in the
+    backward: the seq x vocab logits never exist whole. For long sequences (ALST)."""
+    tile_tokens: int = 0
+    """Tokens per tile of tiled_mlp / tiled_logits (0: the hidden size for the MLP, DeepSpeed's rule,
+    and as many as keep one tile's fp32 logits within 256 MiB for the head)."""
+
+    def check(self) -> list[tuple[str, str]]:
+        if self.tile_tokens < 0:
+            return [("tile_tokens", f"must be >= 0 (0: automatic), got {self.tile_tokens}")]
+        return []
 
 
 @dataclass
@@ -154,11 +168,14 @@ def run(cfg: FinetuneConfig, local_rank: int | None = None) -> int:
     from pipeline.training.model import ModelConfig, architecture_fingerprint, build_model
     from pipeline.training.monitor import count_params, flops_per_token
     from pipeline.training.resolve import resolve_run
+    from pipeline.training.tiling import check as check_tiling
     from pipeline.training.trainer import Trainer
 
     source = check_inputs(cfg)
+    model_conf = finetune_conf(cfg, source)
+    check_tiling(model_conf, cfg.model, head=finetune_head(cfg))  # model.tiled_mlp / tiled_logits it cannot run exactly
     # world, precision, the DeepSpeed JSON (auto: the planner's choice), refused if it cannot fit
-    resolved = resolve_run(cfg, finetune_conf(cfg, source), seq_len=finetune_seq_len(cfg), head=finetune_head(cfg),
+    resolved = resolve_run(cfg, model_conf, seq_len=finetune_seq_len(cfg), head=finetune_head(cfg),
                            local_rank=local_rank, seq_len_key=TASKS[cfg.task](cfg).seq_len_key)
     run_ = Run(cfg, resolved, local_rank=local_rank, inputs=_inputs(cfg))
     run_.start()
@@ -172,7 +189,8 @@ def run(cfg: FinetuneConfig, local_rank: int | None = None) -> int:
     conf = AutoConfig.from_pretrained(init)
     task.configure(conf, tok)
     mcfg = ModelConfig(path=str(init), activation_checkpointing=cfg.model.activation_checkpointing,
-                       attn_implementation=cfg.model.attn_implementation)
+                       attn_implementation=cfg.model.attn_implementation, tiled_mlp=cfg.model.tiled_mlp,
+                       tiled_logits=cfg.model.tiled_logits, tile_tokens=cfg.model.tile_tokens)
     model = build_model(mcfg, conf, run_.ds, head=task.head)
     n_params = count_params(model)
     run_.attach_sequence_parallel(model)  # parallel.sequence_parallel_size > 1: Ulysses attention

@@ -120,6 +120,8 @@ def run(cfg: TrainConfig, local_rank: int | None = None) -> int:
     from pipeline.training.model import architecture_fingerprint, build_model, check_tokenizer_match, hf_config
     from pipeline.training.monitor import count_params, flops_per_token
     from pipeline.training.resolve import resolve_run
+    from pipeline.training.tiling import check as check_tiling
+    from pipeline.training.tiling import logits_tile_tokens
     from pipeline.training.trainer import CausalLMTask, Trainer, evaluate_lm
 
     # -- everything a user can get wrong, before any heavy work
@@ -128,6 +130,7 @@ def run(cfg: TrainConfig, local_rank: int | None = None) -> int:
     conf = hf_config(cfg.model, tok_info["vocab_size"], cfg.data.seq_len, tok_info, source=source)
     if source is not None:
         check_tokenizer_match(source, conf, tok_info, cfg.data.datasets[0].path)
+    check_tiling(conf, cfg.model, head="causal_lm")  # model.tiled_mlp / tiled_logits it cannot run exactly
     # world, precision, the DeepSpeed JSON (auto: the planner's choice), refused if it cannot fit
     resolved = resolve_run(cfg, conf, seq_len=cfg.data.seq_len, head="causal_lm", local_rank=local_rank)
     inputs = [("model.path", cfg.model.path)] + [(f"data.datasets.{i}.path", d.path) for i, d in enumerate(cfg.data.datasets)]
@@ -162,7 +165,7 @@ def run(cfg: TrainConfig, local_rank: int | None = None) -> int:
                         consumed_samples=run_.consumed_samples)
     val = (Validation(datasets, cfg.data.seq_len, cfg.train.eval_batches, run_.micro, rank=run_.dp_rank,
                       world=run_.dp_world, verify="none") if cfg.train.eval_batches else None)
-    task = CausalLMTask()
+    task = CausalLMTask(logits_tile_tokens(conf.vocab_size, cfg.model.tile_tokens) if cfg.model.tiled_logits else 0)
     monitor = run_.monitor(flops_per_token=flops_per_token(conf, cfg.data.seq_len, n_params), seq_len=cfg.data.seq_len,
                            hparams={"n_params": n_params})
     conf_dir = run_.out / ".hf_config"

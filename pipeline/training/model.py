@@ -55,6 +55,15 @@ class ModelConfig:
     """Recompute activations in the backward pass: less memory, about a third more compute."""
     attn_implementation: str = "sdpa"
     """Attention kernel: sdpa, eager, or flash_attention_2 where installed."""
+    tiled_mlp: bool = False
+    """Run each MLP over tiles of the sequence (DeepSpeed's TiledMLP, recomputed in the backward):
+    the MLP's intermediate activations of one tile at a time. For long sequences (ALST)."""
+    tiled_logits: bool = False
+    """Compute the LM head and the loss over tiles of the sequence, recomputed in the backward:
+    the seq x vocab logits never exist whole. For long sequences (ALST)."""
+    tile_tokens: int = 0
+    """Tokens per tile of tiled_mlp / tiled_logits (0: the hidden size for the MLP, DeepSpeed's rule,
+    and as many as keep one tile's fp32 logits within 256 MiB for the head)."""
 
     def check(self) -> list[tuple[str, str]]:
         problems = []
@@ -66,6 +75,8 @@ class ModelConfig:
                 problems.append(("hidden_size", f"{self.hidden_size} is not divisible by num_heads={self.num_heads}"))
             if self.num_kv_heads and self.num_heads % self.num_kv_heads:
                 problems.append(("num_kv_heads", f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"))
+        if self.tile_tokens < 0:
+            problems.append(("tile_tokens", f"must be >= 0 (0: automatic), got {self.tile_tokens}"))
         return problems
 
 
@@ -176,6 +187,10 @@ def build_model(cfg: ModelConfig, conf, ds_config: dict, dtype: torch.dtype = to
     model.config.architectures = [type(model).__name__]  # export and evaluate pick the class from it
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.tiled_mlp:  # DeepSpeed's TiledMLP in every decoder layer (pipeline/training/tiling.py)
+        from pipeline.training.tiling import mlp_tile_tokens, tile_mlps
+
+        tile_mlps(model, mlp_tile_tokens(model.config.get_text_config().hidden_size, cfg.tile_tokens))
     model.config.use_cache = False
     return model
 

@@ -115,7 +115,15 @@ class Task(Protocol):
 
 class CausalLMTask:
     """Next-token prediction on ``{"input_ids", "labels", optional "attention_mask"/"position_ids"}``
-    or on a ``(B, T+1)`` token tensor (inputs ``[:, :-1]``, targets ``[:, 1:]``)."""
+    or on a ``(B, T+1)`` token tensor (inputs ``[:, :-1]``, targets ``[:, 1:]``).
+
+    Args:
+        logits_tile: compute the head and the loss over tiles of this many tokens, never the
+            whole ``(B, T, V)`` logits (:func:`pipeline.training.tiling.tiled_loss`); 0: at once.
+    """
+
+    def __init__(self, logits_tile: int = 0):
+        self.logits_tile = logits_tile
 
     @staticmethod
     def _fields(batch) -> dict[str, torch.Tensor]:
@@ -134,6 +142,10 @@ class CausalLMTask:
         device = next(iter(model.parameters())).device if hasattr(model, "parameters") else "cpu"
         inputs = {k: v.to(device) for k, v in b.items() if k != "labels"}
         labels = b["labels"].to(device)
+        if self.logits_tile:
+            from pipeline.training.tiling import tiled_loss
+
+            return tiled_loss(model, inputs, labels, self.logits_tile, IGNORE_INDEX)
         logits = model(**inputs).logits  # (B, T, V)
         loss_sum = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
         return loss_sum, (labels != IGNORE_INDEX).sum()

@@ -60,6 +60,11 @@ class SFTTask(FinetuneTask):
 
     def configure(self, conf: Any, tokenizer: Any) -> None:
         tokenizer.chat_template = self.data.template  # saved with every checkpoint and the export
+        m = self.cfg.model
+        if m.tiled_logits:  # the head and the loss over tiles (pipeline/training/tiling.py)
+            from pipeline.training.tiling import logits_tile_tokens
+
+            self.logits_tile = logits_tile_tokens(conf.get_text_config().vocab_size, m.tile_tokens)
 
     def loaders(self, run: Any, start_step: int) -> tuple[Any, Any | None]:
         t = self.cfg.train
@@ -74,7 +79,7 @@ class SFTTask(FinetuneTask):
         return run.shard(train), (run.shard(val) if val is not None else None)
 
     def loss(self) -> Task:
-        return CausalLMTask()
+        return CausalLMTask(getattr(self, "logits_tile", 0))
 
     def evaluate(self, engine: Any, batches: Any) -> dict[str, float]:
         """Mean loss and perplexity over the trained (assistant) tokens."""
