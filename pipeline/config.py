@@ -192,6 +192,10 @@ _ALIASES: dict[str, tuple[tuple[str, ...], str]] = {
     "per_device_eval_batch_size": (("batch_size",), ""),
     "gradient_checkpointing": (("activation_checkpointing",), ""),
     "checkpoint_activations": (("activation_checkpointing",), ""),
+    "tiled_mlp_compute": (("tiled_mlp",), ""),  # ArcticTraining's name
+    "min_doc_tokens": (("min_tokens",), ""),
+    "sp_size": (("sequence_parallel_size",), ""),
+    "ulysses_degree": (("sequence_parallel_size",), ""),
     "bf16": (("precision",), "one key: precision=bf16"),
     "fp16": (("precision",), "one key: precision=fp16"),
     "model_name_or_path": (("model.path", "model"), ""),

@@ -172,6 +172,20 @@ def test_too_small_splits_say_what_to_do(runs):
     assert f"a lower clean.min_tokens (now {MIN_TOKENS:,})" in msg and "remove the dataset from data.datasets" in msg
 
 
+def test_the_train_stage_refuses_a_short_validation_split_before_any_heavy_work(runs, tmp_path: Path, monkeypatch,
+                                                                              capsys):
+    from pipeline.data.shards import read_manifest
+
+    val_tokens = read_manifest(runs["long"])["totals"]["val"]["tokens"]
+    out = tmp_path / "run"
+    code, _, err = run_entry("train.py", [f"output={out}", f"data.datasets.0.path={runs['long']}",
+                                          f"data.seq_len={val_tokens}", f"model.max_position_embeddings={val_tokens}",
+                                          "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2",
+                                          "deepspeed.memory_check=false"], monkeypatch, capsys)
+    assert code == 2 and "split 'val'" in err and "train.eval_batches=0" in err and "Traceback" not in err
+    assert not out.exists()
+
+
 class _Killed(BaseException):
     pass
 

@@ -132,3 +132,14 @@ def test_the_train_stage_refuses_before_any_heavy_work(tiny_dataset: Path, tmp_p
     code, _, err = run_entry("train.py", [*common, "model.tile_tokens=-1"], monkeypatch, capsys)
     assert code == 2 and "model.tile_tokens: must be >= 0 (0: automatic), got -1" in err
     assert not out.exists()
+
+
+def test_peer_names_point_to_the_keys():
+    from pipeline.config import load_config
+    from pipeline.stages.train import TrainConfig
+
+    for key, ours in (("model.tiled_mlp_compute", "tiled_mlp"), ("parallel.ulysses_degree", "sequence_parallel_size"),
+                      ("parallel.sp_size", "sequence_parallel_size")):
+        with pytest.raises(UserError) as e:
+            load_config(TrainConfig, None, [f"{key}=2"])
+        assert f"{key}: unknown key; did you mean '{ours}'?" in str(e.value)

@@ -137,6 +137,9 @@ def run(cfg: TrainConfig, local_rank: int | None = None) -> int:
     run_ = Run(cfg, resolved, local_rank=local_rank, inputs=inputs)
     datasets = [(d.path, d.weight) for d in cfg.data.datasets]
     samples = BlendedSamples(datasets, "train", cfg.data.seq_len, cfg.train.seed, verify=cfg.data.verify)
+    # the validation split too (too short for data.seq_len is a user error), before the process group
+    val = (Validation(datasets, cfg.data.seq_len, cfg.train.eval_batches, run_.micro, rank=run_.dp_rank,
+                      world=run_.dp_world, verify="none") if cfg.train.eval_batches else None)
 
     run_.start()
     rank, world = run_.rank, run_.world
@@ -163,8 +166,6 @@ def run(cfg: TrainConfig, local_rank: int | None = None) -> int:
     # the members of a sequence-parallel group read the same batches (each keeps its slice: run_.shard)
     loader = RankLoader(samples, run_.dp_rank, run_.dp_world, run_.micro, run_.accum, start_step=start_step,
                         consumed_samples=run_.consumed_samples)
-    val = (Validation(datasets, cfg.data.seq_len, cfg.train.eval_batches, run_.micro, rank=run_.dp_rank,
-                      world=run_.dp_world, verify="none") if cfg.train.eval_batches else None)
     task = CausalLMTask(logits_tile_tokens(conf.vocab_size, cfg.model.tile_tokens) if cfg.model.tiled_logits else 0)
     monitor = run_.monitor(flops_per_token=flops_per_token(conf, cfg.data.seq_len, n_params), seq_len=cfg.data.seq_len,
                            hparams={"n_params": n_params})
