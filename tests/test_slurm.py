@@ -15,11 +15,12 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY_MODEL, write_jsonl
+from conftest import ROOT, TINY_MODEL, run_deepspeed, write_jsonl
 from slurm_cluster import SlurmCluster, Unavailable, start_for_tests
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.integration]
@@ -220,6 +221,21 @@ def test_two_nodes_one_task_each_then_resume(jobs: Jobs, reference, tiny_dataset
     assert (out / "checkpoints" / "latest").read_text() == f"step-{STEPS + 2:08d}"
 
 
+def _start_requeued_now(slurm: SlurmCluster, job: int) -> None:
+    """Once ``job`` is requeued (PENDING, Reason=BeginTime), start it now instead of in ~120 s.
+
+    Not in the second of the requeue: the requeue revokes the job's credential, and slurmd refuses
+    a credential created in the same whole second as the revocation (Slurm's slurm_cred.c:
+    ``ctime <= revoked``, time_t). StartTime=now sent at once made the job fail for good ("Killing
+    non-startable batch JobId=N: Job credential revoked", exit 1:0) in 3 of 12 two-node runs here
+    (0 of 7 with this wait); the pending state shows within ~50 ms of the requeue, so wait past the
+    next second."""
+    slurm.wait(job, lambda i: i.get("Restarts") == "1" and i["JobState"] == "PENDING" and i.get("Reason") == "BeginTime", 120,
+               "the requeue")
+    time.sleep(1.5)
+    slurm.scontrol("update", f"JobId={job}", "StartTime=now")
+
+
 def test_preemption_checkpoints_requeues_and_ends_like_an_uninterrupted_run(jobs: Jobs, slurm: SlurmCluster, reference,
                                                                            tiny_dataset: Path):
     ref_run, _ = reference
@@ -231,11 +247,7 @@ def test_preemption_checkpoints_requeues_and_ends_like_an_uninterrupted_run(jobs
     # forwards it through srun to every rank.
     sig = slurm.run(["scancel", "--batch", "--signal=USR1", str(job)])
     assert sig.returncode == 0, sig.stderr
-    # PENDING with Reason=BeginTime first: StartTime=now sent at once after the requeue made Slurm 22.05
-    # fail the job for good ("Job credential revoked"; the shared GUIDE)
-    slurm.wait(job, lambda i: i.get("Restarts") == "1" and i["JobState"] == "PENDING" and i.get("Reason") == "BeginTime", 120,
-               "the requeue")
-    slurm.scontrol("update", f"JobId={job}", "StartTime=now")  # skip the ~120 s delay of a requeued job
+    _start_requeued_now(slurm, job)
     info = jobs.done("pretrain", job, timeout=240)
     assert info["Restarts"] == "1"
     log = jobs.log("pretrain", job)  # --open-mode=append: both runs are in it
@@ -248,6 +260,44 @@ def test_preemption_checkpoints_requeues_and_ends_like_an_uninterrupted_run(jobs
     assert resumed["losses"] == pytest.approx(full[stopped_at:], abs=1e-6)
     assert resumed["losses"][-1] == pytest.approx(full[-1], abs=1e-6)
     assert (out / "checkpoints" / "latest").read_text() == f"step-{STEPS:08d}"
+
+
+SP_STEPS = 8
+
+
+def test_preemption_under_sequence_parallelism_across_two_nodes_ends_like_an_uninterrupted_run(
+        jobs: Jobs, slurm: SlurmCluster, tiny_dataset: Path):
+    """parallel.sequence_parallel_size=2 on two nodes with one task each: the group (ranks 0 and 1,
+    consecutive) spans n1 and n2, so its all-to-alls cross nodes. USR1 to the batch shell ->
+    checkpoint -> requeue -> resume; the losses after the stop equal those of an uninterrupted
+    SP=2 run of the same recipe, launched directly (the deepspeed launcher, 2 ranks) beside the
+    job while it mostly waits (step delay, requeue)."""
+    sp = ("parallel.sequence_parallel_size=2", f"train.max_steps={SP_STEPS}")
+    ref_out, out = jobs.cwd / "reference", jobs.cwd / "run"
+    with ThreadPoolExecutor(1) as pool:
+        ref = pool.submit(run_deepspeed, "train.py", "--config", str(ROOT / RECIPE), *_train(ref_out, tiny_dataset, *sp)[1:],
+                          timeout=300)
+        job = jobs.submit("pretrain.sh", TWO_NODES, *_train(out, tiny_dataset, *sp), env={"PIPELINE_TEST_STEP_DELAY": "0.5"})
+        jobs.wait_log("pretrain", job, "\nstep 2 |", timeout=180)
+        sig = slurm.run(["scancel", "--batch", "--signal=USR1", str(job)])
+        assert sig.returncode == 0, sig.stderr
+        _start_requeued_now(slurm, job)
+        info = jobs.done("pretrain", job, timeout=240)
+        r = ref.result()
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    log = jobs.log("pretrain", job)
+    assert info["Restarts"] == "1" and info["NodeList"] == "n[1-2]" and "2 node(s) x 1 task(s)" in log
+    assert log.count("train: 2 rank(s) (data-parallel 1 x sequence-parallel 2)") == 2  # both runs
+    assert "batch shell got SIGUSR1" in log and "stop requested (SIGUSR1)" in log
+    assert f"requeueing job {job}" in log and f"job {job} run 2" in log and "resumed from" in log
+    resumed = _losses(out)
+    stopped_at = resumed["start_step"]
+    assert 2 <= stopped_at < SP_STEPS and (out / "checkpoints" / f"step-{stopped_at:08d}").is_dir()
+    full = _losses(ref_out)["losses"]
+    assert len(full) == SP_STEPS and resumed["losses"] == pytest.approx(full[stopped_at:], abs=1e-6)
+    assert (out / "checkpoints" / "latest").read_text() == f"step-{SP_STEPS:08d}"
+    meta = json.loads((out / "checkpoints" / f"step-{SP_STEPS:08d}" / "meta.json").read_text())
+    assert meta["world_size"] == 2 and meta["sequence_parallel_size"] == 2
 
 
 def test_time_limit_warning_signal_requeues(side_by_side: dict):
