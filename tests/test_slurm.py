@@ -288,6 +288,8 @@ def test_preemption_under_sequence_parallelism_across_two_nodes_ends_like_an_uni
     log = jobs.log("pretrain", job)
     assert info["Restarts"] == "1" and info["NodeList"] == "n[1-2]" and "2 node(s) x 1 task(s)" in log
     assert log.count("train: 2 rank(s) (data-parallel 1 x sequence-parallel 2)") == 2  # both runs
+    assert "note: sequence-parallel groups of 2 consecutive ranks span nodes (1 rank(s) per node)" in log
+    assert "span nodes" not in r.stdout  # the direct launch: both ranks on this node
     assert "batch shell got SIGUSR1" in log and "stop requested (SIGUSR1)" in log
     assert f"requeueing job {job}" in log and f"job {job} run 2" in log and "resumed from" in log
     resumed = _losses(out)

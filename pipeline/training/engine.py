@@ -118,6 +118,10 @@ class Run:
         """Start the process group and seed every generator."""
         self.env = dist.init(self.cfg.dist, self.local_rank)
         seed_everything(self.cfg.train.seed)
+        if self.sp > 1 and self.env.local_world_size % self.sp and self.world > self.env.local_world_size:
+            dist.print0(f"note: sequence-parallel groups of {self.sp} consecutive ranks span nodes ({self.env.local_world_size} "
+                        f"rank(s) per node): exact, but every attention layer's all-to-alls cross the network; launch a "
+                        f"multiple of {self.sp} tasks per node to keep each group on one")
 
     def _write_run_files(self) -> None:
         """The resolved config and DeepSpeed JSON beside the run (rank 0). Written only once the
