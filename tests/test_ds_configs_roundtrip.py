@@ -1,7 +1,12 @@
 """Every shipped DeepSpeed config, and what ``deepspeed.config=auto`` picks, round-trips: a short
 training run's checkpoint exports with verified logits, evaluates from the checkpoint itself (the
-same perplexity as its export) and fine-tunes from it. The default config's case reads conftest's
-shared 2-rank run (z3_run) instead of training its own."""
+same perplexity as its export) and is what a fine-tune starts from. The default config's case reads
+conftest's shared 2-rank run (z3_run) instead of training its own.
+
+A fine-tune reads a checkpoint in one place, ``pipeline.stages.export.init_model_dir`` (rank 0
+exports it into ``<output>/init_model``); the rest of its start does not depend on the ZeRO layout.
+So every case checks that step in this process, and one case (:data:`FINETUNED`) also launches
+``launch/finetune.py`` from its checkpoint, for the stage as a user runs it."""
 
 from __future__ import annotations
 
@@ -15,22 +20,25 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, TINY_MODEL, Z3_STEPS, model_logits, run_deepspeed, run_script, validation_loss, write_jsonl, z3_run_args
 
-from pipeline.stages.export import consolidate, export, resolve_checkpoint
+from pipeline.stages.export import consolidate, export, init_model_dir, resolve_checkpoint
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ENV = {"OMP_NUM_THREADS": "1"}
 CONFIGS = {  # case -> (deepspeed.config, ranks, the ZeRO stage its checkpoint must record)
-    "zero0": ("ds_configs/zero0.json", 1, 0),  # nothing partitioned: one rank writes the same files as two
+    # A model this small fits on every rank: the planner picks ds_configs/zero0.json (asserted), so this
+    # case is zero0.json's round-trip too. One rank: nothing is partitioned, one rank writes the same
+    # files as two. (auto on 2 ranks: test_plan.py::test_auto_picks_the_fastest_config_that_fits_and_trains)
+    "auto": ("auto", 1, 0),
     "zero1": ("ds_configs/zero1.json", 2, 1),
     "zero2": ("ds_configs/zero2.json", 2, 2),
     "zero2_offload": ("ds_configs/zero2_offload.json", 2, 2),
     "zero3": ("ds_configs/zero3.json", 2, 3),
     "zero3_offload": ("ds_configs/zero3_offload.json", 2, 3),
     "zero3_offload_nvme": ("ds_configs/zero3_offload_nvme.json", 2, 3),
-    "auto": ("auto", 2, 0),  # a model this small fits on every rank: the planner picks ds_configs/zero0.json
 }
 SHARED = "zero3_offload"  # the config of conftest's z3_run (Z3_STEPS steps on 2 ranks): that case reads it
+FINETUNED = "zero2"  # the case whose checkpoint (2 ranks, partitioned) launch/finetune.py also starts from, on one rank
 
 
 def _nvme_unavailable(directory: Path) -> str | None:
@@ -104,9 +112,14 @@ def test_checkpoint_exports_evaluates_and_finetunes(case: str, tmp_path: Path, t
         run, steps = tmp_path / "run", 2
         r = _train(run, tiny_dataset, config, ranks, *extra)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    if case == "auto":
+        assert json.loads((resolve_checkpoint(run) / "meta.json").read_text())["deepspeed_config"] == "ds_configs/zero0.json"
+    if case != FINETUNED:
+        _checks(run, steps, stage, ranks, tmp_path, tiny_dataset)
+        return
     # fine-tune one step from the checkpoint, in a process of its own while this one checks the same checkpoint
     ft, log = tmp_path / "ft", tmp_path / "ft.log"
-    finetune = _start_finetune(ft, run, sft_data, "auto" if case == "auto" else "ds_configs/zero0.json", log)
+    finetune = _start_finetune(ft, run, sft_data, "ds_configs/zero0.json", log)
     try:
         step = _checks(run, steps, stage, ranks, tmp_path, tiny_dataset)
         code = finetune.wait(timeout=600)
@@ -120,12 +133,13 @@ def test_checkpoint_exports_evaluates_and_finetunes(case: str, tmp_path: Path, t
 
 
 def _checks(run: Path, steps: int, stage: int, ranks: int, tmp_path: Path, data: Path) -> Path:
-    """The checkpoint of ``run`` (``steps`` steps, ZeRO ``stage`` on ``ranks``) exports, and evaluates
-    from itself as its export does; returns its step directory."""
+    """The checkpoint of ``run`` (``steps`` steps, ZeRO ``stage`` on ``ranks``) exports, evaluates
+    from itself as its export does, and is read as a fine-tune's start; returns its step directory."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from transformers import AutoModelForCausalLM
 
     from pipeline.config import load_config
+    from pipeline.inputs import check_model
     from pipeline.stages.evaluate import EvalConfig
     from pipeline.stages.evaluate import run as evaluate
 
@@ -138,7 +152,13 @@ def _checks(run: Path, steps: int, stage: int, ranks: int, tmp_path: Path, data:
     assert (summary["zero_stage"], summary["world_size"], summary["dtype"]) == (stage, ranks, "fp32")
     assert summary["max_abs_logit_diff"] <= summary["tolerance"] == 1e-4
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
-    assert (model_logits(exported) - model_logits(_checkpoint_model(step))).abs().max() <= 1e-5
+    reference = model_logits(_checkpoint_model(step))
+    assert (model_logits(exported) - reference).abs().max() <= 1e-5
+    # a fine-tune's start from this checkpoint (model.path=<run>): what rank 0 of launch/finetune.py makes of it
+    init = init_model_dir(check_model(run, "model.path"), tmp_path / "ft_start", rank=0)
+    assert init == tmp_path / "ft_start" / "init_model"
+    assert json.loads((init / "export_meta.json").read_text())["source_checkpoint"] == str(step.resolve())
+    assert (model_logits(AutoModelForCausalLM.from_pretrained(init).eval()) - reference).abs().max() <= 1e-5
     # ... and the checkpoint holds what was trained: the run's last validation loss, recomputed
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
