@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_MODEL, run_deepspeed, run_script, write_jsonl
+from conftest import Z3_STEPS, run_deepspeed, run_script, write_jsonl
 from inproc import run_entry
 
 pytestmark = pytest.mark.integration
@@ -82,19 +82,17 @@ def test_classification_learns_above_chance(tmp_path: Path, tiny_hf_model: Path)
 
 
 @pytest.mark.slow
-def test_sft_from_pipeline_checkpoint_two_ranks_zero3(tmp_path: Path, tiny_dataset: Path):
-    """Fine-tuning on 2 ranks (ZeRO-3) starts from a training run's checkpoint: rank 0 exports it
-    into init_model. (The checkpoint is made on one rank: the export of a 2-rank ZeRO-3
-    checkpoint is test_export.py's.)"""
-    pre = run_script("train.py", f"output={tmp_path / 'pre'}", f"data.datasets.0.path={tiny_dataset}", *TINY_MODEL,
-                     "train.micro_batch_size=2", "train.max_steps=2", "train.eval_batches=0", env=ENV)
-    assert pre.returncode == 0, pre.stderr[-3000:]
-    assert json.loads((tmp_path / "pre" / "ds_config.json").read_text())["zero_optimization"]["stage"] == 3
+def test_sft_from_pipeline_checkpoint_two_ranks_zero3(tmp_path: Path, z3_run: Path):
+    """Fine-tuning on 2 ranks (ZeRO-3) starts from a training run's checkpoint (conftest's shared
+    2-rank ZeRO-3 run, only read): rank 0 exports it into init_model. (The checkpoint of every
+    shipped DeepSpeed config as a fine-tune's start: test_ds_configs_roundtrip.py.)"""
+    assert json.loads((z3_run / "ds_config.json").read_text())["zero_optimization"]["stage"] == 3
     data = _qa(tmp_path)
-    r = run_deepspeed("finetune.py", *_common(tmp_path / "ft", tmp_path / "pre", f"sft.train={data}", "sft.seq_len=32",
+    r = run_deepspeed("finetune.py", *_common(tmp_path / "ft", z3_run, f"sft.train={data}", "sft.seq_len=32",
                                               "train.max_steps=3", "train.micro_batch_size=2"))
     assert r.returncode == 0, r.stdout[-3000:]
-    assert (tmp_path / "ft" / "init_model" / "config.json").exists()
+    step = z3_run / "checkpoints" / f"step-{Z3_STEPS:08d}"
+    assert json.loads((tmp_path / "ft" / "init_model" / "export_meta.json").read_text())["source_checkpoint"] == str(step.resolve())
     assert json.loads((tmp_path / "ft" / "checkpoints" / "step-00000003" / "meta.json").read_text())["world_size"] == 2
 
 
@@ -120,6 +118,10 @@ def test_finetune_user_errors(tmp_path: Path, tiny_hf_model: Path, extra, messag
 @pytest.mark.slow
 def test_sft_learns_to_answer_far_above_the_base_model(tmp_path: Path, tiny_hf_model: Path):
     """A small made-up chat set: after fine-tuning, greedy answers match the references."""
+    from pipeline.config import load_config
+    from pipeline.stages.evaluate import EvalConfig
+    from pipeline.stages.evaluate import run as evaluate
+
     rng = random.Random(3)
     facts = [(f"What is the code word for town {t}?", rng.choice(["amber", "basalt", "cobalt", "dune", "ember", "fjord"]))
              for t in ("Kalo", "Mira", "Tor", "Vel", "Dun", "Esh", "Fa", "Gor")]
@@ -130,9 +132,9 @@ def test_sft_learns_to_answer_far_above_the_base_model(tmp_path: Path, tiny_hf_m
                                            "sft.seq_len=64", "train.max_steps=150", "train.lr=5e-3", "train.eval_batches=0",
                                            "deepspeed.config=ds_configs/zero1.json"), env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
-    e = run_script("evaluate.py", f"model={tmp_path / 'ft'}", f"compare_to={tiny_hf_model}", "task=generation", f"data={held}",
-                   f"output={tmp_path / 'eval'}", "max_new_tokens=8", env=ENV)
-    assert e.returncode == 0, e.stderr[-3000:]
+    # the evaluate stage in this process (its launch: test_error_catalogue.py, test_evaluate.py)
+    evaluate(load_config(EvalConfig, None, [f"model={tmp_path / 'ft'}", f"compare_to={tiny_hf_model}", "task=generation",
+                                            f"data={held}", f"output={tmp_path / 'eval'}", "max_new_tokens=8"]))
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     scores = {m["name"]: m["metrics"]["exact_match"] for m in report["models"]}
     tuned, base = scores[report["models"][0]["name"]], scores[report["models"][1]["name"]]
