@@ -6,9 +6,12 @@ Most cases are refused by checks that run before any process group or model exis
 run in this process (:func:`inproc.run_entry`: the real script under ``runpy``, a tripwire
 in place of the heavy work), milliseconds each. The cases in :data:`LAUNCHED` run as fresh
 interpreters, four at a time while the others run: those refused only once the process group
-or the model exists, and one case for each other entry point, for what only a real process
-shows (nothing printed on import or at exit, not one traceback line). Faults that need a
-running job (a killed rank, a full disk, damaged shards) are in ``test_faults.py``.
+or the engine exists, and one case for each other entry point, for what only a real process
+shows (nothing printed on import or at exit, not one traceback line). The other evaluate
+cases refused once the (tiny) model is loaded run ``launch/evaluate.py``'s ``main`` in this
+process (:data:`LOADED`): they start no process group, and the model is the tiny test model.
+Faults that need a running job (a killed rank, a full disk, damaged shards) are in
+``test_faults.py``.
 """
 
 from __future__ import annotations
@@ -144,12 +147,16 @@ LAUNCHED = {
     "resume a checkpoint of another model",  # train: compared once the engine exists
     "finetune: bad chat line",  # finetune: the task reads its records on the ranks
     "finetune: record without label",
-    "evaluate: missing text field",  # evaluate: a text file is read with the loaded model's tokenizer
-    "evaluate: malformed JSONL line",
-    "evaluate: tokenizer differs from the data's",  # ... and compared to the shards' once loaded
+    "evaluate: tokenizer differs from the data's",  # evaluate: compared to the shards' once the model is loaded
     "malformed JSONL line",  # preprocess
     "export: not a checkpoint",
     "plan: no nodes",
+}
+# Refused by evaluate once the model is loaded (a text file is read with the model's tokenizer):
+# past run_entry's tripwire, so the stage's main runs here; the entry point's launch is above.
+LOADED = {
+    "evaluate: missing text field",
+    "evaluate: malformed JSONL line",
 }
 
 
@@ -231,6 +238,13 @@ def test_user_error(catalogue, name: str, monkeypatch, capfd):
     if future is not None:
         r = future.result()
         code, stdout, stderr = r.returncode, r.stdout, r.stderr
+    elif name in LOADED:
+        from pipeline.stages.evaluate import main  # what launch/evaluate.py calls
+
+        monkeypatch.chdir(catalogue[""])
+        capfd.readouterr()
+        code = main(args)
+        stdout, stderr = capfd.readouterr()
     else:
         code, stdout, stderr = run_entry(case.script, args, monkeypatch, capfd, cwd=catalogue[""])
     assert code == 2, f"exit {code}\n{stdout[-1500:]}\n{stderr[-3000:]}"
