@@ -333,12 +333,14 @@ def _engine_checkpoints(root: Path, tokenizer: Path, specs: dict[str, dict]) -> 
 
 @pytest.fixture(scope="module")
 def engine_checkpoints(tmp_path_factory, tiny_dataset: Path) -> dict[str, Path]:
-    """The tiny 1-rank engine checkpoints of the tests below (one process writes them all); a test
-    that changes its checkpoint works on a copy."""
+    """The 1-rank engine checkpoints of the tests below, all written by one process (one DeepSpeed
+    import and process group for all): the tiny ones (a test that changes its checkpoint works on a
+    copy), and ``big_zero1`` / ``big_zero0`` of :func:`big_checkpoints`."""
     return _engine_checkpoints(tmp_path_factory.mktemp("engine"), tiny_dataset / "tokenizer", {
         "cls_zero2_bf16": {"head": "cls", "stage": 2, "precision": "bf16"},
         "zero0_bf16_torch": {"head": "causal", "stage": 0, "precision": "bf16", "optimizer": "torch"},
         "zero0_bf16_deepspeed": {"head": "causal", "stage": 0, "precision": "bf16", "optimizer": "deepspeed"},
+        **{f"big_zero{stage}": {"head": "causal", "stage": stage, "precision": "fp32", "size": (1024, 2816, 3)} for stage in (1, 0)},
     })
 
 
@@ -435,12 +437,10 @@ def _peak_rss(*cmd: str) -> tuple[int, str]:
 
 
 @pytest.fixture(scope="module")
-def big_checkpoints(tmp_path_factory, tiny_dataset: Path) -> dict[int, Path]:
+def big_checkpoints(engine_checkpoints) -> dict[int, Path]:
     """ZeRO stage -> a 1-rank fp32 checkpoint of a 38.3M-parameter Llama (146 MiB fp32): the weights
-    dominate an export process, and it trains a step in seconds. One process writes both."""
-    made = _engine_checkpoints(tmp_path_factory.mktemp("big"), tiny_dataset / "tokenizer", {
-        f"zero{stage}": {"head": "causal", "stage": stage, "precision": "fp32", "size": (1024, 2816, 3)} for stage in (1, 0)})
-    return {stage: made[f"zero{stage}"] for stage in (1, 0)}
+    dominate an export process, and it trains a step in seconds (written with :func:`engine_checkpoints`)."""
+    return {stage: engine_checkpoints[f"big_zero{stage}"] for stage in (1, 0)}
 
 
 @pytest.fixture(scope="module")
