@@ -2,20 +2,23 @@
 
 Reads a train or finetune recipe (the stage from ``--stage`` or the recipe's keys), describes the
 target (detected, or given: GPUs per node, nodes, GPU / CPU / NVMe memory), runs
-:func:`pipeline.training.plan.make_plan` and prints :func:`pipeline.training.plan_report.report`.
+:func:`pipeline.training.plan.make_plan` and prints :func:`pipeline.training.plan_report.report`;
+with ``--longest``, :func:`pipeline.training.plan.longest_plan` instead (the longest ``seq_len``
+each config fits) and :func:`pipeline.training.plan_report.longest_report`.
 Exit codes: 0 something fits, 1 nothing fits, 2 bad config or arguments.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 from pipeline.precision import NAMES
 from pipeline.stages.finetune import finetune_conf, finetune_head, finetune_seq_len
 from pipeline.stages.train import planning_conf
-from pipeline.training.plan import GiB, Recipe, detect_target, make_plan
-from pipeline.training.plan_report import cpu_memory_assumption, report
+from pipeline.training.plan import SEQ_MULTIPLE, GiB, Recipe, detect_target, longest_plan, make_plan
+from pipeline.training.plan_report import cpu_memory_assumption, longest_report, report
 from pipeline.training.resolve import recipe_from
 from pipeline.training.tasks import TASKS
 
@@ -65,6 +68,13 @@ def main(argv: list[str] | None = None, *, description: str = "") -> int:
     p.add_argument("--precision", choices=NAMES,
                    help="training precision (default: deepspeed.precision; auto = bf16 on GPUs, fp32 on CPU)")
     p.add_argument("--vocab-size", type=int, default=32000, help="vocabulary of a new model when its data is not there yet")
+    p.add_argument("--longest", action="store_true",
+                   help="instead of the table at the recipe's seq_len: the longest seq_len each config fits on the target "
+                        "(at the recipe's micro batch and parallel.sequence_parallel_size), as written and with every "
+                        "memory saver on")
+    p.add_argument("--seq-multiple", type=int, metavar="N",
+                   help=f"with --longest: search seq_len in multiples of N tokens (default {SEQ_MULTIPLE}, times the "
+                        "sequence-parallel degree where that does not divide it)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, as for the stage")
 
     def body() -> int:
@@ -76,6 +86,10 @@ def main(argv: list[str] | None = None, *, description: str = "") -> int:
         for flag, value, low, need in checks:
             if value is not None and value < low:
                 p.error(f"{flag} must be {need}, got {value:g}")
+        if ns.seq_multiple is not None and not ns.longest:
+            p.error("--seq-multiple is the step of --longest's search; add --longest")
+        if ns.seq_multiple is not None and ns.seq_multiple < 1:
+            p.error(f"--seq-multiple must be at least 1 token, got {ns.seq_multiple}")
         stage = ns.stage or _stage_of(ns.config)
         if stage == "finetune":
             from pipeline.stages.finetune import FinetuneConfig as cls
@@ -106,6 +120,14 @@ def main(argv: list[str] | None = None, *, description: str = "") -> int:
         if target.world % recipe.sp:
             p.error(f"parallel.sequence_parallel_size={recipe.sp} does not divide the target's {target.world} ranks "
                     "(--gpus-per-node x --nodes)")
+        if ns.longest:
+            step = ns.seq_multiple or math.lcm(SEQ_MULTIPLE, recipe.sp)
+            if step % recipe.sp:
+                p.error(f"--seq-multiple {step} is not a multiple of parallel.sequence_parallel_size={recipe.sp} (each "
+                        f"rank holds seq_len / sp tokens); use e.g. {math.lcm(step, recipe.sp)}")
+            rows = longest_plan(recipe, target, step=step)
+            print(longest_report(target, recipe, rows, step), end="")
+            return 0 if any(plain.seq_len for plain, _ in rows) else 1
         plan = make_plan(recipe, target)
         print(report(plan), end="")
         return 0 if plan.choice is not None else 1

@@ -17,13 +17,23 @@ parameter + optimizer offload to CPU or NVMe) the planner estimates, per rank an
 * **activations** of one micro batch: the per-layer count of Korthikanti et al. 2022
   ("Reducing Activation Recomputation in Large Transformer Models", eq. 1: ``sbh(34 +
   5as/h)`` bytes for GPT-3 in 16 bit) redone for the tensors PyTorch actually saves in a
-  Hugging Face decoder layer: ``e·s·b·(7h + 2h_kv + k·i)`` bytes per layer (``e`` bytes per
-  element, ``k`` = 4 for gated MLPs such as Llama's SwiGLU, 2 for GPT-2's GELU), plus
-  ``2·e·a·s²·b`` for the attention scores with ``eager`` attention (``sdpa``/flash attention
-  keep none), plus 1-byte dropout masks when dropout is on, plus the logits (the LM head
-  output, its fp32 copy for the loss, the log-softmax and its gradient: ``s·b·V·(e+12)``).
-  With activation checkpointing only each layer's input (``e·s·b·h``) is kept and one layer
-  is recomputed at a time. The backward pass holds one layer's working set on top.
+  Hugging Face decoder layer, counted with ``torch.autograd.graph.saved_tensors_hooks`` on a
+  Llama: ``e·s·b·(c·h + 2h_kv + k·i)`` bytes per layer (``e`` bytes per element, ``c`` = 8 in
+  fp32 and 10 in 16 bit, where each RMSNorm also keeps an fp32 copy of its input; ``k`` = 4 for
+  gated MLPs such as Llama's SwiGLU, 2 for GPT-2's GELU; under sequence parallelism the Ulysses
+  all-to-all keeps one ``h`` more, separating the attention output from the projection's input,
+  which is left to the allocator slack: a few percent of a layer),
+  plus ``2·e·a·s²·b`` for the attention scores with ``eager`` attention (``sdpa``/flash attention
+  keep none), plus 1-byte dropout masks when dropout is on, plus the logits (the LM head output,
+  the loss's fp32 log-softmax, its gradient and the logits' gradient: ``s·b·V·12`` in fp32,
+  ``s·b·V·(e+12)`` in 16 bit with the fp32 copy). With activation checkpointing only each layer's
+  input (``e·s·b·h``) is kept and one layer is recomputed at a time. The backward pass holds one
+  layer's working set on top. Under sequence parallelism ``s`` is the tokens one rank holds
+  (``seq_len / sp``).
+* **the ALST memory savers** (:mod:`pipeline.training.tiling`): with ``model.tiled_mlp`` a
+  layer keeps none of the MLP's ``k·i`` intermediates; one tile of ``t`` tokens (saved tensors
+  and their gradients, ``2·e·t·b·k·i``) exists at a time. With ``model.tiled_logits`` the logits
+  terms are those of one tile of the sequence. A sequence no longer than one tile runs untiled.
 * **buffers and overheads**: DeepSpeed's communication buckets from the resolved JSON (each
   capped at the model size: DeepSpeed never fills more), the CUDA context, and allocator
   fragmentation (a fraction of everything else). On CPU ranks (no GPU) the "device" is host
@@ -43,13 +53,14 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UserError
 from pipeline.training.ds_config import locate_ds_config, offload, resolve_for_recipe, zero_stage
 from pipeline.training.model_shape import model_shape
+from pipeline.training.tiling import logits_tile_tokens, mlp_tile_tokens
 
 GiB = 1024 ** 3
 
@@ -98,15 +109,22 @@ class ModelFacts:
     dropout: float
     lm_head: bool  # a causal LM (logits over the vocabulary) rather than a classifier
     attn: str
+    # how the run computes, as far as activations go (pipeline.training.tiling, sequence_parallel)
+    mlp_tile: int = 0  # tokens per tile of the tiled MLP (0: not tiled)
+    logits_tile: int = 0  # tokens per tile of the tiled head + loss (0: not tiled)
+    sp: int = 1  # the sequence-parallel degree the attention runs under (set by Recipe from its sp): K/V replication
 
 
-def model_facts(conf, *, head: str = "causal_lm", attn_implementation: str = "sdpa") -> ModelFacts:
+def model_facts(conf, *, head: str = "causal_lm", attn_implementation: str = "sdpa", tiled_mlp: bool = False,
+                tiled_logits: bool = False, tile_tokens: int = 0) -> ModelFacts:
     """Count the parameters of the model ``conf`` describes, built on the ``meta`` device.
 
     Args:
         conf: a transformers config.
         head: ``causal_lm`` or ``classification``.
         attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2`` (activation estimate).
+        tiled_mlp, tiled_logits, tile_tokens: the recipe's ``model.*`` savers (tiles as
+            :mod:`pipeline.training.tiling` sizes them; a classifier has no logits to tile).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -122,7 +140,15 @@ def model_facts(conf, *, head: str = "causal_lm", attn_implementation: str = "sd
         n_params=int(n), largest_layer=int(largest), hidden=s.hidden, layers=s.layers, heads=s.heads,
         kv_heads=s.kv_heads, intermediate=s.intermediate, vocab=s.vocab, gated_mlp=s.gated, dropout=s.dropout,
         lm_head=head != "classification", attn=attn_implementation,
+        mlp_tile=mlp_tile_tokens(s.hidden, tile_tokens) if tiled_mlp else 0,
+        logits_tile=logits_tile_tokens(s.vocab, tile_tokens) if tiled_logits and head != "classification" else 0,
     )
+
+
+def with_savers(f: ModelFacts, tile_tokens: int = 0) -> ModelFacts:
+    """``f`` with the tiled MLP and the tiled head + loss on (what the planner's "every saver" column assumes)."""
+    return replace(f, mlp_tile=f.mlp_tile or mlp_tile_tokens(f.hidden, tile_tokens),
+                   logits_tile=(f.logits_tile or logits_tile_tokens(f.vocab, tile_tokens)) if f.lm_head else 0)
 
 
 # ---------------------------------------------------------------------------- the target
@@ -264,21 +290,31 @@ def _model_states(f: ModelFacts, stage: int, off_opt: str, off_param: str, preci
 
 
 def activation_bytes(f: ModelFacts, micro: int, seq: int, precision: str, checkpointing: bool) -> int:
-    """Peak activation memory of one forward+backward of ``micro`` sequences of ``seq`` tokens."""
+    """Peak activation memory of one forward+backward of ``micro`` sequences of ``seq`` tokens
+    (under sequence parallelism: the ``seq_len / sp`` tokens one rank holds)."""
     e = 4 if precision == "fp32" else 2
     s, b, h = seq, micro, f.hidden
-    per_layer = e * s * b * (7 * h + 2 * h * f.kv_heads // f.heads + (4 if f.gated_mlp else 2) * f.intermediate)
+    # Ulysses hands each rank kv_heads / sp K/V heads over the whole sequence: with fewer K/V heads
+    # than sp they are replicated, one per rank, sp / kv_heads times a rank's share of the elements
+    kv = h * f.kv_heads // f.heads * max(1, f.sp // f.kv_heads)
+    c = 8 if e == 4 else 10  # measured (module docstring)
+    k = 4 if f.gated_mlp else 2
+    mlp_tile = f.mlp_tile if 0 < f.mlp_tile < s else 0  # one tile: TiledMLP runs the plain forward
+    attn = e * s * b * (c * h + 2 * kv)
+    mlp = 2 * e * mlp_tile * b * k * f.intermediate if mlp_tile else e * s * b * k * f.intermediate
+    per_layer = attn + (0 if mlp_tile else mlp)  # kept for the backward
     if f.attn == "eager":
         per_layer += 2 * e * f.heads * s * s * b  # scores and softmax output
     if f.dropout > 0:
         per_layer += s * b * (3 * h + (f.heads * s if f.attn == "eager" else 0))  # 1-byte masks
-    logits = s * b * f.vocab * (e + 12) if f.lm_head else 0  # head output, fp32 copy, log-softmax, gradient
+    logit_tokens = min(f.logits_tile, s) if f.logits_tile else s
+    logits = logit_tokens * b * f.vocab * (12 if e == 4 else e + 12) if f.lm_head else 0
     if checkpointing:
         stored = f.layers * e * s * b * h + per_layer  # layer inputs + the one being recomputed
     else:
         stored = f.layers * per_layer
-    working = per_layer  # gradients of one layer's activations during backward
-    return int(stored + max(working, logits) + 2 * e * s * b * h)  # + embeddings output and final norm
+    working = per_layer + (mlp if mlp_tile else 0)  # one layer's activation gradients (+ one MLP tile) in backward
+    return int(stored + max(working, logits) + 4 * e * s * b * h)  # + embeddings output, final norm, rotary tables
 
 
 def _buffers(ds: dict, f: ModelFacts, precision: str, on_gpu: bool) -> int:
@@ -354,6 +390,10 @@ class Recipe:
     cfg: Any  # the stage config (train and deepspeed sections)
     sp: int = 1  # sequence-parallel degree: each rank holds the activations of seq_len / sp tokens
 
+    def __post_init__(self) -> None:
+        if self.facts.sp != self.sp:  # the activation count reads the degree from the facts (one source: this field)
+            self.facts = replace(self.facts, sp=self.sp)
+
     @property
     def local_seq(self) -> int:
         """Tokens whose activations one rank holds (Ulysses: after the all-to-all a rank holds the
@@ -365,6 +405,14 @@ def estimate_config(r: Recipe, config: str, target: Target, micro: int, checkpoi
                     free_batch: bool = False) -> Estimate | None:
     """None when ``micro`` cannot make the recipe's global batch (batch arithmetic); ``free_batch``:
     any global batch (memory does not depend on it)."""
+    ds = _resolved(r, config, target, micro, free_batch)
+    if ds is None:
+        return None
+    return estimate(r.facts, ds, config, target, micro=micro, seq=r.local_seq, precision=r.precision, checkpointing=checkpointing)
+
+
+def _resolved(r: Recipe, config: str, target: Target, micro: int, free_batch: bool) -> dict | None:
+    """``config`` filled for the recipe on ``target`` (None: ``micro`` cannot make its global batch)."""
     try:
         if free_batch:
             grad_accum, global_batch = 1, 0
@@ -372,13 +420,13 @@ def estimate_config(r: Recipe, config: str, target: Target, micro: int, checkpoi
             grad_accum, global_batch = r.grad_accum, r.global_batch
         else:
             grad_accum, global_batch = 0, r.global_batch or r.micro_batch * max(r.grad_accum, 1) * (target.world // r.sp)
-        ds = resolve_for_recipe(r.cfg, config, world=target.world // r.sp, sp=r.sp, precision=r.precision, hidden=r.facts.hidden,
-                                strict_nvme=False, micro=micro, grad_accum=grad_accum, global_batch=global_batch)
+        return resolve_for_recipe(r.cfg, config, world=target.world // r.sp, sp=r.sp, precision=r.precision,
+                                  hidden=r.facts.hidden, strict_nvme=False, micro=micro, grad_accum=grad_accum,
+                                  global_batch=global_batch)
     except UserError:
         if micro == r.micro_batch:
             raise
         return None
-    return estimate(r.facts, ds, config, target, micro=micro, seq=r.local_seq, precision=r.precision, checkpointing=checkpointing)
 
 
 def largest_micro(r: Recipe, config: str, target: Target, checkpointing: bool, limit: int = 256) -> int:
@@ -437,6 +485,66 @@ def make_plan(r: Recipe, target: Target, candidates: tuple[str, ...] = CANDIDATE
         if best is not None:
             choice = estimate_config(r, best[1], target, best[0], best[2])
     return Plan(target=target, recipe=r, rows=[e for e in rows if e is not None], largest=largest, choice=choice)
+
+
+# ---------------------------------------------------------------------------- the longest sequence
+
+SEQ_MULTIPLE = 256
+"""The longest-sequence search steps in multiples of this many tokens (and of the sequence-parallel degree)."""
+MAX_SEARCH_SEQ = 2 ** 30
+"""Where that search stops (a billion tokens, beyond any model's positions): a config that still fits there
+is reported as fitting at least this."""
+
+
+@dataclass
+class Longest:
+    """The longest ``seq_len`` (a multiple of the search's step) that ``config`` fits, with its estimate."""
+
+    config: str
+    seq_len: int  # 0: not even one step
+    estimate: Estimate  # at seq_len (at one step, not fitting, when seq_len is 0)
+    capped: bool = False  # still fits at MAX_SEARCH_SEQ
+
+
+def longest_seq(r: Recipe, config: str, target: Target, *, step: int, checkpointing: bool | None = None,
+                limit: int = MAX_SEARCH_SEQ) -> Longest:
+    """The largest multiple of ``step`` (itself a multiple of ``r.sp``) up to ``limit`` for which ``config``
+    fits ``target`` at the recipe's micro batch (its checkpointing unless ``checkpointing`` says).
+
+    Memory grows with the sequence except where the tiled MLP starts to tile (a sequence of one
+    tile per rank runs the plain MLP, which keeps more), so each side of that point is searched
+    by bisection on its own, the longer side first."""
+    ckpt = r.checkpointing if checkpointing is None else checkpointing
+    ds = _resolved(r, config, target, r.micro_batch, free_batch=True)
+
+    def at(seq: int) -> Estimate:
+        return estimate(r.facts, ds, config, target, micro=r.micro_batch, seq=seq // r.sp, precision=r.precision,
+                        checkpointing=ckpt)
+
+    def fitting(seq: int) -> Estimate | None:
+        e = at(seq)
+        return e if e.fits else None
+
+    top = limit // step
+    untiled = r.facts.mlp_tile * r.sp // step if r.facts.mlp_tile else top  # the last multiple run untiled
+    for lo, hi in ((untiled + 1, top), (1, min(untiled, top))):
+        if lo > hi or fitting(lo * step) is None:
+            continue
+        while lo < hi:  # invariant: lo fits
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if fitting(mid * step) is not None else (lo, mid - 1)
+        return Longest(config, lo * step, fitting(lo * step), capped=lo == top)
+    return Longest(config, 0, at(step))
+
+
+def longest_plan(r: Recipe, target: Target, *, step: int, candidates: tuple[str, ...] = CANDIDATES,
+                 ) -> list[tuple[Longest, Longest]]:
+    """For every candidate: the longest sequence of the recipe as written, and with every saver on
+    (activation checkpointing, tiled MLP, tiled logits; ``model.tile_tokens`` as given)."""
+    tile = getattr(getattr(r.cfg, "model", None), "tile_tokens", 0)
+    saving = replace(r, checkpointing=True, facts=with_savers(r.facts, tile))
+    return [(longest_seq(r, c, target, step=step), longest_seq(saving, c, target, step=step))
+            for c in candidates if config_exists(c)]
 
 
 def config_exists(config: str) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.training.plan import GiB, Plan, _g
+from pipeline.training.plan import GiB, Longest, Plan, Recipe, Target, _g
 
 GPU_NODE_CPU_MEMORY_PER_GPU = 128 * GiB
 """Host RAM per GPU assumed for GPUs described without ``--cpu-memory`` from a machine without any
@@ -57,7 +57,7 @@ def report(p: Plan) -> str:
         f"target: {p.target.describe()}",
         f"model: {f.n_params / 1e6:.1f}M parameters (largest layer {f.largest_layer / 1e6:.2f}M), {f.layers} layers, "
         f"hidden {f.hidden}, vocab {f.vocab}; seq_len {r.seq_len}, micro batch {r.micro_batch}, {r.precision}"
-        + (f", sequence-parallel {r.sp} ({r.local_seq} tokens of activations per rank)" if r.sp > 1 else ""),
+        + (f", sequence-parallel {r.sp} ({r.local_seq} tokens of activations per rank)" if r.sp > 1 else "") + _savers(r),
         "memory in GiB; states = parameters + gradients + optimizer (DeepSpeed's estimators), buffers = "
         "communication buckets + " + ("CUDA context" if p.target.on_gpu else "rank process runtime") + " + fragmentation",
         "",
@@ -65,3 +65,48 @@ def report(p: Plan) -> str:
         "",
         f"recommended (fastest that fits): {p.advice()}",
     ]) + "\n"
+
+
+def _savers(r: Recipe) -> str:
+    f = r.facts
+    on = ([f"tiled MLP ({f.mlp_tile}-token tiles)"] if f.mlp_tile else []) + (
+        [f"tiled logits ({f.logits_tile}-token tiles)"] if f.logits_tile else [])
+    return f"; {', '.join(on)}" if on else ""
+
+
+def _seq(x: Longest) -> str:
+    return "-" if not x.seq_len else f"{'>= ' if x.capped else ''}{x.seq_len:,}"
+
+
+def longest_report(target: Target, r: Recipe, rows: list[tuple[Longest, Longest]], step: int) -> str:
+    """What ``launch/plan.py --longest`` prints: per config the longest seq_len that fits, its estimate
+    there, and the longest with every memory saver on; then the longest of all."""
+    f, dev = r.facts, "per GPU" if target.on_gpu else "per rank"
+    lines = [
+        f"target: {target.describe()}",
+        f"model: {f.n_params / 1e6:.1f}M parameters, {f.layers} layers, hidden {f.hidden}, vocab {f.vocab}; micro batch "
+        f"{r.micro_batch}, {r.precision}, sequence-parallel {r.sp}, activation checkpointing "
+        f"{'on' if r.checkpointing else 'off'}" + _savers(r),
+        f"the longest seq_len (a multiple of {step}) that each config fits; memory in GiB at that length; the last column: "
+        "with activation checkpointing, tiled MLP and tiled logits all on",
+        "",
+        f"| config | ZeRO | offload | longest seq_len | tokens per rank | states | activations | buffers | total {dev} | "
+        "CPU per node | with every saver |",
+        "|" + "---|" * 11,
+    ]
+    for plain, saving in rows:
+        e = plain.estimate
+        cells = [_g(e.states), _g(e.activations), _g(e.buffers), _g(e.device_total), _g(e.cpu_node)] if plain.seq_len else ["-"] * 5
+        lines.append(f"| {Path(plain.config).name} | {e.stage} | {e.offload_label} | {_seq(plain)} | "
+                     f"{plain.seq_len // r.sp:,} | " + " | ".join(cells) + f" | {_seq(saving)} |")
+    best = max(rows, key=lambda x: x[0].seq_len, default=None)
+    lines.append("")
+    lines += [f"{Path(plain.config).name}: not even {step} tokens: {plain.estimate.why_not}" for plain, _ in rows if not plain.seq_len]
+    if best is None or not best[0].seq_len:
+        lines.append(f"nothing fits even {step} tokens as written"
+                     + (f"; with every saver on: {_seq(max(rows, key=lambda x: x[1].seq_len)[1])}" if rows else ""))
+    else:
+        b = best[0]
+        lines.append(f"longest: data.seq_len={b.seq_len} with deepspeed.config={b.config} "
+                     f"({_g(b.estimate.device_total)} GiB {dev} estimated)")
+    return "\n".join(lines) + "\n"

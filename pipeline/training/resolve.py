@@ -126,7 +126,9 @@ def _g(x: int) -> str:
 def recipe_from(cfg: Any, conf, *, seq_len: int, head: str, precision: str) -> Recipe:
     """The planner's view of a stage recipe (``cfg`` has ``model``, ``train`` and ``deepspeed``)."""
     t, m = cfg.train, cfg.model
-    return Recipe(facts=model_facts(conf, head=head, attn_implementation=m.attn_implementation), seq_len=seq_len,
+    facts = model_facts(conf, head=head, attn_implementation=m.attn_implementation, tiled_mlp=m.tiled_mlp,
+                        tiled_logits=m.tiled_logits, tile_tokens=m.tile_tokens)
+    return Recipe(facts=facts, seq_len=seq_len,
                   micro_batch=t.micro_batch_size, grad_accum=t.grad_accum, global_batch=t.global_batch_size,
                   checkpointing=m.activation_checkpointing, precision=precision, cfg=cfg,
                   sp=getattr(getattr(cfg, "parallel", None), "sequence_parallel_size", 1))
