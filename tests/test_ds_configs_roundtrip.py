@@ -30,10 +30,14 @@ CONFIGS = {  # case -> (deepspeed.config, ranks, the ZeRO stage its checkpoint m
     # case is zero0.json's round-trip too. One rank: nothing is partitioned, one rank writes the same
     # files as two. (auto on 2 ranks: test_plan.py::test_auto_picks_the_fastest_config_that_fits_and_trains)
     "auto": ("auto", 1, 0),
+    # Each ZeRO stage's partitioned checkpoint, written by 2 ranks, is read by a case of that stage: zero1,
+    # zero2, zero3_offload and zero3_offload_nvme. The two configs that differ from one of those only in
+    # where the training keeps its states (zero2 + optimizer offload, zero3 without offload) train on
+    # one rank: the same files from one rank, the layout a single-GPU user exports.
     "zero1": ("ds_configs/zero1.json", 2, 1),
     "zero2": ("ds_configs/zero2.json", 2, 2),
-    "zero2_offload": ("ds_configs/zero2_offload.json", 2, 2),
-    "zero3": ("ds_configs/zero3.json", 2, 3),
+    "zero2_offload": ("ds_configs/zero2_offload.json", 1, 2),
+    "zero3": ("ds_configs/zero3.json", 1, 3),
     "zero3_offload": ("ds_configs/zero3_offload.json", 2, 3),
     "zero3_offload_nvme": ("ds_configs/zero3_offload_nvme.json", 2, 3),
 }
