@@ -1,0 +1,260 @@
+"""Long-context benchmark: the longest sequence that trains under a per-rank memory cap, ALST
+against plain ZeRO-3 data parallelism, and their tokens/s at a length both can run.
+
+    python bench/long_context.py [--workdir bench/.work/long_context] [--cap-gib 2.5] [--probe 1024,2048]
+                                 [--skip-verify] [--report]
+
+Both contenders are ``launch/train.py`` on two CPU ranks (``deepspeed --num_gpus 2``,
+``OMP_NUM_THREADS=1`` each) with one model and data: a Llama of 58M parameters (hidden 512, 8
+layers, 8 heads, the Llama MLP rule) with a real 32,000-token vocabulary (Mistral's
+SentencePiece tokenizer from the ``mistral-common`` wheel, fetched with ``pip download``),
+fp32, ``ds_configs/zero3.json``, micro-batch 1, activation checkpointing on in both:
+
+* ``plain``: ZeRO-3 data parallel (each rank its own sequence of ``L`` tokens): what a user gets
+  without sequence parallelism.
+* ``alst``: the same with ALST's set: ``parallel.sequence_parallel_size=2`` (each rank holds
+  ``L / 2`` tokens), ``model.tiled_mlp``, ``model.tiled_logits`` (tiles of 512 tokens: the
+  automatic 2,097-token logits tile alone would be a fifth of a 2.5 GiB cap).
+
+Memory: the peak RSS (``VmHWM``) of each rank process over a 1-step run; the larger of the two.
+It grows linearly with ``L`` for both (SDPA's CPU kernel holds no ``L x L`` matrix), so the
+benchmark measures each contender at the ``--probe`` lengths, fits ``peak = base + L x
+per_token``, predicts the longest ``L`` (a multiple of 512) under ``--cap-gib``, and then runs
+that length to verify (stepping down 512 tokens at a time while the measured peak is over the
+cap). The ratio reported is verified ALST / verified plain.
+
+Throughput: at the plain contender's longest verified length both run 3 steps; tokens/s is
+``global tokens per step / step time`` of step 3 (steps 1-2: warm-up, the optimizer states'
+allocation), from the stage's console (``monitor.log_every=1``).
+
+Results: a Markdown table on stdout and ``<workdir>/results.json``; logs under ``<workdir>/logs``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MODEL = ["model.model_type=llama", "model.hidden_size=512", "model.num_layers=8", "model.num_heads=8",
+         "model.activation_checkpointing=true"]
+CONTENDERS = {
+    "plain": [],
+    "alst": ["parallel.sequence_parallel_size=2", "model.tiled_mlp=true", "model.tiled_logits=true", "model.tile_tokens=512"],
+    # the same ALST set on ZeRO-2 (the model's states are small here; see docs/benchmarks.md)
+    "alst_z2": ["parallel.sequence_parallel_size=2", "model.tiled_mlp=true", "model.tiled_logits=true", "model.tile_tokens=512",
+                "deepspeed.config=ds_configs/zero2.json"],
+    "alst_z0": ["parallel.sequence_parallel_size=2", "model.tiled_mlp=true", "model.tiled_logits=true", "model.tile_tokens=512",
+                "deepspeed.config=ds_configs/zero0.json"],
+    # the savers without sequence parallelism: what each half of ALST contributes
+    "tiled": ["model.tiled_mlp=true", "model.tiled_logits=true", "model.tile_tokens=512"],
+}
+GiB = 2**30
+STEP = 512
+MMAP_THRESHOLD = 0  # --malloc-mmap-threshold
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def tokenizer_dir(work: Path) -> Path:
+    """Mistral's 32,000-token SentencePiece tokenizer, from the mistral-common wheel (GUIDE.md)."""
+    out = work / "tokenizer"
+    if (out / "tokenizer.model").exists():
+        return out
+    dl = work / "wheel"
+    dl.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "mistral-common", "-d", str(dl)], check=True)
+    import zipfile
+
+    wheel = next(dl.glob("mistral_common-*.whl"))
+    out.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(wheel) as z:
+        (out / "tokenizer.model").write_bytes(z.read("mistral_common/data/tokenizer.model.v1"))
+    from transformers import LlamaTokenizer
+
+    tok = LlamaTokenizer.from_pretrained(out)
+    assert len(tok) == 32000, len(tok)
+    tok.save_pretrained(out)
+    return out
+
+
+def dataset(work: Path) -> Path:
+    out = work / "data"
+    if (out / "manifest.json").exists():
+        return out
+    tok = tokenizer_dir(work)
+    cmd = [sys.executable, str(ROOT / "launch" / "preprocess.py"), f"output={out}", f"tokenizer.path={tok}",
+           "sample_docs=20000", "val_fraction=0.01"]
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    return out
+
+
+def _rank_peaks(proc: subprocess.Popen, peaks: dict[int, int], done: threading.Event) -> None:
+    import psutil
+
+    while not done.is_set():
+        try:
+            kids = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.Error:
+            kids = []
+        for k in kids:
+            try:
+                if not any(a.startswith("--local_rank") for a in k.cmdline()):
+                    continue
+                with open(f"/proc/{k.pid}/status") as fh:
+                    for line in fh:
+                        if line.startswith("VmHWM:"):
+                            peaks[k.pid] = max(peaks.get(k.pid, 0), int(line.split()[1]) * 1024)
+            except (OSError, psutil.Error):
+                pass
+        time.sleep(0.2)
+
+
+def run(work: Path, name: str, seq: int, steps: int) -> dict:
+    """One launch: ``{"peak": max rank VmHWM, "step_s": [per step], "tokens_per_step": ...}``."""
+    from pipeline.dist import free_port
+
+    out = work / "runs" / f"{name}-{seq}-{steps}"
+    shutil.rmtree(out, ignore_errors=True)
+    args = [f"output={out}", f"data.datasets.0.path={dataset(work)}", *MODEL, "deepspeed.config=ds_configs/zero3.json",
+            *CONTENDERS[name], f"data.seq_len={seq}", f"model.max_position_embeddings={seq}", "train.micro_batch_size=1",
+            f"train.max_steps={steps}", "train.warmup_steps=1", "train.eval_batches=0", "checkpoint.every=0",
+            "checkpoint.keep_last=1", "deepspeed.memory_check=false", "monitor.log_every=1"]
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "launch" / "train.py"), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    if MMAP_THRESHOLD:  # glibc: allocations from this size get their own mapping, returned to the system when freed
+        env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    logf = work / "logs" / f"{name}-{seq}-{steps}.log"
+    t0 = time.time()
+    with open(logf, "w") as fh:
+        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT)
+        peaks: dict[int, int] = {}
+        done = threading.Event()
+        th = threading.Thread(target=_rank_peaks, args=(proc, peaks, done), daemon=True)
+        th.start()
+        code = proc.wait()
+        done.set()
+        th.join()
+    text = logf.read_text()
+    if code != 0:
+        raise SystemExit(f"{name} at {seq} tokens failed (exit {code}); see {logf}:\n{text[-3000:]}")
+    step_s = [float(m.group(1)) for m in re.finditer(r"^step \d+ \|.*\| step ([\d.]+)s", text, re.M)]
+    shutil.rmtree(out, ignore_errors=True)  # the checkpoints: not needed, and disk adds up
+    dp = 1 if "parallel.sequence_parallel_size=2" in CONTENDERS[name] else 2
+    r = {"contender": name, "seq_len": seq, "steps": steps, "peak": max(peaks.values()) if peaks else 0,
+         "rank_peaks": sorted(peaks.values()), "step_s": step_s, "tokens_per_step": seq * dp, "wall_s": time.time() - t0}
+    log(f"{name:5s} L={seq:6d} mmap={MMAP_THRESHOLD} steps={steps} peak {r['peak'] / GiB:.3f} GiB  step times {step_s}  ({r['wall_s']:.0f} s)")
+    return r
+
+
+def fit(points: list[dict]) -> tuple[float, float]:
+    """``(base bytes, bytes per token)``: least squares through ``(seq_len, peak)``."""
+    xs, ys = [p["seq_len"] for p in points], [p["peak"] for p in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return my - slope * mx, slope
+
+
+def longest(work: Path, name: str, cap: int, base: float, per_token: float, results: list, verify: bool) -> int:
+    guess = int((cap - base) / per_token) // STEP * STEP
+    if not verify:
+        return guess
+    seq = guess
+    while seq >= STEP:
+        r = run(work, name, seq, 1)
+        results.append(r)
+        if r["peak"] <= cap:
+            return seq
+        seq -= STEP
+    return 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", default=str(ROOT / "bench" / ".work" / "long_context"))
+    p.add_argument("--cap-gib", type=float, default=2.5)
+    p.add_argument("--probe", default="2048,4096", help="lengths measured for the linear fit")
+    p.add_argument("--contenders", default="plain,alst,alst_z0", help=f"of {', '.join(CONTENDERS)}")
+    p.add_argument("--malloc-mmap-threshold", type=int, default=0,
+                   help="MALLOC_MMAP_THRESHOLD_ for every rank of every contender (0: glibc's default, dynamic)")
+    p.add_argument("--skip-verify", action="store_true", help="report the fitted longest lengths without running them")
+    p.add_argument("--report", action="store_true", help="print the table of an earlier run's results.json")
+    a = p.parse_args()
+    work = Path(a.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    res_file = work / "results.json"
+    if a.report:
+        for f in sorted(work.glob("results*.json")):
+            print(f"{f.name}:\n{report(json.loads(f.read_text()))}\n")
+        return 0
+    cap = int(a.cap_gib * GiB)
+    global MMAP_THRESHOLD
+    MMAP_THRESHOLD = a.malloc_mmap_threshold
+    if MMAP_THRESHOLD:
+        res_file = work / f"results-mmap{MMAP_THRESHOLD}.json"
+    dataset(work)
+    results: list[dict] = []
+    names = a.contenders.split(",")
+    unknown = [n for n in names if n not in CONTENDERS]
+    if unknown or "plain" not in names:
+        p.error(f"--contenders: {unknown or 'plain is the baseline and must be one'}; choose from {', '.join(CONTENDERS)}")
+    summary: dict = {"cap": cap, "probe": a.probe, "malloc_mmap_threshold": MMAP_THRESHOLD, "contenders": {n: CONTENDERS[n] for n in names}, "model": MODEL}
+    for name in names:
+        pts = [run(work, name, int(s), 1) for s in a.probe.split(",")]
+        results += pts
+        base, per_token = fit(pts)
+        summary[name] = {"base": base, "per_token": per_token}
+        summary[name]["longest"] = longest(work, name, cap, base, per_token, results, not a.skip_verify)
+        res_file.write_text(json.dumps({"summary": summary, "runs": results}, indent=1))
+    both = summary["plain"]["longest"]
+    if both >= STEP:
+        for name in names:
+            r = run(work, name, both, 3)
+            results.append(r)
+            summary[name]["tokens_per_s"] = r["tokens_per_step"] / r["step_s"][-1]
+    res_file.write_text(json.dumps({"summary": summary, "runs": results}, indent=1))
+    print(report({"summary": summary, "runs": results}))
+    return 0
+
+
+def report(data: dict) -> str:
+    s = data["summary"]
+    mmap = s.get("malloc_mmap_threshold") or "glibc default"
+    lines = [f"cap {s['cap'] / GiB:.2f} GiB per rank (peak RSS); probe lengths {s['probe']}; MALLOC_MMAP_THRESHOLD_ {mmap}", "",
+             "| contender | base (GiB) | per token (KiB) | longest L under the cap | tokens/s at the plain longest |",
+             "|---|---|---|---|---|"]
+    for name in s["contenders"]:
+        c = s.get(name, {})
+        if not c:
+            continue
+        tps = f"{c['tokens_per_s']:.0f}" if "tokens_per_s" in c else "-"
+        lines.append(f"| {name} | {c['base'] / GiB:.3f} | {c['per_token'] / 1024:.1f} | {c['longest']:,} | {tps} |")
+    base = s.get("plain", {})
+    lines.append("")
+    for name in [n for n in s["contenders"] if n != "plain" and n in s]:
+        c = s[name]
+        if not base.get("longest"):
+            break
+        line = (f"{name} / plain: longest {c['longest'] / base['longest']:.1f}x, per-token memory "
+                f"{base['per_token'] / c['per_token']:.1f}x less")
+        if "tokens_per_s" in c and "tokens_per_s" in base:
+            line += f", tokens/s at L={base['longest']:,} {c['tokens_per_s'] / base['tokens_per_s']:.2f}x"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
