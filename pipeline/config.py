@@ -193,6 +193,7 @@ _ALIASES: dict[str, tuple[tuple[str, ...], str]] = {
     "gradient_checkpointing": (("activation_checkpointing",), ""),
     "checkpoint_activations": (("activation_checkpointing",), ""),
     "tiled_mlp_compute": (("tiled_mlp",), ""),  # ArcticTraining's name
+    "activation_checkpoint_cpu_offload": (("activation_offload",), ""),  # ArcticTraining's name
     "min_doc_tokens": (("min_tokens",), ""),
     "sp_size": (("sequence_parallel_size",), ""),
     "ulysses_degree": (("sequence_parallel_size",), ""),

@@ -32,6 +32,7 @@ from pipeline.stages.export import init_model_dir
 from pipeline.training.checkpoint import CheckpointConfig
 from pipeline.training.ds_config import DeepSpeedSection, summarize
 from pipeline.training.engine import Run
+from pipeline.training.model import offload_problems
 from pipeline.training.monitor import MonitorConfig
 from pipeline.training.sequence_parallel import ParallelConfig
 from pipeline.training.tasks import TASKS
@@ -50,6 +51,9 @@ class FinetuneModelConfig:
     pipeline (a step directory, a checkpoints directory or a run directory: its latest)."""
     activation_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
+    activation_offload: bool = False
+    """With activation_checkpointing on GPUs: keep each layer's checkpointed input in pinned host
+    memory instead of on the GPU (copied back for its recompute). No effect on CPU ranks."""
     attn_implementation: str = "sdpa"
     """Attention kernel: sdpa or eager (packing needs one of these: its block-diagonal mask is 4-D)."""
     tiled_mlp: bool = False
@@ -63,9 +67,10 @@ class FinetuneModelConfig:
     and as many as keep one tile's fp32 logits within 256 MiB for the head)."""
 
     def check(self) -> list[tuple[str, str]]:
+        problems = offload_problems(self)
         if self.tile_tokens < 0:
-            return [("tile_tokens", f"must be >= 0 (0: automatic), got {self.tile_tokens}")]
-        return []
+            problems.append(("tile_tokens", f"must be >= 0 (0: automatic), got {self.tile_tokens}"))
+        return problems
 
 
 @dataclass
@@ -189,6 +194,7 @@ def run(cfg: FinetuneConfig, local_rank: int | None = None) -> int:
     conf = AutoConfig.from_pretrained(init)
     task.configure(conf, tok)
     mcfg = ModelConfig(path=str(init), activation_checkpointing=cfg.model.activation_checkpointing,
+                       activation_offload=cfg.model.activation_offload,
                        attn_implementation=cfg.model.attn_implementation, tiled_mlp=cfg.model.tiled_mlp,
                        tiled_logits=cfg.model.tiled_logits, tile_tokens=cfg.model.tile_tokens)
     model = build_model(mcfg, conf, run_.ds, head=task.head)

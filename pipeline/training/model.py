@@ -53,6 +53,11 @@ class ModelConfig:
     """Further keys for the transformers config verbatim (e.g. {rope_theta: 500000})."""
     activation_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
+    activation_offload: bool = False
+    """With activation_checkpointing on GPUs: keep each layer's checkpointed input in pinned host
+    memory instead of on the GPU (copied back for its recompute; transformers' offload). Frees
+    layers x seq x hidden x bytes per rank, what dominates at long sequences (ALST); costs two
+    copies per layer. No effect on CPU ranks, whose activations already live in host memory."""
     attn_implementation: str = "sdpa"
     """Attention kernel: sdpa, eager, or flash_attention_2 where installed."""
     tiled_mlp: bool = False
@@ -77,7 +82,55 @@ class ModelConfig:
                 problems.append(("num_kv_heads", f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"))
         if self.tile_tokens < 0:
             problems.append(("tile_tokens", f"must be >= 0 (0: automatic), got {self.tile_tokens}"))
-        return problems
+        return problems + offload_problems(self)
+
+
+def offload_problems(cfg: Any) -> list[tuple[str, str]]:
+    """``model.activation_offload`` offloads what checkpointing keeps: without it there is nothing to offload."""
+    if getattr(cfg, "activation_offload", False) and not cfg.activation_checkpointing:
+        return [("activation_offload", "offloads the layer inputs that activation checkpointing keeps; "
+                 "set model.activation_checkpointing=true with it, or drop activation_offload")]
+    return []
+
+
+def enable_checkpointing(model: Any, offload: bool) -> None:
+    """Activation checkpointing on every decoder layer (non-reentrant), the checkpointed inputs in
+    pinned host memory with ``offload``, through transformers' own switch
+    (``activation_checkpointing_enable(offload=...)``: ``torch.autograd.graph.save_on_cpu`` around
+    each layer's checkpoint). CPU ranks have no device memory to free, and pinning needs an
+    accelerator, so there ``offload`` is a no-op (the stage says so at start)."""
+    kwargs = {"use_reentrant": False}
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is None:  # transformers before the rename (no offload there: refused by check_offload)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        return
+    enable(activation_checkpointing_kwargs=kwargs, **({"offload": True} if offload and offload_applies() else {}))
+
+
+def offload_applies() -> bool:
+    """Whether this process trains on an accelerator whose memory activation offload frees."""
+    return torch.cuda.is_available()
+
+
+def check_offload(cfg: Any) -> str:
+    """Before heavy work: refuse ``model.activation_offload`` where transformers cannot do it;
+    returns a note for the console when it has no effect here (CPU ranks), else ""."""
+    if not getattr(cfg, "activation_offload", False):
+        return ""
+    import inspect
+
+    from transformers import PreTrainedModel
+
+    enable = getattr(PreTrainedModel, "activation_checkpointing_enable", None)
+    if enable is None or "offload" not in inspect.signature(enable).parameters:
+        import transformers
+
+        raise UserError(f"model.activation_offload: transformers {transformers.__version__} cannot offload checkpointed "
+                        "activations; upgrade transformers (pip install -U transformers) or drop model.activation_offload")
+    if not offload_applies():
+        return ("model.activation_offload: no effect on CPU ranks (activations already live in host memory); "
+                "it frees GPU memory on GPU ranks")
+    return ""
 
 
 def _llama_intermediate(hidden: int) -> int:
@@ -186,7 +239,7 @@ def build_model(cfg: ModelConfig, conf, ds_config: dict, dtype: torch.dtype = to
         model = auto.from_config(conf, **kwargs)
     model.config.architectures = [type(model).__name__]  # export and evaluate pick the class from it
     if cfg.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model, cfg.activation_offload)
     if cfg.tiled_mlp:  # DeepSpeed's TiledMLP in every decoder layer (pipeline/training/tiling.py)
         from pipeline.training.tiling import mlp_tile_tokens, tile_mlps
 

@@ -20,9 +20,8 @@ parameter + optimizer offload to CPU or NVMe) the planner estimates, per rank an
   Hugging Face decoder layer, counted with ``torch.autograd.graph.saved_tensors_hooks`` on a
   Llama: ``e·s·b·(c·h + 2h_kv + k·i)`` bytes per layer (``e`` bytes per element, ``c`` = 8 in
   fp32 and 10 in 16 bit, where each RMSNorm also keeps an fp32 copy of its input; ``k`` = 4 for
-  gated MLPs such as Llama's SwiGLU, 2 for GPT-2's GELU; under sequence parallelism the Ulysses
-  all-to-all keeps one ``h`` more, separating the attention output from the projection's input,
-  which is left to the allocator slack: a few percent of a layer),
+  gated MLPs such as Llama's SwiGLU, 2 for GPT-2's GELU; under sequence parallelism ``c`` is one
+  more: the Ulysses all-to-all keeps the attention output apart from the projection's input),
   plus ``2·e·a·s²·b`` for the attention scores with ``eager`` attention (``sdpa``/flash attention
   keep none), plus 1-byte dropout masks when dropout is on, plus the logits (the LM head output,
   the loss's fp32 log-softmax, its gradient and the logits' gradient: ``s·b·V·12`` in fp32,
@@ -34,6 +33,9 @@ parameter + optimizer offload to CPU or NVMe) the planner estimates, per rank an
   layer keeps none of the MLP's ``k·i`` intermediates; one tile of ``t`` tokens (saved tensors
   and their gradients, ``2·e·t·b·k·i``) exists at a time. With ``model.tiled_logits`` the logits
   terms are those of one tile of the sequence. A sequence no longer than one tile runs untiled.
+  With ``model.activation_offload`` on GPU ranks the checkpointed layer inputs live in pinned
+  host memory (each rounded up to a power of two by PyTorch's caching host allocator); the
+  device keeps the one copied back for its recompute. On CPU ranks it changes nothing.
 * **buffers and overheads**: DeepSpeed's communication buckets from the resolved JSON (each
   capped at the model size: DeepSpeed never fills more), the CUDA context, and allocator
   fragmentation (a fraction of everything else). On CPU ranks (no GPU) the "device" is host
@@ -113,10 +115,11 @@ class ModelFacts:
     mlp_tile: int = 0  # tokens per tile of the tiled MLP (0: not tiled)
     logits_tile: int = 0  # tokens per tile of the tiled head + loss (0: not tiled)
     sp: int = 1  # the sequence-parallel degree the attention runs under (set by Recipe from its sp): K/V replication
+    activation_offload: bool = False  # with checkpointing: layer inputs in pinned host memory (GPU ranks only)
 
 
 def model_facts(conf, *, head: str = "causal_lm", attn_implementation: str = "sdpa", tiled_mlp: bool = False,
-                tiled_logits: bool = False, tile_tokens: int = 0) -> ModelFacts:
+                tiled_logits: bool = False, tile_tokens: int = 0, activation_offload: bool = False) -> ModelFacts:
     """Count the parameters of the model ``conf`` describes, built on the ``meta`` device.
 
     Args:
@@ -125,6 +128,7 @@ def model_facts(conf, *, head: str = "causal_lm", attn_implementation: str = "sd
         attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2`` (activation estimate).
         tiled_mlp, tiled_logits, tile_tokens: the recipe's ``model.*`` savers (tiles as
             :mod:`pipeline.training.tiling` sizes them; a classifier has no logits to tile).
+        activation_offload: ``model.activation_offload`` with checkpointing on.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -142,12 +146,14 @@ def model_facts(conf, *, head: str = "causal_lm", attn_implementation: str = "sd
         lm_head=head != "classification", attn=attn_implementation,
         mlp_tile=mlp_tile_tokens(s.hidden, tile_tokens) if tiled_mlp else 0,
         logits_tile=logits_tile_tokens(s.vocab, tile_tokens) if tiled_logits and head != "classification" else 0,
+        activation_offload=activation_offload,
     )
 
 
 def with_savers(f: ModelFacts, tile_tokens: int = 0) -> ModelFacts:
-    """``f`` with the tiled MLP and the tiled head + loss on (what the planner's "every saver" column assumes)."""
-    return replace(f, mlp_tile=f.mlp_tile or mlp_tile_tokens(f.hidden, tile_tokens),
+    """``f`` with the tiled MLP, the tiled head + loss and activation offload on (what the planner's
+    "every saver" column assumes; the offload counts on GPU targets only)."""
+    return replace(f, activation_offload=True, mlp_tile=f.mlp_tile or mlp_tile_tokens(f.hidden, tile_tokens),
                    logits_tile=(f.logits_tile or logits_tile_tokens(f.vocab, tile_tokens)) if f.lm_head else 0)
 
 
@@ -289,15 +295,22 @@ def _model_states(f: ModelFacts, stage: int, off_opt: str, off_param: str, preci
     return int(dev), int(cpu), nvme
 
 
-def activation_bytes(f: ModelFacts, micro: int, seq: int, precision: str, checkpointing: bool) -> int:
+def activation_bytes(f: ModelFacts, micro: int, seq: int, precision: str, checkpointing: bool,
+                     offload: bool = False) -> int:
     """Peak activation memory of one forward+backward of ``micro`` sequences of ``seq`` tokens
-    (under sequence parallelism: the ``seq_len / sp`` tokens one rank holds)."""
+    (under sequence parallelism: the ``seq_len / sp`` tokens one rank holds) on the device.
+
+    Args:
+        offload: the checkpointed layer inputs live in host memory (``model.activation_offload`` on
+            a GPU rank; :func:`offloaded_bytes` counts them there): the device keeps the one
+            copied back for its recompute.
+    """
     e = 4 if precision == "fp32" else 2
     s, b, h = seq, micro, f.hidden
     # Ulysses hands each rank kv_heads / sp K/V heads over the whole sequence: with fewer K/V heads
     # than sp they are replicated, one per rank, sp / kv_heads times a rank's share of the elements
     kv = h * f.kv_heads // f.heads * max(1, f.sp // f.kv_heads)
-    c = 8 if e == 4 else 10  # measured (module docstring)
+    c = (8 if e == 4 else 10) + (1 if f.sp > 1 else 0)  # measured (module docstring)
     k = 4 if f.gated_mlp else 2
     mlp_tile = f.mlp_tile if 0 < f.mlp_tile < s else 0  # one tile: TiledMLP runs the plain forward
     attn = e * s * b * (c * h + 2 * kv)
@@ -309,12 +322,20 @@ def activation_bytes(f: ModelFacts, micro: int, seq: int, precision: str, checkp
         per_layer += s * b * (3 * h + (f.heads * s if f.attn == "eager" else 0))  # 1-byte masks
     logit_tokens = min(f.logits_tile, s) if f.logits_tile else s
     logits = logit_tokens * b * f.vocab * (12 if e == 4 else e + 12) if f.lm_head else 0
-    if checkpointing:
-        stored = f.layers * e * s * b * h + per_layer  # layer inputs + the one being recomputed
+    if checkpointing:  # layer inputs (offloaded: the one copied back) + the layer being recomputed
+        stored = (1 if offload else f.layers) * e * s * b * h + per_layer
     else:
         stored = f.layers * per_layer
     working = per_layer + (mlp if mlp_tile else 0)  # one layer's activation gradients (+ one MLP tile) in backward
     return int(stored + max(working, logits) + 4 * e * s * b * h)  # + embeddings output, final norm, rotary tables
+
+
+def offloaded_bytes(f: ModelFacts, micro: int, seq: int, precision: str) -> int:
+    """Host memory per rank of the checkpointed layer inputs under ``model.activation_offload``:
+    one pinned block per layer, which PyTorch's caching host allocator rounds up to a power of two
+    (``CachingHostAllocator``)."""
+    e = 4 if precision == "fp32" else 2
+    return f.layers * (1 << max(0, (e * seq * micro * f.hidden - 1).bit_length()))
 
 
 def _buffers(ds: dict, f: ModelFacts, precision: str, on_gpu: bool) -> int:
@@ -348,7 +369,8 @@ def estimate(f: ModelFacts, ds: dict, config: str, target: Target, *, micro: int
     est = Estimate(config=config, stage=stage, offload_optimizer=dev_off["optimizer"], offload_param=dev_off["param"],
                    micro_batch=micro, activation_checkpointing=checkpointing)
     states, cpu_states, nvme = _model_states(f, stage, est.offload_optimizer, est.offload_param, precision, target)
-    acts = activation_bytes(f, micro, seq, precision, checkpointing)
+    off = checkpointing and f.activation_offload and target.on_gpu  # a no-op on CPU ranks
+    acts = activation_bytes(f, micro, seq, precision, checkpointing, offload=off)
     buffers = _buffers(ds, f, precision, target.on_gpu)
     buffers += int(ALLOCATOR_SLACK * (states + acts + buffers))
     g = target.gpus_per_node
@@ -356,6 +378,7 @@ def estimate(f: ModelFacts, ds: dict, config: str, target: Target, *, micro: int
     if target.on_gpu:
         buffers += int(CUDA_CONTEXT)
         host = (cpu_states if offloaded else 0) + g * int(GPU_RANK_HOST_RUNTIME)
+        host += g * offloaded_bytes(f, micro, seq, precision) if off else 0
     else:  # CPU ranks: the "device" is host memory; the loading copy is the model itself
         buffers += int(CPU_RANK_RUNTIME)
         host = (cpu_states if offloaded else 0) + g * (states + acts + buffers)

@@ -57,7 +57,7 @@ def report(p: Plan) -> str:
         f"target: {p.target.describe()}",
         f"model: {f.n_params / 1e6:.1f}M parameters (largest layer {f.largest_layer / 1e6:.2f}M), {f.layers} layers, "
         f"hidden {f.hidden}, vocab {f.vocab}; seq_len {r.seq_len}, micro batch {r.micro_batch}, {r.precision}"
-        + (f", sequence-parallel {r.sp} ({r.local_seq} tokens of activations per rank)" if r.sp > 1 else "") + _savers(r),
+        + (f", sequence-parallel {r.sp} ({r.local_seq} tokens of activations per rank)" if r.sp > 1 else "") + _savers(r, p.target.on_gpu),
         "memory in GiB; states = parameters + gradients + optimizer (DeepSpeed's estimators), buffers = "
         "communication buckets + " + ("CUDA context" if p.target.on_gpu else "rank process runtime") + " + fragmentation",
         "",
@@ -67,10 +67,11 @@ def report(p: Plan) -> str:
     ]) + "\n"
 
 
-def _savers(r: Recipe) -> str:
+def _savers(r: Recipe, on_gpu: bool) -> str:
     f = r.facts
     on = ([f"tiled MLP ({f.mlp_tile}-token tiles)"] if f.mlp_tile else []) + (
-        [f"tiled logits ({f.logits_tile}-token tiles)"] if f.logits_tile else [])
+        [f"tiled logits ({f.logits_tile}-token tiles)"] if f.logits_tile else []) + (
+        ["activation offload" + ("" if on_gpu else " (no effect on CPU ranks)")] if f.activation_offload and r.checkpointing else [])
     return f"; {', '.join(on)}" if on else ""
 
 
@@ -86,9 +87,9 @@ def longest_report(target: Target, r: Recipe, rows: list[tuple[Longest, Longest]
         f"target: {target.describe()}",
         f"model: {f.n_params / 1e6:.1f}M parameters, {f.layers} layers, hidden {f.hidden}, vocab {f.vocab}; micro batch "
         f"{r.micro_batch}, {r.precision}, sequence-parallel {r.sp}, activation checkpointing "
-        f"{'on' if r.checkpointing else 'off'}" + _savers(r),
+        f"{'on' if r.checkpointing else 'off'}" + _savers(r, target.on_gpu),
         f"the longest seq_len (a multiple of {step}) that each config fits; memory in GiB at that length; the last column: "
-        "with activation checkpointing, tiled MLP and tiled logits all on",
+        "with activation checkpointing, tiled MLP and tiled logits all on" + (", checkpointed layer inputs offloaded to host memory" if dev == "per GPU" else ""),
         "",
         f"| config | ZeRO | offload | longest seq_len | tokens per rank | states | activations | buffers | total {dev} | "
         "CPU per node | with every saver |",

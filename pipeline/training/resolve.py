@@ -114,7 +114,7 @@ class ResolvedRun:
         """``--print-config``'s addition: the DeepSpeed JSON this launch would use, and why."""
         head = [f"# DeepSpeed config for {self.world} rank(s): {self.config} -> {summarize(self.ds)}"]
         head += [f"# {n}" for n in self.notes]
-        if self.memory_line() and not self.notes:  # auto's note already says it
+        if self.memory_line() and not any(n.startswith("deepspeed.config=auto") for n in self.notes):  # auto's note says it
             head.append(f"# memory: {self.memory_line()}")
         return "\n".join(head) + "\n" + json.dumps(self.ds, indent=2) + "\n"
 
@@ -127,7 +127,8 @@ def recipe_from(cfg: Any, conf, *, seq_len: int, head: str, precision: str) -> R
     """The planner's view of a stage recipe (``cfg`` has ``model``, ``train`` and ``deepspeed``)."""
     t, m = cfg.train, cfg.model
     facts = model_facts(conf, head=head, attn_implementation=m.attn_implementation, tiled_mlp=m.tiled_mlp,
-                        tiled_logits=m.tiled_logits, tile_tokens=m.tile_tokens)
+                        tiled_logits=m.tiled_logits, tile_tokens=m.tile_tokens,
+                        activation_offload=m.activation_checkpointing and m.activation_offload)
     return Recipe(facts=facts, seq_len=seq_len,
                   micro_batch=t.micro_batch_size, grad_accum=t.grad_accum, global_batch=t.global_batch_size,
                   checkpointing=m.activation_checkpointing, precision=precision, cfg=cfg,
@@ -194,7 +195,9 @@ def resolve_run(cfg: Any, conf, *, seq_len: int, head: str, local_rank: int | No
                             key=seq_len_key)
     hidden = _hidden(conf)
     auto = d.config.strip() == "auto"
-    notes: list[str] = []
+    from pipeline.training.model import check_offload
+
+    notes: list[str] = [n for n in (check_offload(cfg.model),) if n]  # refuses a transformers without it
     target = stage_target(env, d.nvme_path or "/local_nvme") if (auto or d.memory_check) else None
     resume_from = checkpoint.find_resume(cfg.checkpoint.resume, Path(cfg.output) / "checkpoints")
     trained_with = read_meta(resume_from).get("deepspeed_config") if resume_from is not None else None
@@ -241,7 +244,7 @@ def resolve_run(cfg: Any, conf, *, seq_len: int, head: str, local_rank: int | No
     path = str(locate_ds_config(d.config))
     ds = resolve_for_recipe(cfg, path, world=env.world_size // sp, sp=sp, precision=precision, hidden=hidden)
     resolved = ResolvedRun(env=env, precision=precision, config=d.config, ds=ds, recipe=recipe, target=target,
-                           resume_from=resume_from, sp=sp)
+                           notes=notes, resume_from=resume_from, sp=sp)
     if target is None:
         return resolved
     est = resolved.estimate = estimate(recipe.facts, ds, path, target, micro=recipe.micro_batch, seq=recipe.local_seq,
