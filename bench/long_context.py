@@ -37,14 +37,16 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.rank_peaks import run_with_rank_peaks  # noqa: E402
 
 MODEL = ["model.model_type=llama", "model.hidden_size=512", "model.num_layers=8", "model.num_heads=8",
          "model.activation_checkpointing=true"]
@@ -62,6 +64,7 @@ CONTENDERS = {
 GiB = 2**30
 STEP = 512
 MMAP_THRESHOLD = 0  # --malloc-mmap-threshold
+TPS_WARMUP = 2  # untimed steps of a tokens/s run
 
 
 def log(msg: str) -> None:
@@ -101,32 +104,14 @@ def dataset(work: Path) -> Path:
     return out
 
 
-def _rank_peaks(proc: subprocess.Popen, peaks: dict[int, int], done: threading.Event) -> None:
-    import psutil
-
-    while not done.is_set():
-        try:
-            kids = psutil.Process(proc.pid).children(recursive=True)
-        except psutil.Error:
-            kids = []
-        for k in kids:
-            try:
-                if not any(a.startswith("--local_rank") for a in k.cmdline()):
-                    continue
-                with open(f"/proc/{k.pid}/status") as fh:
-                    for line in fh:
-                        if line.startswith("VmHWM:"):
-                            peaks[k.pid] = max(peaks.get(k.pid, 0), int(line.split()[1]) * 1024)
-            except (OSError, psutil.Error):
-                pass
-        time.sleep(0.2)
-
-
-def run(work: Path, name: str, seq: int, steps: int) -> dict:
-    """One launch: ``{"peak": max rank VmHWM, "step_s": [per step], "tokens_per_step": ...}``."""
+def run(work: Path, name: str, seq: int, steps: int, mmap: int | None = None) -> dict:
+    """One launch: ``{"peak": max rank VmHWM, "step_s": [per step], "tokens_per_step": ...}``; ``mmap``:
+    the ranks' ``MALLOC_MMAP_THRESHOLD_`` (None: ``--malloc-mmap-threshold``; 0: glibc's default)."""
+    mmap = MMAP_THRESHOLD if mmap is None else mmap
     from pipeline.dist import free_port
 
-    out = work / "runs" / f"{name}-{seq}-{steps}"
+    tag = f"{name}-{seq}-{steps}" + (f"-mmap{mmap}" if mmap else "")
+    out = work / "runs" / tag
     shutil.rmtree(out, ignore_errors=True)
     args = [f"output={out}", f"data.datasets.0.path={dataset(work)}", *MODEL, "deepspeed.config=ds_configs/zero3.json",
             *CONTENDERS[name], f"data.seq_len={seq}", f"model.max_position_embeddings={seq}", "train.micro_batch_size=1",
@@ -134,29 +119,26 @@ def run(work: Path, name: str, seq: int, steps: int) -> dict:
             "checkpoint.keep_last=1", "deepspeed.memory_check=false", "monitor.log_every=1"]
     cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "launch" / "train.py"), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    if MMAP_THRESHOLD:  # glibc: allocations from this size get their own mapping, returned to the system when freed
-        env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    if mmap:  # glibc: allocations from this size get their own mapping, returned to the system when freed
+        env["MALLOC_MMAP_THRESHOLD_"] = str(mmap)
     (work / "logs").mkdir(parents=True, exist_ok=True)
-    logf = work / "logs" / f"{name}-{seq}-{steps}.log"
+    logf = work / "logs" / f"{tag}.log"
     t0 = time.time()
+    load0 = os.getloadavg()[0]
     with open(logf, "w") as fh:
-        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT)
-        peaks: dict[int, int] = {}
-        done = threading.Event()
-        th = threading.Thread(target=_rank_peaks, args=(proc, peaks, done), daemon=True)
-        th.start()
-        code = proc.wait()
-        done.set()
-        th.join()
+        proc, rank_peaks = run_with_rank_peaks(cmd, env=env, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT)
+    code = proc.returncode
     text = logf.read_text()
     if code != 0:
         raise SystemExit(f"{name} at {seq} tokens failed (exit {code}); see {logf}:\n{text[-3000:]}")
     step_s = [float(m.group(1)) for m in re.finditer(r"^step \d+ \|.*\| step ([\d.]+)s", text, re.M)]
     shutil.rmtree(out, ignore_errors=True)  # the checkpoints: not needed, and disk adds up
     dp = 1 if "parallel.sequence_parallel_size=2" in CONTENDERS[name] else 2
-    r = {"contender": name, "seq_len": seq, "steps": steps, "peak": max(peaks.values()) if peaks else 0,
-         "rank_peaks": sorted(peaks.values()), "step_s": step_s, "tokens_per_step": seq * dp, "wall_s": time.time() - t0}
-    log(f"{name:5s} L={seq:6d} mmap={MMAP_THRESHOLD} steps={steps} peak {r['peak'] / GiB:.3f} GiB  step times {step_s}  ({r['wall_s']:.0f} s)")
+    r = {"contender": name, "mmap": mmap, "seq_len": seq, "steps": steps, "peak": max(rank_peaks) if rank_peaks else 0,
+         "rank_peaks": rank_peaks, "step_s": step_s, "tokens_per_step": seq * dp, "wall_s": time.time() - t0,
+         "load": [load0, os.getloadavg()[0]]}
+    log(f"{name:5s} L={seq:6d} mmap={mmap} steps={steps} peak {r['peak'] / GiB:.3f} GiB  step times {step_s}  ({r['wall_s']:.0f} s)")
     return r
 
 
@@ -182,6 +164,30 @@ def longest(work: Path, name: str, cap: int, base: float, per_token: float, resu
     return 0
 
 
+def throughput(work: Path, names: list[str], seq: int, steps: int, repeats: int, results: list,
+               mmaps: list[int | None]) -> dict:
+    """Tokens/s of every contender (and allocator setting in ``mmaps``) at ``seq`` tokens: ``repeats``
+    rounds, each running every (contender, setting) once in an order that rotates per round, so
+    that load from other processes falls on all of them alike. A run's figure is its global tokens
+    per step over the median time of steps ``TPS_WARMUP + 1 ..``: step 1 allocates the optimizer
+    states and is slower on every contender alike. Returns ``{key: {"runs": [tokens/s per round],
+    "median": ...}}`` with keys ``name`` (or ``name@mmapN`` when several settings are compared)."""
+    keys = [(n, m) for n in names for m in mmaps]
+    label = {k: k[0] if len(mmaps) == 1 else f"{k[0]}@mmap{k[1] if k[1] is not None else MMAP_THRESHOLD}" for k in keys}
+    out: dict = {label[k]: {"runs": [], "load": []} for k in keys}
+    for i in range(repeats):
+        for name, mm in keys[i % len(keys):] + keys[:i % len(keys)]:
+            r = run(work, name, seq, steps, mm)
+            results.append(r)
+            timed = r["step_s"][TPS_WARMUP:]
+            o = out[label[(name, mm)]]
+            o["runs"].append(r["tokens_per_step"] / statistics.median(timed))
+            o["load"].append(r["load"])
+    for o in out.values():
+        o["median"] = statistics.median(o["runs"])
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default=str(ROOT / "bench" / ".work" / "long_context"))
@@ -191,6 +197,12 @@ def main() -> int:
     p.add_argument("--malloc-mmap-threshold", type=int, default=0,
                    help="MALLOC_MMAP_THRESHOLD_ for every rank of every contender (0: glibc's default, dynamic)")
     p.add_argument("--skip-verify", action="store_true", help="report the fitted longest lengths without running them")
+    p.add_argument("--tps-steps", type=int, default=6, help="steps of each tokens/s run (the first %d not timed)" % TPS_WARMUP)
+    p.add_argument("--tps-repeats", type=int, default=3, help="interleaved rounds of the tokens/s runs (medians reported)")
+    p.add_argument("--tps-only", type=int, default=0, metavar="L",
+                   help="skip the memory search: tokens/s only, at L tokens")
+    p.add_argument("--tps-mmap-ab", action="store_true",
+                   help="tokens/s of every contender both with --malloc-mmap-threshold and with glibc's default, interleaved")
     p.add_argument("--report", action="store_true", help="print the table of an earlier run's results.json")
     a = p.parse_args()
     work = Path(a.workdir)
@@ -200,31 +212,37 @@ def main() -> int:
         for f in sorted(work.glob("results*.json")):
             print(f"{f.name}:\n{report(json.loads(f.read_text()))}\n")
         return 0
+    if a.tps_steps <= TPS_WARMUP:
+        p.error(f"--tps-steps must be above {TPS_WARMUP} (the warm-up steps)")
     cap = int(a.cap_gib * GiB)
     global MMAP_THRESHOLD
     MMAP_THRESHOLD = a.malloc_mmap_threshold
     if MMAP_THRESHOLD:
         res_file = work / f"results-mmap{MMAP_THRESHOLD}.json"
+    if a.tps_only:
+        res_file = res_file.with_name(res_file.stem + f"-tps{a.tps_only}" + ("-ab" if a.tps_mmap_ab else "") + ".json")
     dataset(work)
     results: list[dict] = []
     names = a.contenders.split(",")
     unknown = [n for n in names if n not in CONTENDERS]
     if unknown or "plain" not in names:
         p.error(f"--contenders: {unknown or 'plain is the baseline and must be one'}; choose from {', '.join(CONTENDERS)}")
-    summary: dict = {"cap": cap, "probe": a.probe, "malloc_mmap_threshold": MMAP_THRESHOLD, "contenders": {n: CONTENDERS[n] for n in names}, "model": MODEL}
-    for name in names:
-        pts = [run(work, name, int(s), 1) for s in a.probe.split(",")]
-        results += pts
-        base, per_token = fit(pts)
-        summary[name] = {"base": base, "per_token": per_token}
-        summary[name]["longest"] = longest(work, name, cap, base, per_token, results, not a.skip_verify)
-        res_file.write_text(json.dumps({"summary": summary, "runs": results}, indent=1))
-    both = summary["plain"]["longest"]
-    if both >= STEP:
+    summary: dict = {"cap": cap, "probe": a.probe, "malloc_mmap_threshold": MMAP_THRESHOLD, "contenders": {n: CONTENDERS[n] for n in names},
+                     "model": MODEL, "tps_steps": a.tps_steps, "tps_repeats": a.tps_repeats, "cpus": os.cpu_count()}
+    both = a.tps_only
+    if not a.tps_only:
         for name in names:
-            r = run(work, name, both, 3)
-            results.append(r)
-            summary[name]["tokens_per_s"] = r["tokens_per_step"] / r["step_s"][-1]
+            pts = [run(work, name, int(s), 1) for s in a.probe.split(",")]
+            results += pts
+            base, per_token = fit(pts)
+            summary[name] = {"base": base, "per_token": per_token}
+            summary[name]["longest"] = longest(work, name, cap, base, per_token, results, not a.skip_verify)
+            res_file.write_text(json.dumps({"summary": summary, "runs": results}, indent=1))
+        both = summary["plain"]["longest"]
+    if both >= STEP:
+        mmaps = [None, 0] if a.tps_mmap_ab and MMAP_THRESHOLD else [None]
+        summary["tps_len"] = both
+        summary["throughput"] = throughput(work, names, both, a.tps_steps, a.tps_repeats, results, mmaps)
     res_file.write_text(json.dumps({"summary": summary, "runs": results}, indent=1))
     print(report({"summary": summary, "runs": results}))
     return 0
@@ -233,26 +251,34 @@ def main() -> int:
 def report(data: dict) -> str:
     s = data["summary"]
     mmap = s.get("malloc_mmap_threshold") or "glibc default"
-    lines = [f"cap {s['cap'] / GiB:.2f} GiB per rank (peak RSS); probe lengths {s['probe']}; MALLOC_MMAP_THRESHOLD_ {mmap}", "",
-             "| contender | base (GiB) | per token (KiB) | longest L under the cap | tokens/s at the plain longest |",
-             "|---|---|---|---|---|"]
-    for name in s["contenders"]:
-        c = s.get(name, {})
-        if not c:
-            continue
-        tps = f"{c['tokens_per_s']:.0f}" if "tokens_per_s" in c else "-"
-        lines.append(f"| {name} | {c['base'] / GiB:.3f} | {c['per_token'] / 1024:.1f} | {c['longest']:,} | {tps} |")
+    lines = [f"cap {s['cap'] / GiB:.2f} GiB per rank (peak RSS); probe lengths {s['probe']}; MALLOC_MMAP_THRESHOLD_ {mmap}", ""]
     base = s.get("plain", {})
-    lines.append("")
-    for name in [n for n in s["contenders"] if n != "plain" and n in s]:
-        c = s[name]
-        if not base.get("longest"):
-            break
-        line = (f"{name} / plain: longest {c['longest'] / base['longest']:.1f}x, per-token memory "
-                f"{base['per_token'] / c['per_token']:.1f}x less")
-        if "tokens_per_s" in c and "tokens_per_s" in base:
-            line += f", tokens/s at L={base['longest']:,} {c['tokens_per_s'] / base['tokens_per_s']:.2f}x"
-        lines.append(line)
+    if base:
+        lines += ["| contender | base (GiB) | per token (KiB) | longest L under the cap |", "|---|---|---|---|"]
+        for name in s["contenders"]:
+            c = s.get(name, {})
+            if c:
+                lines.append(f"| {name} | {c['base'] / GiB:.3f} | {c['per_token'] / 1024:.1f} | {c['longest']:,} |")
+        lines.append("")
+        for name in [n for n in s["contenders"] if n != "plain" and n in s]:
+            c = s[name]
+            if base.get("longest"):
+                lines.append(f"{name} / plain: longest {c['longest'] / base['longest']:.1f}x, per-token memory "
+                             f"{base['per_token'] / c['per_token']:.1f}x less")
+        lines.append("")
+    tp = s.get("throughput")
+    if tp:
+        lines += [f"tokens/s at L={s['tps_len']:,} ({s.get('tps_repeats')} interleaved rounds of {s.get('tps_steps')} steps, "
+                  f"steps {TPS_WARMUP + 1}.. timed; load = 1-min load average before each run):", "",
+                  "| contender | tokens/s per round | median | / plain (same setting) | load |", "|---|---|---|---|---|"]
+        for key, o in tp.items():
+            ref = tp.get("plain" + key[len(key.split("@")[0]):])
+            ratio = f"{o['median'] / ref['median']:.2f}x" if ref else "-"
+            loads = ", ".join(f"{x[0]:.1f}" for x in o["load"])
+            lines.append(f"| {key} | {', '.join(f'{x:.0f}' for x in o['runs'])} | {o['median']:.0f} | {ratio} | {loads} |")
+    elif "tokens_per_s" in base:  # results of the single-run version of this benchmark
+        lines += [f"tokens/s at L={base['longest']:,} (one run, step 3): " + ", ".join(
+            f"{n} {s[n]['tokens_per_s']:.0f}" for n in s["contenders"] if "tokens_per_s" in s.get(n, {}))]
     return "\n".join(lines)
 
 
