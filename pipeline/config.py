@@ -190,6 +190,7 @@ _ALIASES: dict[str, tuple[tuple[str, ...], str]] = {
     "eval_interval": (("eval_every",), ""),
     "eval_iters": (("eval_batches",), ""),
     "per_device_eval_batch_size": (("batch_size",), ""),
+    "limit": (("max_batches",), "lm-evaluation-harness's limit: documents per task"),
     "gradient_checkpointing": (("activation_checkpointing",), ""),
     "checkpoint_activations": (("activation_checkpointing",), ""),
     "tiled_mlp_compute": (("tiled_mlp",), ""),  # ArcticTraining's name

@@ -16,6 +16,11 @@ from pipeline.eval.tasks.base import fmt
 from pipeline.io import atomic_write_json, atomic_write_text
 
 
+def headline(report: dict) -> tuple[str, ...]:
+    """The run's headline metrics: as the report names them (the harness's depend on its tasks), else the task's."""
+    return tuple(report.get("headline") or TASKS[report["task"]].headline)
+
+
 def render_markdown(report: dict) -> str:
     """The short Markdown summary: one row per headline metric, a column per model."""
     task, models = TASKS[report["task"]], report["models"]
@@ -25,8 +30,9 @@ def render_markdown(report: dict) -> str:
         lines.append(f"- **{m['name']}**: `{m['path']}`" + (f", step {m['step']}" if m["checkpoint"] else ""))
     head = ["metric"] + [m["name"] for m in models] + (["difference"] if len(models) == 2 else [])
     lines += ["", "| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
-    for k in (*task.headline, *task.counts):
-        cells = [fmt(m["metrics"][k]) for m in models]
+    for k in (*headline(report), *task.counts):
+        cells = [fmt(m["metrics"][k]) + (f" ± {fmt(m['metrics'][k + '_stderr'])}" if k + "_stderr" in m["metrics"] else "")
+                 for m in models]
         if len(models) == 2:
             diff = models[0]["metrics"][k] - models[1]["metrics"][k]
             cells.append(f"{diff:+.4f}" if isinstance(diff, float) else f"{diff:+d}")
@@ -52,5 +58,5 @@ def write_outputs(work: Path, report: dict, rows: list[dict]) -> None:
         atomic_write_text(work / task.rows_file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     for m in report["models"]:
         with SummaryWriter(log_dir=str(work / "tensorboard" / m["name"])) as writer:
-            for k in task.headline:
+            for k in headline(report):
                 writer.add_scalar(f"eval/{k}", m["metrics"][k], m["step"])

@@ -4,8 +4,9 @@
     deepspeed --num_gpus N launch/evaluate.py ... zero3=true     (a model too big for one device)
 
 Tasks: ``perplexity`` (token shards of the preprocess stage, or JSONL text), ``classification``
-(a sequence-classification model on JSONL/CSV with labels) and ``generation`` (decode chat
-prompts and compare with references), one module each in :mod:`pipeline.eval.tasks`. Models
+(a sequence-classification model on JSONL/CSV with labels), ``generation`` (decode chat
+prompts and compare with references) and ``harness`` (lm-evaluation-harness tasks), one
+module each in :mod:`pipeline.eval.tasks`. Models
 are a Hugging Face directory or a pipeline checkpoint (:mod:`pipeline.eval.models`); the
 report is written by :mod:`pipeline.eval.report`. This module only composes them: the config,
 its checks, and :func:`run`.
@@ -62,12 +63,16 @@ class EvalConfig:
     """Display name of compare_to ("": from its path)."""
     task: Task = "perplexity"
     """perplexity: mean token loss and exp of it; classification: accuracy, macro-F1, per-class
-    scores, confusion matrix; generation: decode each prompt, exact match and containment."""
+    scores, confusion matrix; generation: decode each prompt, exact match and containment;
+    harness: EleutherAI's lm-evaluation-harness tasks (pip install -e ".[eval]"), their metrics
+    with standard errors."""
     data: str = ""
     """perplexity: a preprocessed dataset directory (its token shards, split below) or a JSONL/CSV
     file with a text field; classification: JSONL or CSV with text (optional text pair) and label
     fields; generation: JSONL of {"messages": [...]} or {"prompt", "response"} records, the
-    response or final assistant message being the reference (removed from the prompt)."""
+    response or final assistant message being the reference (removed from the prompt);
+    harness: task names lm_eval knows and/or directories of task YAML (the harness's format,
+    relative data_files read from the task's directory), comma-separated."""
     split: str = "val"
     """Split of the preprocessed dataset read for perplexity on shards."""
     text_field: str = "text"
@@ -82,7 +87,10 @@ class EvalConfig:
     truncated). 0: the model's maximum positions, capped at 1024 for perplexity."""
     max_batches: int = 0
     """Cap on the evaluation size (0: everything): batches of windows for perplexity, examples
-    for classification and generation (the first ones of the file)."""
+    for classification and generation (the first ones of the file), documents per task for
+    harness (its limit)."""
+    num_fewshot: int = -1
+    """harness: examples in each prompt (-1: each task's own default)."""
     batch_size: int = 8
     """Windows, examples or prompts per forward pass (per rank with zero3)."""
     max_new_tokens: int = 64
@@ -121,6 +129,8 @@ class EvalConfig:
             p.append(("output", "must name an output directory"))
         if self.compare_to and self.compare_to == self.model:
             p.append(("compare_to", "is the same path as model; give another model or leave it empty"))
+        if self.num_fewshot < -1:
+            p.append(("num_fewshot", f"must be >= 0, or -1 for each task's default; got {self.num_fewshot}"))
         for key in ("seq_len", "max_batches"):
             if getattr(self, key) < 0:
                 p.append((key, f"must be >= 0 (0: automatic/all), got {getattr(self, key)}"))
@@ -184,15 +194,16 @@ def run(cfg: EvalConfig, local_rank: int | None = None) -> dict:
             models.append({"role": ref.role, "name": ref.name, "path": ref.path, "checkpoint": ref.checkpoint,
                            "step": ref.step, "metrics": metrics,
                            "seconds": {"load": loaded_s, "evaluate": time.perf_counter() - t - loaded_s}})
-            dist.print0(f"{ref.name}: " + ", ".join(f"{k} {fmt(metrics[k])}" for k in task.headline))
+            dist.print0(f"{ref.name}: " + ", ".join(f"{k} {fmt(metrics[k])}" for k in task.headline_for(state, metrics)))
     except BaseException:
         if dist.is_main():  # nothing half-written stays behind (a consolidated model can be large)
             shutil.rmtree(work, ignore_errors=True)
         raise
+    headline = task.headline_for(state, models[0]["metrics"])
     report = {"task": cfg.task, "data": cfg.data, "split": task.split(cfg),
-              "config": to_dict(cfg), "world_size": dist.world_size(), "models": models,
-              "difference": ({k: models[0]["metrics"][k] - models[1]["metrics"][k] for k in task.headline}
-                             if len(models) == 2 else None),
+              "config": to_dict(cfg), "world_size": dist.world_size(), "models": models, "headline": list(headline),
+              "difference": ({k: models[0]["metrics"][k] - models[1]["metrics"][k] for k in headline
+                              if k in models[1]["metrics"]} if len(models) == 2 else None),
               "timing": {"started": started, "seconds": time.perf_counter() - t0}}
     if dist.is_main():
         write_outputs(work, report, rows)

@@ -12,9 +12,10 @@ from __future__ import annotations
 from pipeline.eval.tasks.base import EvalTask
 from pipeline.eval.tasks.classification import Classification
 from pipeline.eval.tasks.generation import Generation
+from pipeline.eval.tasks.harness import Harness
 from pipeline.eval.tasks.perplexity import Perplexity
 
-TASKS: dict[str, EvalTask] = {t.name: t for t in (Perplexity(), Classification(), Generation())}
+TASKS: dict[str, EvalTask] = {t.name: t for t in (Perplexity(), Classification(), Generation(), Harness())}
 """Every task by name, in the order ``--help`` lists them (the first is the default)."""
 
 __all__ = ["TASKS", "EvalTask"]

@@ -58,6 +58,11 @@ class EvalTask(ABC):
         :func:`pipeline.eval.ranks.gather` (or :func:`pipeline.dist.all_reduce_sum_float`).
         """
 
+    def headline_for(self, state: Any, metrics: dict) -> tuple[str, ...]:
+        """The headline metrics of one run (a task whose metrics depend on its data, such as the
+        harness's tasks, names them from the first model's ``metrics``)."""
+        return self.headline
+
     def split(self, cfg: Any) -> str | None:
         """The dataset split the report names, when the data has splits."""
         return None

@@ -1,0 +1,215 @@
+"""``task=harness``: EleutherAI's lm-evaluation-harness (``lm_eval``) on the stage's models.
+
+``data`` names the harness tasks, comma-separated: names ``lm_eval`` knows (``hellaswag``,
+``arc_easy``, ``mmlu``: their data comes from the Hugging Face Hub, or its cache offline) and
+directories of task YAML in the harness's own format (with their data, e.g. JSONL: relative
+``data_files`` are read from the task's directory). The harness scores the model the stage
+loaded (a Hugging Face directory or a pipeline checkpoint, plain or ZeRO-3) through its own
+``HFLM`` wrapper, so the numbers are the harness's: ``num_fewshot``, ``max_batches`` (the
+harness's ``limit``: documents per task) and ``batch_size`` are passed to it as they are.
+
+Metrics are ``<task>/<metric>`` (e.g. ``sample_mc/acc``), each with ``<task>/<metric>_stderr``,
+the harness's standard error, beside it in the report.
+
+Every check runs before any model is loaded: the harness installed (an optional extra), each
+name known, each YAML readable, each task's data loadable (a Hub task without its data offline
+is named with what to do).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import os
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import UserError
+from pipeline.eval.models import Loaded, ModelRef
+from pipeline.eval.tasks.base import EvalTask
+
+INSTALL = 'pip install -e ".[eval]"'
+"""How to install the harness (the ``eval`` extra pins the versions the tests cover)."""
+
+
+def _lm_eval():
+    try:
+        import lm_eval  # noqa: F401
+        from lm_eval import evaluator, tasks  # noqa: F401
+    except ImportError:
+        raise UserError(f"task=harness needs EleutherAI's lm-evaluation-harness, which is not installed; run {INSTALL}") from None
+    import lm_eval
+
+    return lm_eval
+
+
+def _read_yaml(path: Path) -> Any:
+    """A task YAML as data, its ``!function`` (and any other) tags read as plain strings."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_multi_constructor("", lambda loader, suffix, node: loader.construct_scalar(node)
+                                 if isinstance(node, yaml.ScalarNode) else None)
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)  # noqa: S506 (SafeLoader subclass)
+    except UnicodeDecodeError:
+        raise UserError(f"harness task file '{path}' is not UTF-8 text; save it as UTF-8") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"harness task file '{path}' is not valid YAML ({' '.join(str(e).split())}); fix it "
+                        "(the harness's task format: https://github.com/EleutherAI/lm-evaluation-harness/blob/main/docs/task_guide.md)") from None
+
+
+def local_tasks(directory: Path) -> list[str]:
+    """The task names the YAML files of ``directory`` define (``task:`` keys), checked for syntax."""
+    names = []
+    for f in sorted(directory.rglob("*.yaml")) + sorted(directory.rglob("*.yml")):
+        doc = _read_yaml(f)
+        if not isinstance(doc, dict):
+            raise UserError(f"harness task file '{f}' holds {type(doc).__name__}, not a mapping of task keys; "
+                            "each YAML file defines one task (task:, dataset_path:, output_type:, ...)")
+        task = doc.get("task")
+        if isinstance(task, str):
+            if "include" not in doc and not doc.get("dataset_path") and not doc.get("class"):
+                raise UserError(f"harness task file '{f}' (task '{task}') has no dataset_path; "
+                                "name the data (e.g. dataset_path: json with dataset_kwargs.data_files)")
+            names.append(task)
+    if not names:
+        raise UserError(f"data: the directory '{directory}' defines no harness task (no YAML file with a task: key); "
+                        "point data at a directory of lm-evaluation-harness task YAML, or name a task")
+    return names
+
+
+class HarnessTasks:
+    """The tasks of ``data``, checked before any model by building them once (their data loaded):
+    ``groups`` of ``(directory or None, names, TaskManager)``."""
+
+    def __init__(self, spec: str):
+        lm_eval = _lm_eval()
+        from lm_eval.tasks import TaskManager
+
+        self.version = lm_eval.__version__
+        items = [x.strip() for x in spec.split(",") if x.strip()]
+        if not items:
+            raise UserError("data: no harness task named; set data=TASK[,TASK...] (names lm_eval knows, or task directories)")
+        dirs = [Path(x) for x in items if Path(x).is_dir()]
+        names = [x for x in items if not Path(x).is_dir()]
+        self.groups: list[tuple[Path | None, list[str], Any]] = []
+        for d in dirs:
+            local = local_tasks(d)
+            self.groups.append((d.resolve(), local, TaskManager(include_path=str(d.resolve()), include_defaults=False)))
+        if names:
+            looks_like_path = [n for n in names if os.sep in n or n.endswith((".yaml", ".yml"))]
+            if looks_like_path:
+                raise UserError(f"data: '{looks_like_path[0]}' is not a directory; a local harness task is a directory "
+                                "of task YAML (and its data)")
+            manager = TaskManager()
+            known = set(manager.all_tasks)
+            for n in names:
+                if n not in known:
+                    close = difflib.get_close_matches(n, sorted(known), n=3)
+                    raise UserError(f"data: '{n}' is not a task lm-evaluation-harness {self.version} knows"
+                                    + (f" (close: {', '.join(close)})" if close else "")
+                                    + "; list them with `lm_eval ls tasks`, or give a directory of task YAML")
+            self.groups.append((None, names, manager))
+        for d, n, m in self.groups:
+            self._build(d, n, m)
+
+    @staticmethod
+    def _build(directory: Path | None, names: list[str], manager: Any) -> dict:
+        """The harness's task objects (their data loaded now: a missing file or an offline Hub is a user error here)."""
+        from lm_eval.tasks import get_task_dict
+
+        with _cwd(directory):  # a local task's relative data_files are its directory's
+            try:
+                return get_task_dict(names, manager)
+            except (FileNotFoundError, ConnectionError, OSError, ValueError) as e:
+                where = f"the task directory '{directory}'" if directory else f"task(s) {', '.join(names)}"
+                hub = "" if directory else (" (a task named without a directory reads its data from the Hugging Face Hub: "
+                                            "run it once on a connected machine to fill the cache, or use a local task directory)")
+                raise UserError(f"data: could not load the data of {where}: {' '.join(str(e).split())[:400]}{hub}") from None
+
+    def task_names(self) -> list[str]:
+        return [n for _, names, _ in self.groups for n in names]
+
+
+@contextlib.contextmanager
+def _cwd(directory: Path | None):
+    if directory is None:
+        yield
+        return
+    before = os.getcwd()
+    os.chdir(directory)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
+def run_harness(model: Any, tokenizer: Any, tasks: HarnessTasks, *, num_fewshot: int, limit: int, batch_size: int) -> dict:
+    """The harness's results for a loaded model: ``{task: {"acc,none": ..., "acc_stderr,none": ...}}``,
+    through ``lm_eval.simple_evaluate`` (what its command line runs: the same seeds and few-shot
+    sampling, so the numbers equal ``lm_eval --model hf`` on the same model and tasks).
+
+    Args:
+        model: a transformers causal LM ready for forward passes (a ZeRO-3 engine's module too:
+            every rank then runs the same requests, so the partitioned forward passes line up).
+        num_fewshot: examples in each prompt (-1: each task's own default).
+        limit: documents per task (0: all).
+    """
+    import logging
+
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    log = logging.getLogger("lm_eval")
+    level = log.level
+    # its per-task INFO lines and its warning that a model object (ours, loaded by the stage) is not a path
+    log.setLevel(logging.ERROR)
+    try:
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        out: dict = {}
+        for directory, names, manager in tasks.groups:
+            with _cwd(directory):
+                res = simple_evaluate(model=lm, tasks=names, task_manager=manager,
+                                      num_fewshot=None if num_fewshot < 0 else num_fewshot, limit=limit or None,
+                                      log_samples=False, verbosity="ERROR")
+            out.update(res["results"] if res else {})
+    finally:
+        log.setLevel(level)
+    return out
+
+
+def flatten(results: dict) -> dict[str, float]:
+    """``{"<task>/<metric>": value, "<task>/<metric>_stderr": stderr}`` from the harness's results
+    (a filter other than ``none`` is named in brackets: ``gsm8k/exact_match[strict-match]``)."""
+    flat: dict[str, float] = {}
+    for task, metrics in results.items():
+        for key, value in metrics.items():
+            if "," not in key or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue  # alias, sample counts, "N/A" standard errors
+            metric, filt = key.split(",", 1)
+            stderr = metric.endswith("_stderr")
+            base = metric[: -len("_stderr")] if stderr else metric
+            flat[f"{task}/{base}" + (f"[{filt}]" if filt != "none" else "") + ("_stderr" if stderr else "")] = float(value)
+    return flat
+
+
+class Harness(EvalTask):
+    name = "harness"
+    headline = ()  # per run: every <task>/<metric> the harness reports (see headline_for)
+
+    def read(self, cfg: Any) -> HarnessTasks:
+        return HarnessTasks(cfg.data)
+
+    def headline_for(self, state: HarnessTasks, metrics: dict) -> tuple[str, ...]:
+        return tuple(k for k in metrics if not k.endswith("_stderr"))
+
+    def evaluate(self, lm: Loaded, cfg: Any, state: HarnessTasks) -> tuple[dict, list[dict]]:
+        results = run_harness(lm.model, lm.tokenizer, state, num_fewshot=cfg.num_fewshot, limit=cfg.max_batches,
+                              batch_size=cfg.batch_size)
+        return flatten(results), []
+
+    def check_model(self, ref: ModelRef, cfg: Any, state: Any) -> None:
+        return None

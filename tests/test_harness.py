@@ -1,0 +1,208 @@
+"""evaluate task=harness: lm-evaluation-harness tasks on the stage's models (pipeline/eval/tasks/harness.py).
+
+The numbers are the harness's own: on a local task directory (a multiple-choice task and a
+loglikelihood task whose perplexity is a continuous number) the stage equals
+``lm_eval --model hf`` on the same model directory to 1e-6, for a Hugging Face directory, and for
+a ZeRO-3 pipeline checkpoint both in one process and partitioned over 2 ranks (against the CLI on
+its export). Bad input exits 2 with one message before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import run_deepspeed, write_jsonl
+from inproc import run_entry
+
+pytest.importorskip("lm_eval", reason="the eval extra (pip install -e '.[eval]'); the test extra installs it")
+
+WORDS = ["apple", "river", "stone", "cloud", "green", "music", "table", "light"]
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory) -> Path:
+    """Two harness tasks in the harness's YAML format, their data beside them (relative data_files)."""
+    import random
+
+    d = tmp_path_factory.mktemp("harness") / "tasks"
+    (d / "data").mkdir(parents=True)
+    rng = random.Random(0)
+    mc, ll = [], []
+    for _ in range(24):
+        w = rng.choice(WORDS)
+        opts = [w, rng.choice([x for x in WORDS if x != w])]
+        rng.shuffle(opts)
+        mc.append({"passage": f"the {w} is here .", "question": "what is here ?", "choices": opts, "answer": opts.index(w)})
+        ll.append({"context": f"the {w} and the", "target": f" {rng.choice(WORDS)}"})
+    write_jsonl(d / "data" / "mc.jsonl", mc)
+    write_jsonl(d / "data" / "ll.jsonl", ll)
+    (d / "sample_mc.yaml").write_text("""task: sample_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: data/mc.jsonl
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{passage}} {{question}}"
+doc_to_choice: "{{choices}}"
+doc_to_target: "{{answer}}"
+metric_list:
+  - {metric: acc, aggregation: mean, higher_is_better: true}
+  - {metric: acc_norm, aggregation: mean, higher_is_better: true}
+""")
+    (d / "sample_ll.yaml").write_text("""task: sample_ll
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: data/ll.jsonl
+test_split: test
+output_type: loglikelihood
+doc_to_text: "{{context}}"
+doc_to_target: "{{target}}"
+metric_list:
+  - {metric: perplexity, aggregation: perplexity, higher_is_better: false}
+  - {metric: acc, aggregation: mean, higher_is_better: true}
+""")
+    return d
+
+
+def _cli(model: Path, tasks: Path, out: Path, limit: int = 0) -> dict[str, float]:
+    """``lm_eval --model hf`` on ``model`` (fp32, CPU, batch 4), run from the task directory as the stage reads it."""
+    from pipeline.eval.tasks.harness import flatten
+
+    cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={model},dtype=float32",
+           "--tasks", "sample_mc,sample_ll", "--include_path", str(tasks), "--batch_size", "4", "--device", "cpu",
+           "--output_path", str(out)] + (["--limit", str(limit)] if limit else [])
+    r = subprocess.run(cmd, cwd=tasks, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    (result,) = out.rglob("results_*.json")
+    return flatten(json.loads(result.read_text())["results"])
+
+
+def _stage(args: list[str]) -> dict:
+    """The evaluate stage in this process (no process group without zero3); its report.json."""
+    from pipeline.stages.evaluate import main
+
+    assert main(["task=harness", "batch_size=4", *args]) == 0
+    out = next(a.split("=", 1)[1] for a in args if a.startswith("output="))
+    return json.loads((Path(out) / "report.json").read_text())
+
+
+def _same(a: dict[str, float], b: dict[str, float]) -> None:
+    assert a.keys() == b.keys(), (sorted(a), sorted(b))
+    for k in a:
+        assert abs(a[k] - b[k]) <= 1e-6 * max(1.0, abs(b[k])), (k, a[k], b[k])
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_the_stage_equals_lm_eval_on_a_hugging_face_directory_and_compares_two_models(
+        task_dir: Path, tiny_hf_model: Path, tmp_path: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    other = tmp_path / "other"  # a second model: the same one with perturbed weights
+    model = AutoModelForCausalLM.from_pretrained(tiny_hf_model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(other)
+    for f in tiny_hf_model.glob("tokenizer*"):
+        (other / f.name).write_bytes(f.read_bytes())
+
+    report = _stage([f"model={tiny_hf_model}", f"compare_to={other}", f"data={task_dir}", f"output={tmp_path / 'eval'}"])
+    cli = _cli(tiny_hf_model, task_dir, tmp_path / "cli")
+    first, second = (m["metrics"] for m in report["models"])
+    _same(first, cli)
+    assert {"sample_mc/acc", "sample_mc/acc_stderr", "sample_ll/perplexity", "sample_ll/acc"} <= first.keys()
+    assert sorted(report["headline"]) == sorted(k for k in first if not k.endswith("_stderr"))
+    assert report["difference"]["sample_ll/perplexity"] == pytest.approx(first["sample_ll/perplexity"] - second["sample_ll/perplexity"])
+    assert first["sample_ll/perplexity"] != second["sample_ll/perplexity"]
+    md = (tmp_path / "eval" / "report.md").read_text()
+    assert f"| sample_mc/acc | {first['sample_mc/acc']:.4f} ± {first['sample_mc/acc_stderr']:.4f} |" in md
+    tb = list((tmp_path / "eval" / "tensorboard").iterdir())
+    assert sorted(p.name for p in tb) == sorted(m["name"] for m in report["models"])
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_zero3_pipeline_checkpoint_equals_lm_eval_on_its_export_in_one_process_and_on_two_ranks(
+        task_dir: Path, z3_run: Path, tmp_path: Path):
+    from pipeline.stages.export import main as export
+
+    ckpt = z3_run / "checkpoints"
+    assert export(["--checkpoint", str(ckpt), "--output", str(tmp_path / "hf")]) == 0
+    cli = _cli(tmp_path / "hf", task_dir, tmp_path / "cli", limit=12)
+    one = _stage([f"model={ckpt}", f"data={task_dir}", f"output={tmp_path / 'one'}", "max_batches=12"])
+    _same(one["models"][0]["metrics"], cli)
+    r = run_deepspeed("evaluate.py", "task=harness", "batch_size=4", "zero3=true", f"model={ckpt}", f"data={task_dir}",
+                      f"output={tmp_path / 'two'}", "max_batches=12")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert two["world_size"] == 2
+    _same(two["models"][0]["metrics"], cli)
+
+
+def _bad_yaml(d: Path) -> Path:
+    d.mkdir(parents=True)
+    (d / "broken.yaml").write_text("task: broken\ndataset_path: json\n  doc_to_text: [unclosed\n")
+    return d
+
+
+def _missing_data(d: Path) -> Path:
+    d.mkdir(parents=True)
+    (d / "t.yaml").write_text("task: nodata\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: missing.jsonl\n"
+                              "test_split: test\noutput_type: multiple_choice\ndoc_to_text: x\ndoc_to_choice: [a, b]\n"
+                              "doc_to_target: 0\n")
+    return d
+
+
+def _empty(d: Path) -> Path:
+    d.mkdir(parents=True)
+    (d / "notes.yaml").write_text("just: notes\n")
+    return d
+
+
+_INDEXES = pytest.mark.slow  # lm_eval's TaskManager indexes its ~10k task files (10-20 s a case)
+
+
+@pytest.mark.parametrize("make, says", [
+    pytest.param(lambda d: "hellaswagg", "'hellaswagg' is not a task lm-evaluation-harness 0.4", marks=_INDEXES),
+    pytest.param(lambda d: "hellaswag", "reads its data from the Hugging Face Hub", marks=_INDEXES),
+    (_bad_yaml, "broken.yaml' is not valid YAML"),
+    (_missing_data, "could not load the data of the task directory"),
+    (_empty, "defines no harness task (no YAML file with a task: key)"),
+    (lambda d: str(d / "no_such_dir" / "task.yaml"), "is not a directory; a local harness task is a directory"),
+], ids=["unknown-name", "hub-task-offline", "malformed-yaml", "missing-data", "no-task", "yaml-file-not-dir"])
+def test_bad_harness_input_exits_2_before_any_model_is_loaded(make, says, tiny_hf_model: Path, tmp_path: Path,
+                                                               monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    data = make(tmp_path / "tasks")
+    code, _, err = run_entry("evaluate.py", ["task=harness", f"model={tiny_hf_model}", f"data={data}",
+                                             f"output={tmp_path / 'eval'}"], monkeypatch, capsys)
+    assert code == 2, err
+    assert says in err and "Traceback" not in err, err
+    assert not (tmp_path / "eval").exists() and not (tmp_path / "eval.partial").exists()
+
+
+def test_without_the_harness_installed_the_stage_says_how_to_install_it(tiny_hf_model: Path, task_dir: Path, tmp_path: Path,
+                                                                       monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval raises ImportError
+    code, _, err = run_entry("evaluate.py", ["task=harness", f"model={tiny_hf_model}", f"data={task_dir}",
+                                             f"output={tmp_path / 'eval'}"], monkeypatch, capsys)
+    assert code == 2 and 'not installed; run pip install -e ".[eval]"' in err, err
+
+
+def test_the_harness_names_in_the_config_are_lm_evals(tmp_path: Path, monkeypatch, capsys):
+    """``limit`` (the harness's name) points at max_batches; num_fewshot below -1 is refused."""
+    code, _, err = run_entry("evaluate.py", ["task=harness", "model=m", "data=d", "limit=5"], monkeypatch, capsys)
+    assert code == 2 and "max_batches" in err, err
+    code, _, err = run_entry("evaluate.py", ["task=harness", "model=m", "data=d", "num_fewshot=-2"], monkeypatch, capsys)
+    assert code == 2 and "num_fewshot" in err, err
