@@ -88,6 +88,23 @@ def test_each_saver_alone_matches_and_no_grad_runs_the_forward_only():
     assert abs(float(a) - float(b)) <= 1e-5 * float(a)
 
 
+@pytest.mark.parametrize("tile, head_calls", [(7, 1 + 5 + 5), (30, 1 + 1), (64, 1 + 1)],
+                         ids=["5-tiles", "one-tile-exactly", "one-tile-larger"])
+def test_one_logits_tile_is_not_recomputed(tile: int, head_calls: int):
+    # a rank's sequence within one tile (short rows, or 1/sp of one under sequence parallelism): the head runs
+    # once in the forward and is not recomputed in the backward (beside the one-position pass that takes the
+    # decoder's output); more tiles: each tile's head again in the backward. The same loss and gradients.
+    model = _model("llama")
+    _, _, plain = _loss_and_grads(model, CausalLMTask())
+    tiled = copy.deepcopy(model)
+    calls = []
+    tiled.get_output_embeddings().register_forward_hook(lambda m, i, o: calls.append(i[0].shape[1]))
+    _, _, grads = _loss_and_grads(tiled, CausalLMTask(logits_tile=tile))
+    assert len(calls) == head_calls, calls
+    assert sum(calls) == 1 + 30 * (1 if tile >= 30 else 2)
+    assert all(_close(grads[k], plain[k]) for k in plain)
+
+
 def test_tile_sizes():
     assert mlp_tile_tokens(4096) == 4096 and mlp_tile_tokens(4096, 512) == 512
     assert logits_tile_tokens(32000) == 2097 and logits_tile_tokens(128256) == 523  # 256 MiB of fp32 logits

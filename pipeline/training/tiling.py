@@ -170,8 +170,14 @@ def tiled_loss(model, inputs: dict, labels, tile_tokens: int, ignore_index: int)
     finally:
         hook.remove()
     hidden, head = taken["h"], module.get_output_embeddings()
-    total = hidden.new_zeros((), dtype=torch.float32)
     T = hidden.shape[1]
+    if T <= tile_tokens:
+        # One tile covers the sequence (short rows, or a rank's 1/sp of one): checkpointing it
+        # would only compute the head and its ZeRO-3 gather twice. The peak is the same either
+        # way: the backward of the loss holds the tile's log-probabilities and their gradient
+        # whether they were kept from the forward or recomputed, and nothing runs in between.
+        return _ce_sum(head, hidden, labels, ignore_index), (labels != ignore_index).sum()
+    total = hidden.new_zeros((), dtype=torch.float32)
     for a in range(0, T, tile_tokens):
         h, y = hidden[:, a:a + tile_tokens], labels[:, a:a + tile_tokens]
         if torch.is_grad_enabled():
