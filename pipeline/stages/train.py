@@ -20,6 +20,7 @@ from typing import Any, Literal
 from pipeline import dist
 from pipeline.data.shards import read_manifest
 from pipeline.dist import DistConfig
+from pipeline.eval.tasks.harness import HarnessConfig, in_loop
 from pipeline.inputs import check_model
 from pipeline.io import atomic_write_json
 from pipeline.stages.export import init_model_dir
@@ -80,6 +81,8 @@ class TrainConfig:
     """Console and TensorBoard logging."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """Sequence parallelism (long context): ranks that share one sequence."""
+    harness: HarnessConfig = field(default_factory=HarnessConfig)
+    """lm-evaluation-harness tasks on the live model during training (harness.tasks)."""
 
 
 def describe(cfg: TrainConfig) -> str:
@@ -140,6 +143,7 @@ def run(cfg: TrainConfig, local_rank: int | None = None) -> int:
     # the validation split too (too short for data.seq_len is a user error), before the process group
     val = (Validation(datasets, cfg.data.seq_len, cfg.train.eval_batches, run_.micro, rank=run_.dp_rank,
                       world=run_.dp_world, verify="none") if cfg.train.eval_batches else None)
+    harness = in_loop(cfg.harness, tok_dir, sp=run_.sp)  # its tasks checked and their data read, before the process group
 
     run_.start()
     rank, world = run_.rank, run_.world
@@ -181,6 +185,7 @@ def run(cfg: TrainConfig, local_rank: int | None = None) -> int:
         start_step=start_step, monitor=monitor,
         evaluate=(lambda eng: evaluate_lm(eng, task, run_.shard(val))) if val is not None else None,
         eval_every=cfg.train.eval_every, save=save, save_every=cfg.checkpoint.every, grad_divisor=run_.grad_divisor,
+        periodic=[(cfg.harness.every or cfg.train.eval_every, harness)] if harness else [],
     )
     try:
         code = trainer.fit()

@@ -88,8 +88,8 @@ class ModelConfig:
 def offload_problems(cfg: Any) -> list[tuple[str, str]]:
     """``model.activation_offload`` offloads what checkpointing keeps: without it there is nothing to offload."""
     if getattr(cfg, "activation_offload", False) and not cfg.activation_checkpointing:
-        return [("activation_offload", "offloads the layer inputs that activation checkpointing keeps; "
-                 "set model.activation_checkpointing=true with it, or drop activation_offload")]
+        return [("activation_offload", ("offloads the layer inputs that activation checkpointing keeps; "
+                                        "set model.activation_checkpointing=true with it, or drop activation_offload"))]
     return []
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -168,16 +168,19 @@ class Trainer:
         task: the loss.
         batches: yields this rank's micro-batches in order, starting at ``start_step``.
         evaluate: ``evaluate(engine) -> {"loss": ..., ...}`` run by every rank, or None.
+        periodic: further ``(every, fn)`` evaluations, ``fn(engine) -> metrics`` run by every rank
+            every ``every`` steps and after the last (the in-loop harness).
         save: ``save(step) -> Path`` writes a checkpoint collectively.
         grad_divisor: what DeepSpeed divides summed gradients by (default: the world size).
     """
 
     def __init__(self, *, engine, task: Task, batches: Iterator, grad_accum: int, max_steps: int, start_step: int,
                  monitor, evaluate: Callable | None, eval_every: int, save: Callable[[int], Path], save_every: int,
-                 grad_divisor: int | None = None):
+                 grad_divisor: int | None = None, periodic: Sequence[tuple[int, Callable]] = ()):
         self.engine, self.task, self.batches = engine, task, batches
         self.grad_accum, self.max_steps, self.step = grad_accum, max_steps, start_step
         self.monitor, self.evaluate, self.eval_every = monitor, evaluate, eval_every
+        self.periodic = [(every, fn) for every, fn in periodic if every > 0]
         self.save, self.save_every = save, save_every
         self.world = dist.world_size()
         # what DeepSpeed divides the summed gradients by: the world, except ZeRO-0 under sequence
@@ -226,6 +229,9 @@ class Trainer:
                                       loss_scale=result.loss_scale, force=self.step == self.max_steps, tokens=result.tokens)
                 if self.evaluate and self.eval_every and self.step % self.eval_every == 0 and self.step < self.max_steps:
                     self.monitor.eval(self.step, self.evaluate(self.engine))
+                for every, fn in self.periodic:
+                    if self.step % every == 0 and self.step < self.max_steps:
+                        self.monitor.eval(self.step, fn(self.engine))
                 if self.save_every and self.step % self.save_every == 0 and self.step < self.max_steps:
                     self._save()
                 if preemption.should_stop():
@@ -235,6 +241,8 @@ class Trainer:
                     return EXIT_REQUEUE
         if self.evaluate:
             self.monitor.eval(self.step, self.evaluate(self.engine))
+        for _every, fn in self.periodic:
+            self.monitor.eval(self.step, fn(self.engine))
         self._save()
         return 0
 

@@ -21,6 +21,9 @@ from __future__ import annotations
 import contextlib
 import difflib
 import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +36,13 @@ INSTALL = 'pip install -e ".[eval]"'
 
 
 def _lm_eval():
+    """The harness's package, or one message saying how to install it."""
     try:
-        import lm_eval  # noqa: F401
-        from lm_eval import evaluator, tasks  # noqa: F401
+        import lm_eval
+        import lm_eval.evaluator
+        import lm_eval.tasks
     except ImportError:
-        raise UserError(f"task=harness needs EleutherAI's lm-evaluation-harness, which is not installed; run {INSTALL}") from None
-    import lm_eval
-
+        raise UserError(f"the lm-evaluation-harness (task=harness, harness.tasks) is not installed; run {INSTALL}") from None
     return lm_eval
 
 
@@ -53,7 +56,7 @@ def _read_yaml(path: Path) -> Any:
     Loader.add_multi_constructor("", lambda loader, suffix, node: loader.construct_scalar(node)
                                  if isinstance(node, yaml.ScalarNode) else None)
     try:
-        return yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)  # noqa: S506 (SafeLoader subclass)
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)
     except UnicodeDecodeError:
         raise UserError(f"harness task file '{path}' is not UTF-8 text; save it as UTF-8") from None
     except yaml.YAMLError as e:
@@ -194,6 +197,72 @@ def flatten(results: dict) -> dict[str, float]:
             base = metric[: -len("_stderr")] if stderr else metric
             flat[f"{task}/{base}" + (f"[{filt}]" if filt != "none" else "") + ("_stderr" if stderr else "")] = float(value)
     return flat
+
+
+@dataclass
+class HarnessConfig:
+    """lm-evaluation-harness tasks run on the live model during training (train and fine-tune)."""
+
+    tasks: str = ""
+    """Harness tasks to run every `every` steps and after the last one, on the model being trained
+    (no checkpoint reload): names lm_eval knows and/or directories of task YAML, comma-separated,
+    as evaluate's task=harness reads them ("": none). Needs pip install -e ".[eval]"."""
+    every: int = 0
+    """Optimizer steps between runs (0: train.eval_every)."""
+    num_fewshot: int = -1
+    """Examples in each prompt (-1: each task's own default)."""
+    max_batches: int = 0
+    """Documents per task (the harness's limit; 0: all of them)."""
+    batch_size: int = 8
+    """Requests per forward pass (per rank)."""
+
+    def check(self) -> list[tuple[str, str]]:
+        p = []
+        if self.every < 0:
+            p.append(("every", f"must be >= 0 (0: train.eval_every), got {self.every}"))
+        if self.num_fewshot < -1:
+            p.append(("num_fewshot", f"must be >= 0, or -1 for each task's default; got {self.num_fewshot}"))
+        if self.max_batches < 0:
+            p.append(("max_batches", f"must be >= 0 (0: every document), got {self.max_batches}"))
+        if self.batch_size < 1:
+            p.append(("batch_size", f"must be >= 1, got {self.batch_size}"))
+        return p
+
+
+def in_loop(cfg: HarnessConfig, tokenizer_dir: str | Path, *, sp: int = 1) -> Callable[[Any], dict[str, float]] | None:
+    """The training stages' in-loop harness: ``fn(engine) -> {"harness/<task>/<metric>": ..., "harness/seconds": ...}``
+    run by every rank on the engine's module (eval mode, no gradients, back to training after), or
+    None when ``cfg.tasks`` is empty. The tasks are checked and their data loaded here, before the
+    process group (every user error first).
+
+    Args:
+        tokenizer_dir: the tokenizer a checkpoint of the run carries (so the numbers equal
+            evaluate's task=harness on that checkpoint).
+        sp: the sequence-parallel degree: the harness's requests are whole sequences, which a
+            sequence-parallel model cannot run, so sp > 1 is refused.
+    """
+    if not cfg.tasks:
+        return None
+    if sp > 1:
+        raise UserError("harness.tasks: the harness's requests are whole sequences, which a sequence-parallel model "
+                        f"(parallel.sequence_parallel_size={sp}) cannot run; evaluate the run's checkpoints with "
+                        "`python launch/evaluate.py task=harness model=<run> data=...` instead, or drop harness.tasks")
+    tasks = HarnessTasks(cfg.tasks)
+
+    def run(engine: Any) -> dict[str, float]:
+        from transformers import AutoTokenizer
+
+        t = time.perf_counter()
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        engine.eval()
+        try:
+            results = flatten(run_harness(engine.module, tokenizer, tasks, num_fewshot=cfg.num_fewshot,
+                                          limit=cfg.max_batches, batch_size=cfg.batch_size))
+        finally:
+            engine.train()
+        return {**{f"harness/{k}": v for k, v in results.items()}, "harness/seconds": time.perf_counter() - t}
+
+    return run
 
 
 class Harness(EvalTask):
