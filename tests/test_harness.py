@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -253,3 +254,21 @@ def test_the_harness_names_in_the_config_are_lm_evals(tmp_path: Path, monkeypatc
     assert code == 2 and "max_batches" in err, err
     code, _, err = run_entry("evaluate.py", ["task=harness", "model=m", "data=d", "num_fewshot=-2"], monkeypatch, capsys)
     assert code == 2 and "num_fewshot" in err, err
+
+
+def test_the_shipped_sample_task_is_the_generators_and_the_harness_reads_it(tmp_path: Path):
+    """examples/harness/sample_reading: the held-out reading task of the built-in sample as multiple choice."""
+    from conftest import ROOT
+
+    from pipeline.data.sample import write_harness_task
+    from pipeline.eval.tasks.harness import HarnessTasks
+
+    shipped = ROOT / "examples" / "harness" / "sample_reading"
+    made = write_harness_task(tmp_path / "made")
+    for name in ("sample_reading.yaml", "sample_reading.jsonl"):
+        assert (made / name).read_bytes() == (shipped / name).read_bytes(), f"regenerate: python -m pipeline.data.sample --harness-task {shipped}"
+    rows = [json.loads(line) for line in (shipped / "sample_reading.jsonl").read_text().splitlines()]
+    assert len(rows) == 200 and all(len(r["choices"]) == 4 and r["choices"][r["answer"]] in r["prompt"] for r in rows)
+    words = [set(re.findall(r"[a-z]+", r["prompt"].split("Question:")[0].lower())) for r in rows]
+    assert all(sum(c in w for c in r["choices"]) == 1 for r, w in zip(rows, words))  # only the answer is in the passage
+    assert HarnessTasks(str(shipped)).task_names() == ["sample_reading"]
