@@ -134,8 +134,10 @@ trap '_pipeline_on_signal TERM' TERM
 # pipeline_srun SRUN_ARGS... -> PIPELINE_RC. srun runs in the background because bash runs a
 # trap only between commands: `wait` returns early when a signal arrives, the trap forwards
 # it, and we wait again until srun has really finished. Once a stop was requested, the
-# request is repeated every 10 s: a rank still starting up (importing, before its handler
-# exists) ignores SIGUSR1 (slurm/rank.sh) and gets the next one.
+# request is repeated every 3 s: a rank still starting up (importing, before its handler
+# exists) ignores SIGUSR1 (slurm/rank.sh) and gets the next one. A rank that has its
+# handler only records the first; after the loop it ignores USR1 again (rank.sh), so a
+# repeat during its checkpoint or exit changes nothing.
 pipeline_srun() {
     "$@" &
     _pipeline_srun_pid=$!
@@ -146,7 +148,7 @@ pipeline_srun() {
         else
             sleep 1
             ticks=$((ticks + 1))
-            if [ $((ticks % 10)) -eq 0 ]; then kill -USR1 "$_pipeline_srun_pid" 2>/dev/null || true; fi
+            if [ $((ticks % 3)) -eq 0 ]; then kill -USR1 "$_pipeline_srun_pid" 2>/dev/null || true; fi
         fi
     done
     PIPELINE_RC=0

@@ -236,6 +236,25 @@ def _start_requeued_now(slurm: SlurmCluster, job: int) -> None:
     slurm.scontrol("update", f"JobId={job}", "StartTime=now")
 
 
+def _assert_requeued_like(ref: Path, out: Path, log: str, info: dict, job: int, steps: int, first_stop: int) -> None:
+    """The run ``out`` of ``job`` (its log and final Slurm record ``info``), sent USR1 once step
+    ``first_stop`` was logged, ended like the uninterrupted run ``ref`` of ``steps`` steps: the
+    batch shell forwarded the signal, the ranks stopped after a checkpoint, the job requeued
+    itself once and resumed from that checkpoint; the losses after the stop are the
+    reference's (to 1e-6), and the latest checkpoint is the last step."""
+    assert info["Restarts"] == "1"
+    # --open-mode=append: both runs are in the log
+    assert "batch shell got SIGUSR1" in log and "stop requested (SIGUSR1)" in log
+    assert f"requeueing job {job}" in log and f"job {job} run 2" in log and "resumed from" in log
+    resumed = _losses(out)
+    stopped_at = resumed["start_step"]
+    assert first_stop <= stopped_at < steps and (out / "checkpoints" / f"step-{stopped_at:08d}").is_dir()
+    full = _losses(ref)["losses"]
+    assert len(full) == steps and resumed["losses"] == pytest.approx(full[stopped_at:], abs=1e-6)
+    assert resumed["losses"][-1] == pytest.approx(full[-1], abs=1e-6)
+    assert (out / "checkpoints" / "latest").read_text() == f"step-{steps:08d}"
+
+
 def test_preemption_checkpoints_requeues_and_ends_like_an_uninterrupted_run(jobs: Jobs, slurm: SlurmCluster, reference,
                                                                            tiny_dataset: Path):
     ref_run, _ = reference
@@ -249,17 +268,7 @@ def test_preemption_checkpoints_requeues_and_ends_like_an_uninterrupted_run(jobs
     assert sig.returncode == 0, sig.stderr
     _start_requeued_now(slurm, job)
     info = jobs.done("pretrain", job, timeout=240)
-    assert info["Restarts"] == "1"
-    log = jobs.log("pretrain", job)  # --open-mode=append: both runs are in it
-    assert "batch shell got SIGUSR1" in log and "stop requested (SIGUSR1)" in log
-    assert f"requeueing job {job}" in log and f"job {job} run 2" in log and "resumed from" in log
-    resumed = _losses(out)
-    stopped_at = resumed["start_step"]
-    assert 3 <= stopped_at < STEPS and (out / "checkpoints" / f"step-{stopped_at:08d}").is_dir()
-    full = _losses(ref_run)["losses"]
-    assert resumed["losses"] == pytest.approx(full[stopped_at:], abs=1e-6)
-    assert resumed["losses"][-1] == pytest.approx(full[-1], abs=1e-6)
-    assert (out / "checkpoints" / "latest").read_text() == f"step-{STEPS:08d}"
+    _assert_requeued_like(ref_run, out, jobs.log("pretrain", job), info, job, steps=STEPS, first_stop=3)
 
 
 SP_STEPS = 8
@@ -286,18 +295,11 @@ def test_preemption_under_sequence_parallelism_across_two_nodes_ends_like_an_uni
         r = ref.result()
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     log = jobs.log("pretrain", job)
-    assert info["Restarts"] == "1" and info["NodeList"] == "n[1-2]" and "2 node(s) x 1 task(s)" in log
+    assert info["NodeList"] == "n[1-2]" and "2 node(s) x 1 task(s)" in log
     assert log.count("train: 2 rank(s) (data-parallel 1 x sequence-parallel 2)") == 2  # both runs
     assert "note: sequence-parallel groups of 2 consecutive ranks span nodes (1 rank(s) per node)" in log
     assert "span nodes" not in r.stdout  # the direct launch: both ranks on this node
-    assert "batch shell got SIGUSR1" in log and "stop requested (SIGUSR1)" in log
-    assert f"requeueing job {job}" in log and f"job {job} run 2" in log and "resumed from" in log
-    resumed = _losses(out)
-    stopped_at = resumed["start_step"]
-    assert 2 <= stopped_at < SP_STEPS and (out / "checkpoints" / f"step-{stopped_at:08d}").is_dir()
-    full = _losses(ref_out)["losses"]
-    assert len(full) == SP_STEPS and resumed["losses"] == pytest.approx(full[stopped_at:], abs=1e-6)
-    assert (out / "checkpoints" / "latest").read_text() == f"step-{SP_STEPS:08d}"
+    _assert_requeued_like(ref_out, out, log, info, job, steps=SP_STEPS, first_stop=2)
     meta = json.loads((out / "checkpoints" / f"step-{SP_STEPS:08d}" / "meta.json").read_text())
     assert meta["world_size"] == 2 and meta["sequence_parallel_size"] == 2
 
