@@ -132,18 +132,26 @@ def z3_run(tmp_path_factory, tiny_dataset: Path) -> Iterator[Path]:
     """One ``deepspeed --num_gpus 2 launch/train.py`` run of the tiny model under the default
     ZeRO-3 + CPU offload config (:func:`z3_run_args`), shared by every test that only reads a run:
     ``<run>/checkpoints/step-00000002`` and ``step-00000004`` (``latest``), ``losses.json`` (4
-    steps), ``tensorboard/`` (``eval/loss`` at step 4, over 2 validation batches), ``config.yaml``.
+    steps), ``tensorboard/`` (``eval/loss`` at step 4, over 2 validation batches), ``config.yaml``;
+    beside it, ``<run>/../launch.log``: the launch's stdout then stderr (:func:`z3_run_log`).
 
     Read it, never write into or next to it: a test that does copies it to its ``tmp_path`` first
     (a few MB). The session's end checks that no file of it changed."""
     out = tmp_path_factory.mktemp("z3") / "pretrain"
     r = run_deepspeed("train.py", *z3_run_args(out, tiny_dataset))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (out.parent / "launch.log").write_text(r.stdout + r.stderr, encoding="utf-8")
     before = tree_hashes(out)
     yield out
     after = tree_hashes(out)
     changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
     assert not changed, f"a test wrote into the shared run {out} (copy it to tmp_path first): {changed}"
+
+
+@pytest.fixture(scope="session")
+def z3_run_log(z3_run: Path) -> str:
+    """What the launch of :func:`z3_run` printed: every rank's and the launcher's stdout, then stderr."""
+    return (z3_run.parent / "launch.log").read_text(encoding="utf-8")
 
 
 @pytest.fixture(scope="session", autouse=True)
