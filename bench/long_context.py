@@ -1,8 +1,9 @@
 """Long-context benchmark: the longest sequence that trains under a per-rank memory cap, ALST
 against plain ZeRO-3 data parallelism, and their tokens/s at a length both can run.
 
-    python bench/long_context.py [--workdir bench/.work/long_context] [--cap-gib 2.5] [--probe 1024,2048]
-                                 [--skip-verify] [--report]
+    python bench/long_context.py [--workdir bench/.work/long_context] [--cap-gib 2.5] [--probe 2048,4096]
+                                 [--contenders plain,alst,alst_z0] [--malloc-mmap-threshold N] [--skip-verify]
+                                 [--tps-steps 6] [--tps-repeats 3] [--tps-only L] [--tps-mmap-ab] [--report]
 
 Both contenders are ``launch/train.py`` on two CPU ranks (``deepspeed --num_gpus 2``,
 ``OMP_NUM_THREADS=1`` each) with one model and data: a Llama of 58M parameters (hidden 512, 8
@@ -23,9 +24,15 @@ per_token``, predicts the longest ``L`` (a multiple of 512) under ``--cap-gib``,
 that length to verify (stepping down 512 tokens at a time while the measured peak is over the
 cap). The ratio reported is verified ALST / verified plain.
 
-Throughput: at the plain contender's longest verified length both run 3 steps; tokens/s is
-``global tokens per step / step time`` of step 3 (steps 1-2: warm-up, the optimizer states'
-allocation), from the stage's console (``monitor.log_every=1``).
+Throughput: at the plain contender's longest verified length (or ``--tps-only L``), in
+``--tps-repeats`` interleaved rounds (the contenders' order rotates per round, so load from other
+processes falls on all alike) each contender runs ``--tps-steps`` steps; a run's tokens/s is
+``global tokens per step / median step time`` of steps 3.. (steps 1-2: warm-up, the optimizer
+states' allocation), from the stage's console (``monitor.log_every=1``): plain counts both
+ranks' sequences, ALST its group's one. The report gives each round, the median, the ratio to
+plain under the same allocator setting and the load before each run. ``--tps-mmap-ab`` runs
+every contender both with ``--malloc-mmap-threshold`` and with glibc's default. Per-phase
+profiles of one step: ``bench/long_context_profile.py``.
 
 Results: a Markdown table on stdout and ``<workdir>/results.json``; logs under ``<workdir>/logs``.
 """
@@ -198,7 +205,7 @@ def main() -> int:
                    help="MALLOC_MMAP_THRESHOLD_ for every rank of every contender (0: glibc's default, dynamic)")
     p.add_argument("--skip-verify", action="store_true", help="report the fitted longest lengths without running them")
     p.add_argument("--tps-steps", type=int, default=6, help="steps of each tokens/s run (the first %d not timed)" % TPS_WARMUP)
-    p.add_argument("--tps-repeats", type=int, default=3, help="interleaved rounds of the tokens/s runs (medians reported)")
+    p.add_argument("--tps-repeats", type=int, default=3, help="interleaved rounds of the tokens/s runs (medians reported); 0: none")
     p.add_argument("--tps-only", type=int, default=0, metavar="L",
                    help="skip the memory search: tokens/s only, at L tokens")
     p.add_argument("--tps-mmap-ab", action="store_true",
@@ -239,7 +246,7 @@ def main() -> int:
             summary[name]["longest"] = longest(work, name, cap, base, per_token, results, not a.skip_verify)
             res_file.write_text(json.dumps({"summary": summary, "runs": results}, indent=1))
         both = summary["plain"]["longest"]
-    if both >= STEP:
+    if both >= STEP and a.tps_repeats > 0:
         mmaps = [None, 0] if a.tps_mmap_ab and MMAP_THRESHOLD else [None]
         summary["tps_len"] = both
         summary["throughput"] = throughput(work, names, both, a.tps_steps, a.tps_repeats, results, mmaps)
