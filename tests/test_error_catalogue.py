@@ -7,10 +7,8 @@ run in this process (:func:`inproc.run_entry`: the real script under ``runpy``, 
 in place of the heavy work), milliseconds each. The cases in :data:`LAUNCHED` run as fresh
 interpreters, four at a time while the others run: those refused only once the process group
 or the engine exists, and one case for each other entry point, for what only a real process
-shows (nothing printed on import or at exit, not one traceback line). The other evaluate
-cases refused once the (tiny) model is loaded run ``launch/evaluate.py``'s ``main`` in this
-process (:data:`LOADED`): they start no process group, and the model is the tiny test model.
-Faults that need a running job (a killed rank, a full disk, damaged shards) are in
+shows (nothing printed on import or at exit, not one traceback line). Evaluate refuses every
+case before a weight is read (run_entry's tripwire on its ``load`` proves it). Faults that need a running job (a killed rank, a full disk, damaged shards) are in
 ``test_faults.py``.
 """
 
@@ -21,7 +19,7 @@ import re
 import shutil
 import subprocess
 import sys
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,18 +143,11 @@ CASES: dict[str, Case] = {
 # (they cannot run in this process), and one case for each other entry point.
 LAUNCHED = {
     "resume a checkpoint of another model",  # train: compared once the engine exists
-    "finetune: bad chat line",  # finetune: the task reads its records on the ranks
-    "finetune: record without label",
-    "evaluate: tokenizer differs from the data's",  # evaluate: compared to the shards' once the model is loaded
+    "finetune: bad chat line",  # finetune (its records are read before the process group)
+    "evaluate: tokenizer differs from the data's",  # evaluate: its tokenizer and the shards' read, no weight
     "malformed JSONL line",  # preprocess
     "export: not a checkpoint",
     "plan: no nodes",
-}
-# Refused by evaluate once the model is loaded (a text file is read with the model's tokenizer):
-# past run_entry's tripwire, so the stage's main runs here; the entry point's launch is above.
-LOADED = {
-    "evaluate: missing text field",
-    "evaluate: malformed JSONL line",
 }
 
 
@@ -238,13 +229,6 @@ def test_user_error(catalogue, name: str, monkeypatch, capfd):
     if future is not None:
         r = future.result()
         code, stdout, stderr = r.returncode, r.stdout, r.stderr
-    elif name in LOADED:
-        from pipeline.stages.evaluate import main  # what launch/evaluate.py calls
-
-        monkeypatch.chdir(catalogue[""])
-        capfd.readouterr()
-        code = main(args)
-        stdout, stderr = capfd.readouterr()
     else:
         code, stdout, stderr = run_entry(case.script, args, monkeypatch, capfd, cwd=catalogue[""])
     assert code == 2, f"exit {code}\n{stdout[-1500:]}\n{stderr[-3000:]}"

@@ -100,11 +100,12 @@ def test_sft_from_pipeline_checkpoint_two_ranks_zero3(tmp_path: Path, z3_run: Pa
     (["task=sft"], "sft.train: is empty"),
     (["task=classification", "classification.train=nowhere.jsonl"], "classification.train 'nowhere.jsonl' does not exist"),
     (["model.path=/nonexistent", "sft.train=BAD"], "model.path '/nonexistent' does not exist"),
+    (["task=sft", "sft.train=BAD"], "bad.jsonl:2: 'prompt' is a number, not a string"),
 ])
 def test_finetune_user_errors(tmp_path: Path, tiny_hf_model: Path, extra, message, monkeypatch, capsys):
-    """Exit 2 and the message, no output written; refused before the process group, so run in this
-    process. (A bad record is read by the task on the ranks: test_error_catalogue.py launches
-    "finetune: bad chat line" and "finetune: record without label".)"""
+    """Exit 2 and the message, no output written; refused before the process group (a bad record
+    too: the records are read before it), so run in this process. (A real launch refused on a bad
+    record: test_error_catalogue.py's "finetune: bad chat line".)"""
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": 3}\n')
     extra = [e.replace("BAD", str(bad)) for e in extra]

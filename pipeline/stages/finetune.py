@@ -179,6 +179,12 @@ def run(cfg: FinetuneConfig, local_rank: int | None = None) -> int:
     source = check_inputs(cfg)
     model_conf = finetune_conf(cfg, source)
     check_tiling(model_conf, cfg.model, head=finetune_head(cfg))  # model.tiled_mlp / tiled_logits it cannot run exactly
+    # Every record read and checked (a bad line, a missing label: file:line) with the starting
+    # model's tokenizer before the process group: the export of a checkpoint start (init_model
+    # below) carries this same tokenizer.
+    tok = AutoTokenizer.from_pretrained(source.tokenizer_dir)
+    task = TASKS[cfg.task](cfg)
+    task.prepare(tok)
     # world, precision, the DeepSpeed JSON (auto: the planner's choice), refused if it cannot fit
     resolved = resolve_run(cfg, model_conf, seq_len=finetune_seq_len(cfg), head=finetune_head(cfg),
                            local_rank=local_rank, seq_len_key=TASKS[cfg.task](cfg).seq_len_key)
@@ -187,9 +193,6 @@ def run(cfg: FinetuneConfig, local_rank: int | None = None) -> int:
     for line in resolved.notes:
         dist.print0(line)
     init = init_model_dir(source, run_.out, run_.rank)
-    tok = AutoTokenizer.from_pretrained(init)
-    task = TASKS[cfg.task](cfg)
-    task.prepare(tok)
     dist.print0(f"finetune: {run_.world} rank(s), {summarize(run_.ds)}; {task.describe()}")
     conf = AutoConfig.from_pretrained(init)
     task.configure(conf, tok)

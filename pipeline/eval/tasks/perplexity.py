@@ -1,16 +1,19 @@
 """The perplexity task: mean token loss (and exp of it) on token shards or a JSONL/CSV text file.
 
 On the shards of the preprocess stage the windows are exactly the samples training validates
-on; on a text file each document is tokenized with the model's own tokenizer. A model whose
-tokenizer would read the shards' ids differently is refused before it is scored.
+on; on a text file each document is tokenized with the model's own tokenizer. Every refusal
+comes before a weight is read: the text file's records (read with their fields checked), the
+split holding a window, and a model whose tokenizer (loaded alone) would read the shards' ids
+differently.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import dist
+from pipeline import dist, inputs
 from pipeline.errors import UserError
 from pipeline.eval.metrics import perplexity
 from pipeline.eval.models import Loaded, ModelRef
@@ -25,17 +28,30 @@ def _is_shards(path: str) -> bool:
     return Path(path).is_dir()
 
 
-def _check_shard_tokenizer(manifest: dict, data_dir: Path, lm: Loaded) -> None:
-    """Refuse a model whose tokenizer would read the shards' token ids differently."""
-    from pipeline.data.tokenizer import TRICKY_TEXTS, load_tokenizer, tokenizer_fingerprint
+@dataclass
+class _State:
+    """What :meth:`Perplexity.prepare` found before any weight is read."""
 
-    info, ref = manifest["tokenizer"], lm.ref
-    vocab = getattr(lm.model.config, "vocab_size", None)
+    seq_len: int
+    shards: Any = None  # the split's TokenDataset (data is a preprocessed dataset)
+    windows: int = 0  # windows of the split at seq_len
+    records: list[tuple[str, str]] | None = None  # (file:line, text) of a text file
+
+
+def _check_shard_tokenizer(manifest: dict, data_dir: Path, ref: ModelRef) -> None:
+    """Refuse a model whose tokenizer would read the shards' token ids differently (its config
+    and tokenizer files only: no weight is read)."""
+    from pipeline.data.tokenizer import TRICKY_TEXTS, load_tokenizer, tokenizer_fingerprint
+    from pipeline.training.hf_model import hf_tokenizer
+
+    info = manifest["tokenizer"]
+    vocab = getattr(ref.config, "vocab_size", None)
     if vocab is not None and vocab < info["vocab_size"]:
         raise UserError(f"{ref.role} '{ref.path}' has {vocab} embeddings but '{data_dir}' was tokenized with "
                         f"{info['vocab_size']} tokens; evaluate it on data preprocessed with its own tokenizer")
+    mine = hf_tokenizer(inputs.check_model(ref.path, ref.role).tokenizer_dir)  # the tokenizer load() gives the model
     try:
-        same = tokenizer_fingerprint(lm.tokenizer) == info["fingerprint"]
+        same = tokenizer_fingerprint(mine) == info["fingerprint"]
     except (AttributeError, ValueError):  # a slow tokenizer: compare encodings below
         same = False
     if same:
@@ -43,7 +59,7 @@ def _check_shard_tokenizer(manifest: dict, data_dir: Path, lm: Loaded) -> None:
     # A fine-tune may add chat tokens to the tokenizer (another fingerprint, same ids for text).
     theirs = load_tokenizer(data_dir / info.get("dir", "tokenizer")).hf
     for text in TRICKY_TEXTS:
-        if theirs(text, add_special_tokens=False)["input_ids"] != lm.tokenizer(text, add_special_tokens=False)["input_ids"]:
+        if theirs(text, add_special_tokens=False)["input_ids"] != mine(text, add_special_tokens=False)["input_ids"]:
             raise UserError(f"the tokenizer of {ref.role} '{ref.path}' encodes text differently from the one '{data_dir}' "
                             f"was tokenized with (e.g. {text!r}); preprocess the data with the model's tokenizer "
                             "(tokenizer.path=MODEL_DIR) or evaluate on a JSONL text file instead")
@@ -77,22 +93,42 @@ class Perplexity(EvalTask):
     headline = ("loss", "ppl")
     counts = ("tokens",)
 
-    def read(self, cfg: Any) -> None:
+    def read(self, cfg: Any) -> list[tuple[str, str]] | None:
+        """A text file's ``(file:line, text)`` records, every one checked; None for shards."""
         if not Path(cfg.data).exists():
             raise UserError(f"data '{cfg.data}' does not exist; give a preprocessed dataset directory or a JSONL text file")
+        if _is_shards(cfg.data):
+            return None
+        return [(where, field_of(where, rec, cfg.text_field, "text_field"))
+                for where, rec in read_data(cfg.data, "text to score (a JSONL/CSV file) or a preprocessed dataset directory")]
 
-    def prepare(self, cfg: Any, refs: list[ModelRef], data: Any) -> int:
-        return resolve_seq_len(cfg, refs)
+    def prepare(self, cfg: Any, refs: list[ModelRef], data: list[tuple[str, str]] | None) -> _State:
+        seq_len = resolve_seq_len(cfg, refs)
+        if data is not None:
+            return _State(seq_len, records=data)
+        from pipeline.data.shards import TokenDataset
+
+        ds = TokenDataset(cfg.data, cfg.split, verify="fast")
+        n = ds.num_samples(seq_len)
+        if n == 0:
+            raise UserError(f"split '{cfg.split}' of '{cfg.data}' has {ds.num_tokens} tokens, fewer than one window of "
+                            f"seq_len+1={seq_len + 1}; lower seq_len or use another split")
+        return _State(seq_len, shards=ds, windows=n)
+
+    def check_model(self, ref: ModelRef, cfg: Any, state: _State) -> None:
+        if state.shards is not None:
+            _check_shard_tokenizer(state.shards.manifest, Path(cfg.data), ref)
 
     def split(self, cfg: Any) -> str | None:
         return cfg.split if _is_shards(cfg.data) else None
 
-    def evaluate(self, lm: Loaded, cfg: Any, seq_len: int) -> tuple[dict, list[dict]]:
+    def evaluate(self, lm: Loaded, cfg: Any, state: _State) -> tuple[dict, list[dict]]:
         import torch
 
         from pipeline.training.trainer import CausalLMTask
 
-        n, num_batches, batch, extra = (self._shards if _is_shards(cfg.data) else self._text)(lm, cfg, seq_len)
+        seq_len = state.seq_len
+        n, num_batches, batch, extra = (self._shards if state.shards is not None else self._text)(lm, cfg, state)
         if cfg.max_batches:
             num_batches = min(num_batches, cfg.max_batches)
         task, loss_sum, count = CausalLMTask(), 0.0, 0
@@ -109,20 +145,12 @@ class Perplexity(EvalTask):
                 "batches": num_batches, "seq_len": seq_len, **extra}, []
 
     @staticmethod
-    def _shards(lm: Loaded, cfg: Any, seq_len: int) -> tuple[int, int, Any, dict]:
+    def _shards(lm: Loaded, cfg: Any, state: _State) -> tuple[int, int, Any, dict]:
         """``(windows, batches, batch(b) -> token tensor (B, seq_len + 1), extra metrics)``."""
         import numpy as np
         import torch
 
-        from pipeline.data.shards import TokenDataset
-
-        B = cfg.batch_size
-        ds = TokenDataset(cfg.data, cfg.split, verify="fast")
-        _check_shard_tokenizer(ds.manifest, Path(cfg.data), lm)
-        n = ds.num_samples(seq_len)
-        if n == 0:
-            raise UserError(f"split '{cfg.split}' of '{cfg.data}' has {ds.num_tokens} tokens, fewer than one window of "
-                            f"seq_len+1={seq_len + 1}; lower seq_len or use another split")
+        B, ds, n, seq_len = cfg.batch_size, state.shards, state.windows, state.seq_len
 
         def batch(b: int) -> Any:
             return torch.from_numpy(np.stack([ds.sample(i, seq_len) for i in range(b * B, min(n, (b + 1) * B))]))
@@ -130,16 +158,16 @@ class Perplexity(EvalTask):
         return n, -(-n // B), batch, {}
 
     @staticmethod
-    def _text(lm: Loaded, cfg: Any, seq_len: int) -> tuple[int, int, Any, dict]:
+    def _text(lm: Loaded, cfg: Any, state: _State) -> tuple[int, int, Any, dict]:
         """``(windows, batches, batch(b) -> {input_ids, attention_mask, labels} (B, T), extra metrics)``."""
         import torch
 
         from pipeline.training.trainer import IGNORE_INDEX
 
-        tok, B = lm.tokenizer, cfg.batch_size
+        tok, B, seq_len = lm.tokenizer, cfg.batch_size, state.seq_len
         docs, skipped = [], 0
-        for where, rec in read_data(cfg.data, "text to score (a JSONL/CSV file) or a preprocessed dataset directory"):
-            ids = list(tok(field_of(where, rec, cfg.text_field, "text_field"), verbose=False)["input_ids"])
+        for _, text in state.records:
+            ids = list(tok(text, verbose=False)["input_ids"])
             if tok.eos_token_id is not None and (not ids or ids[-1] != tok.eos_token_id):
                 ids.append(tok.eos_token_id)
             if len(ids) >= 2:
