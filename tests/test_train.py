@@ -153,17 +153,9 @@ def test_preemption_signal_checkpoints_and_resumes_exactly(tmp_path: Path, tiny_
     assert _losses(tmp_path / "run") == pytest.approx(_losses(reference)[stopped_at:], abs=1e-6)
 
 
-@pytest.mark.slow
-def test_dead_rank_makes_the_job_fail_fast(tmp_path: Path, tiny_dataset: Path):
-    proc, log = _launch(tmp_path / "run", tiny_dataset, "train.max_steps=200", "dist.timeout_s=60")
-    _wait_for(log, "step 2 |")
-    ranks = _rank_pids(proc)
-    os.kill(ranks[1], signal.SIGKILL)
-    t = time.time()
-    code = proc.wait(timeout=120)
-    assert code != 0 and time.time() - t < 120
-    time.sleep(1)
-    assert not [p for p in ranks if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+# A SIGKILLed rank fails the job within 120 s, with no rank left behind:
+# test_faults.py::test_sigkilled_rank_fails_the_job_keeps_the_checkpoint_and_the_rerun_resumes
+# (the same 2-rank launch, which then checks the checkpoint it kept and resumes from it).
 
 
 ARCHITECTURES = ("gpt2", "qwen2", "mistral")
