@@ -127,16 +127,32 @@ def test_more_steps_train_on_then_evaluate_and_export_again(run):
 
 
 def test_a_failing_stage_stops_the_chain_with_its_name_log_and_code(tmp_path: Path):
-    # The first stage fails (its recipe refused, exit 2), so nothing after it runs. The chain treats
+    # The first stage fails (its input is missing, exit 2), so nothing after it runs. The chain treats
     # every stage alike (pipeline.stages.quickstart.run_stage); a rank's exit code 2 through the
     # deepspeed launcher: test_launch_hygiene.py::test_port_held_by_another_job_is_one_message_from_rank_zero.
     out = tmp_path / "run"
-    r = _quickstart("--tiny", "--output", str(out), "--set", "preprocess.val_fraction=2")
+    missing = tmp_path / "nowhere" / "*.jsonl"
+    r = _quickstart("--tiny", "--output", str(out), "--set", f"preprocess.sources.0.path={missing}")
     assert r.returncode == 2
     log = out / "logs" / "preprocess.log"
     assert f"stage 'preprocess' FAILED with exit code 2; full log: {log}" in r.stderr
-    assert "val_fraction" in log.read_text() and "val_fraction" in r.stderr
+    assert "no input matches" in log.read_text() and "no input matches" in r.stderr
     assert not (out / "logs" / "sample-qa.log").exists() and not (out / "logs" / "pretrain.log").exists()
     assert not (out / "summary.json").exists()
     bad = _quickstart("--output", str(out), "--set", "nostage.x=1")
     assert bad.returncode == 2 and "expected STAGE.key=value" in bad.stderr
+
+
+def test_every_recipe_is_checked_before_the_first_stage(tmp_path: Path):
+    # a wrong value for the first stage and a misspelt key for a late one: refused before anything runs
+    out = tmp_path / "run"
+    for item, phrases in (("preprocess.val_fraction=2", ("the preprocess stage would refuse", "val_fraction: must be in [0, 1)")),
+                          ("finetune.train.max_step=5", ("the finetune stage would refuse", "configs/sample/finetune.yaml",
+                                                         "train.max_step: unknown key; did you mean 'max_steps'?"))):
+        r = _quickstart("--tiny", "--output", str(out), "--set", item)
+        assert r.returncode == 2, r.stderr[-2000:]
+        errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        for phrase in phrases:
+            assert phrase in r.stderr, r.stderr[-2000:]
+        assert not out.exists(), "nothing is written before the recipes are accepted"

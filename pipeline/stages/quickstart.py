@@ -145,6 +145,31 @@ def _max_steps(opts: Options, stage: str) -> int:
     return load_config(cls, str(RECIPES / f"{stage}.yaml"), overrides).train.max_steps
 
 
+def check_recipes(opts: Options, cmds: dict[str, list[str]]) -> None:
+    """Every config stage's recipe with the quickstart's keys and ``--set`` overrides, loaded as
+    the stage will load it, before the first stage runs: a wrong key or value for a late stage
+    (``--set finetune.train.max_step=5``) is refused in seconds, not after the stages before it.
+
+    Raises:
+        UserError: a recipe is refused (the stage, its recipe, and the loader's message).
+    """
+    from pipeline.config import load_config
+    from pipeline.stages.evaluate import EvalConfig
+    from pipeline.stages.finetune import FinetuneConfig
+    from pipeline.stages.preprocess import PreprocessConfig
+    from pipeline.stages.train import TrainConfig
+
+    for stage, cls in (("preprocess", PreprocessConfig), ("pretrain", TrainConfig), ("finetune", FinetuneConfig),
+                       ("evaluate", EvalConfig)):
+        cmd = cmds[stage]
+        recipe = cmd[cmd.index("--config") + 1]
+        try:
+            load_config(cls, recipe, cmd[cmd.index("--config") + 2:])
+        except UserError as e:
+            raise UserError(f"the {stage} stage would refuse its recipe {recipe} with these settings "
+                            f"(nothing was run): {e}") from None
+
+
 def is_done(opts: Options, stage: str) -> bool:
     """Whether a stage's published output is already there (its run is then skipped)."""
     out = opts.output
@@ -390,9 +415,11 @@ def run(opts: Options, echo=print) -> dict[str, Any]:
     """Run every stage in order (skipping completed ones); returns the summary.
 
     Raises:
+        UserError: a stage's recipe is refused (:func:`check_recipes`), before any stage runs.
         StageFailed: a stage exited non-zero (the chain stops there).
     """
     out = opts.output
+    check_recipes(opts, commands(opts))
     out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
     export_check = None
