@@ -116,6 +116,8 @@ def test_every_shipped_yaml_loads():
 
     stages = {**stage_configs(), "continue_train": stage_configs()["pretrain"]}
     files = sorted((ROOT / "configs").rglob("*.yaml")) + sorted((ROOT / "examples").rglob("*.yaml"))
+    harness = ROOT / "examples" / "harness"  # lm-evaluation-harness task files (tests/test_harness.py reads them)
+    files = [f for f in files if harness not in f.parents]
     assert files, "no shipped configs found"
     for f in files:
         stage = f.stem

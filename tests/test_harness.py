@@ -145,6 +145,7 @@ def test_a_zero3_pipeline_checkpoint_equals_lm_eval_on_its_export_in_one_process
     r = run_deepspeed("evaluate.py", "task=harness", "batch_size=4", "zero3=true", f"model={ckpt}", f"data={task_dir}",
                       f"output={tmp_path / 'two'}", "max_batches=12")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "harness: documents dealt over 2 ranks" in r.stdout + r.stderr
     two = json.loads((tmp_path / "two" / "report.json").read_text())
     assert two["world_size"] == 2
     _same(two["models"][0]["metrics"], cli)
@@ -195,6 +196,14 @@ def test_in_loop_harness_refusals_come_before_any_work(extra, says, task_dir: Pa
     code, _, err = run_entry("train.py", [f"output={tmp_path / 'run'}", f"data.datasets.0.path={tiny_dataset}", *TINY_MODEL,
                                           f"harness.tasks={task_dir}", *extra], monkeypatch, capsys)
     assert code == 2 and says in err, err
+
+
+def test_per_document_metrics_of_the_ranks_go_back_into_document_order():
+    from pipeline.eval.tasks.harness import _interleave
+
+    ranks = [{"t": {("acc", "none"): [0, 2, 4]}, "u": {("ppl", "none"): [10]}},
+             {"t": {("acc", "none"): [1, 3]}, "u": {}}]
+    assert _interleave(ranks) == {"t": {("acc", "none"): [0, 1, 2, 3, 4]}, "u": {("ppl", "none"): [10]}}
 
 
 def _bad_yaml(d: Path) -> Path:

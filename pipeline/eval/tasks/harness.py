@@ -116,8 +116,17 @@ class HarnessTasks:
                                     + (f" (close: {', '.join(close)})" if close else "")
                                     + "; list them with `lm_eval ls tasks`, or give a directory of task YAML")
             self.groups.append((None, names, manager))
+        self.output_types: set[str] = set()
         for d, n, m in self.groups:
-            self._build(d, n, m)
+            self.output_types |= {t.OUTPUT_TYPE for t in _leaves(self._build(d, n, m))}
+
+    @property
+    def splittable(self) -> bool:
+        """Whether the requests can be dealt over the ranks of a ZeRO-3 model: the harness pads every
+        rank to the same number of scoring requests, so (without its context grouping) every rank runs
+        the same number of forward passes; generation stops at different lengths per rank, so
+        generative tasks run every request on every rank."""
+        return bool(self.output_types) and self.output_types <= {"loglikelihood", "multiple_choice", "loglikelihood_rolling"}
 
     @staticmethod
     def _build(directory: Path | None, names: list[str], manager: Any) -> dict:
@@ -137,6 +146,14 @@ class HarnessTasks:
         return [n for _, names, _ in self.groups for n in names]
 
 
+def _leaves(task_dict: dict) -> list:
+    """The task objects of a (possibly grouped, nested) task dict."""
+    out = []
+    for v in task_dict.values():
+        out += _leaves(v) if isinstance(v, dict) else [v]
+    return out
+
+
 @contextlib.contextmanager
 def _cwd(directory: Path | None):
     if directory is None:
@@ -151,27 +168,37 @@ def _cwd(directory: Path | None):
 
 
 def run_harness(model: Any, tokenizer: Any, tasks: HarnessTasks, *, num_fewshot: int, limit: int, batch_size: int) -> dict:
-    """The harness's results for a loaded model: ``{task: {"acc,none": ..., "acc_stderr,none": ...}}``,
-    through ``lm_eval.simple_evaluate`` (what its command line runs: the same seeds and few-shot
-    sampling, so the numbers equal ``lm_eval --model hf`` on the same model and tasks).
+    """The harness's results for a loaded model: ``{task: {"acc,none": ..., "acc_stderr,none": ...}}``
+    (the same on every rank), through ``lm_eval.simple_evaluate`` (what its command line runs: the
+    same seeds and few-shot sampling, so the numbers equal ``lm_eval --model hf`` on the same model
+    and tasks).
+
+    In a process group of several ranks (a ZeRO-3 model, or the training engine) the documents are
+    dealt over the ranks when :attr:`HarnessTasks.splittable`; otherwise every rank runs every
+    request (the partitioned forward passes must line up) and rank 0's results count.
 
     Args:
-        model: a transformers causal LM ready for forward passes (a ZeRO-3 engine's module too:
-            every rank then runs the same requests, so the partitioned forward passes line up).
+        model: a transformers causal LM ready for forward passes (a ZeRO-3 engine's module too).
         num_fewshot: examples in each prompt (-1: each task's own default).
         limit: documents per task (0: all).
     """
     import logging
 
+    import torch.distributed as tdist
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
 
+    world = tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 1
     log = logging.getLogger("lm_eval")
     level = log.level
     # its per-task INFO lines and its warning that a model object (ours, loaded by the stage) is not a path
     log.setLevel(logging.ERROR)
+    # The harness bootstraps some standard errors (perplexity, F1, BLEU) in a forked multiprocessing pool;
+    # a fork of a training or ZeRO-3 process (gloo, DeepSpeed and TensorBoard threads holding locks) can
+    # deadlock in the child. Its single-process path draws the same resamples (one seed per chunk).
+    multiproc = os.environ.get("DISABLE_MULTIPROC")
+    os.environ["DISABLE_MULTIPROC"] = "1"
     try:
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        lm = _ranked_hflm(model, tokenizer, batch_size, world if tasks.splittable else 1)
         out: dict = {}
         for directory, names, manager in tasks.groups:
             with _cwd(directory):
@@ -181,7 +208,65 @@ def run_harness(model: Any, tokenizer: Any, tasks: HarnessTasks, *, num_fewshot:
             out.update(res["results"] if res else {})
     finally:
         log.setLevel(level)
+        if multiproc is None:
+            del os.environ["DISABLE_MULTIPROC"]
+        else:
+            os.environ["DISABLE_MULTIPROC"] = multiproc
+    if world > 1:  # rank 0 aggregated (split) or every rank did the same (not split): one answer everywhere
+        box = [out]
+        tdist.broadcast_object_list(box, src=0)
+        out = box[0]
     return out
+
+
+def _interleave(parts: list[dict]) -> dict:
+    """``{task: {key: values}}`` of every rank merged, the values taken round-robin (rank 0's first, then
+    rank 1's first, ...): the document order of the harness's dealing (rank ``r`` holds documents
+    ``r, r + world, ...``). A rank without documents of a task contributes nothing."""
+    merged: dict = {}
+    for task in dict.fromkeys(t for p in parts for t in p):
+        merged[task] = {}
+        for key in dict.fromkeys(k for p in parts for k in p.get(task, {})):
+            lists = [p.get(task, {}).get(key, []) for p in parts]
+            merged[task][key] = [lst[i] for i in range(max(map(len, lists))) for lst in lists if i < len(lst)]
+    return merged
+
+
+def _ranked_hflm(model: Any, tokenizer: Any, batch_size: int, world: int) -> Any:
+    """The harness's ``HFLM`` around a loaded model; with ``world > 1`` it takes this rank's share of
+    the documents and gathers over the existing process group (gloo or NCCL), not through
+    ``accelerate`` (the harness's own way, which would start another group)."""
+    import torch
+    import torch.distributed as tdist
+    from lm_eval.models.huggingface import HFLM
+
+    class Ranked(HFLM):
+        def all_gather(self, tensor):
+            parts = [torch.zeros_like(tensor) for _ in range(world)]
+            tdist.all_gather(parts, tensor)
+            return torch.stack(parts)
+
+        def gather_object(self, obj, dst=0):
+            result = [None] * world if self.rank == dst else None
+            tdist.gather_object(obj, result, dst=dst)
+            if result is None:
+                return None
+            # The harness gathers each task's per-document metrics ({task: {(metric, filter): [values]}}) and
+            # chains them rank after rank; rank r held documents r, r + world, ...: interleave them back into
+            # document order, so order-dependent aggregates (the bootstrap standard errors) equal one process's.
+            merged = _interleave(result)
+            return [merged]
+
+        def barrier(self):
+            tdist.barrier()
+
+    if world <= 1:
+        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    # logits_cache=False: no grouping of requests by context, so equal request counts (the harness pads
+    # every rank to the longest) give every rank the same number of forward passes (ZeRO-3 lines them up)
+    lm = Ranked(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, logits_cache=False)
+    lm._rank, lm._world_size = tdist.get_rank(), world
+    return lm
 
 
 def flatten(results: dict) -> dict[str, float]:
@@ -276,6 +361,11 @@ class Harness(EvalTask):
         return tuple(k for k in metrics if not k.endswith("_stderr"))
 
     def evaluate(self, lm: Loaded, cfg: Any, state: HarnessTasks) -> tuple[dict, list[dict]]:
+        from pipeline import dist
+
+        if dist.world_size() > 1:
+            dist.print0(f"harness: documents dealt over {dist.world_size()} ranks" if state.splittable else
+                        f"harness: every rank runs every request (generative tasks: {dist.world_size()} ranks in step)")
         results = run_harness(lm.model, lm.tokenizer, state, num_fewshot=cfg.num_fewshot, limit=cfg.max_batches,
                               batch_size=cfg.batch_size)
         return flatten(results), []
