@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_deepspeed, write_jsonl, z3_run_args
+from conftest import run_deepspeed, run_script, write_jsonl, z3_run_args
 from inproc import run_entry
 
 pytest.importorskip("lm_eval", reason="the eval extra (pip install -e '.[eval]'); the test extra installs it")
@@ -182,19 +182,50 @@ def test_in_loop_harness_on_the_live_engine_equals_the_stage_on_the_checkpoint_o
     assert logged["harness/sample_ll/perplexity"][4] != logged["harness/sample_ll/perplexity"][2]  # it trained between
 
 
-@pytest.mark.parametrize("extra, says", [
-    (["parallel.sequence_parallel_size=2"], "harness.tasks: the harness's requests are whole sequences"),
-    (["harness.every=-1"], "harness.every"),
-], ids=["sequence-parallel", "negative-every"])
-def test_in_loop_harness_refusals_come_before_any_work(extra, says, task_dir: Path, tiny_dataset: Path, tmp_path: Path,
-                                                       monkeypatch, capsys):
+@pytest.mark.slow
+@pytest.mark.integration
+def test_in_loop_harness_during_sft_equals_the_stage_on_the_final_checkpoint(task_dir: Path, tiny_hf_model: Path,
+                                                                               tmp_path: Path):
+    """Fine-tuning (one rank): the harness after the last step scores what evaluate scores on the last checkpoint
+    (the tokenizer the run saves, with its chat template)."""
+    from pipeline.data.sample import generate_qa
+
+    data = write_jsonl(tmp_path / "qa.jsonl", list(generate_qa(120)))
+    out = tmp_path / "ft"
+    r = run_script("finetune.py", f"output={out}", f"model.path={tiny_hf_model}", "task=sft", f"sft.train={data}",
+                   "sft.seq_len=64", "train.micro_batch_size=4", "train.max_steps=3", "train.eval_every=0",
+                   "checkpoint.every=0", f"harness.tasks={task_dir}", "harness.max_batches=8", "harness.batch_size=4",
+                   env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    logged = _scalars(out / "tensorboard")
+    assert set(logged["harness/sample_mc/acc"]) == {3}  # every=0 and eval_every=0: after the last step only
+    report = _stage([f"model={out}", f"data={task_dir}", "max_batches=8", f"output={tmp_path / 'eval'}"])
+    assert report["models"][0]["step"] == 3
+    for k, v in report["models"][0]["metrics"].items():
+        assert logged[f"harness/{k}"][3] == pytest.approx(v, rel=1e-6), k
+
+
+@pytest.mark.parametrize("script, extra, says", [
+    ("finetune.py", ["task=classification", "classification.train=x.jsonl", "classification.max_length=32"],
+     "harness.tasks: the harness scores causal language models"),
+    ("train.py", ["parallel.sequence_parallel_size=2"], "harness.tasks: the harness's requests are whole sequences"),
+    ("train.py", ["harness.every=-1"], "harness.every"),
+], ids=["finetune-classification", "sequence-parallel", "negative-every"])
+def test_in_loop_harness_refusals_come_before_any_work(script, extra, says, task_dir: Path, tiny_dataset: Path,
+                                                       tiny_hf_model: Path, tmp_path: Path, monkeypatch, capsys):
     from conftest import TINY_MODEL
 
     for k, v in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
                  "MASTER_PORT": "29999"}.items():  # rank 0 of a 2-rank launch (the SP case needs the world)
         monkeypatch.setenv(k, v)
-    code, _, err = run_entry("train.py", [f"output={tmp_path / 'run'}", f"data.datasets.0.path={tiny_dataset}", *TINY_MODEL,
-                                          f"harness.tasks={task_dir}", *extra], monkeypatch, capsys)
+    if script == "train.py":
+        common = [f"data.datasets.0.path={tiny_dataset}", *TINY_MODEL]
+    else:
+        common = [f"model.path={tiny_hf_model}"]
+        extra = [e.replace("x.jsonl", str(write_jsonl(tmp_path / "cls.jsonl", [{"text": "a b", "label": "x"}] * 8)))
+                 for e in extra]
+    code, _, err = run_entry(script, [f"output={tmp_path / 'run'}", *common, f"harness.tasks={task_dir}", *extra],
+                             monkeypatch, capsys)
     assert code == 2 and says in err, err
 
 

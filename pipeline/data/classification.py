@@ -118,6 +118,8 @@ def encode(tokenizer, examples: list[Example], names: list[str], max_length: int
     unknown = sorted({ex.label for ex in examples} - set(index))
     if unknown:
         raise UserError(f"{where}: labels {unknown} are not among {names}; add them to classification.labels")
+    if not examples:  # e.g. a validation split that a small file leaves empty (the tokenizer fails on [])
+        return []
     texts = [ex.text for ex in examples]
     pairs = [ex.pair for ex in examples] if examples and examples[0].pair is not None else None
     enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)

@@ -26,6 +26,7 @@ from pipeline import dist
 from pipeline.data.classification import ClassificationDataConfig
 from pipeline.data.sft import SFTDataConfig
 from pipeline.dist import DistConfig
+from pipeline.eval.tasks.harness import HarnessConfig, in_loop
 from pipeline.inputs import ModelSource, check_model, check_positions, data_files
 from pipeline.io import atomic_write_json
 from pipeline.stages.export import init_model_dir
@@ -98,6 +99,8 @@ class FinetuneConfig:
     """Console and TensorBoard logging."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """Sequence parallelism (long context, task=sft): ranks that share one sequence."""
+    harness: HarnessConfig = field(default_factory=HarnessConfig)
+    """task=sft: lm-evaluation-harness tasks on the live model during fine-tuning (harness.tasks)."""
 
     def check(self) -> list[tuple[str, str]]:
         p = []
@@ -185,6 +188,8 @@ def run(cfg: FinetuneConfig, local_rank: int | None = None) -> int:
     tok = AutoTokenizer.from_pretrained(source.tokenizer_dir)
     task = TASKS[cfg.task](cfg)
     task.prepare(tok)
+    # harness.tasks: checked and their data read now; scored on the live engine with the run's tokenizer
+    harness = in_loop(cfg.harness, tok, sp=cfg.parallel.sequence_parallel_size, head=finetune_head(cfg))
     # world, precision, the DeepSpeed JSON (auto: the planner's choice), refused if it cannot fit
     resolved = resolve_run(cfg, model_conf, seq_len=finetune_seq_len(cfg), head=finetune_head(cfg),
                            local_rank=local_rank, seq_len_key=TASKS[cfg.task](cfg).seq_len_key)
@@ -228,7 +233,8 @@ def run(cfg: FinetuneConfig, local_rank: int | None = None) -> int:
     save = run_.saver(hf_files=hf_files, meta={"version": VERSION, "seq_len": task.seq_len, "n_params": n_params, **task.meta()})
     trainer = Trainer(engine=engine, task=task.loss(), batches=iter(loader), grad_accum=run_.accum, max_steps=cfg.train.max_steps,
                       start_step=start_step, monitor=monitor, evaluate=evaluate, eval_every=cfg.train.eval_every,
-                      save=save, save_every=cfg.checkpoint.every, grad_divisor=run_.grad_divisor)
+                      save=save, save_every=cfg.checkpoint.every, grad_divisor=run_.grad_divisor,
+                      periodic=[(cfg.harness.every or cfg.train.eval_every, harness)] if harness else [])
     try:
         code = trainer.fit()
     finally:

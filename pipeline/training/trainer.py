@@ -169,7 +169,7 @@ class Trainer:
         batches: yields this rank's micro-batches in order, starting at ``start_step``.
         evaluate: ``evaluate(engine) -> {"loss": ..., ...}`` run by every rank, or None.
         periodic: further ``(every, fn)`` evaluations, ``fn(engine) -> metrics`` run by every rank
-            every ``every`` steps and after the last (the in-loop harness).
+            every ``every`` steps (0: never) and after the last (the in-loop harness).
         save: ``save(step) -> Path`` writes a checkpoint collectively.
         grad_divisor: what DeepSpeed divides summed gradients by (default: the world size).
     """
@@ -180,7 +180,7 @@ class Trainer:
         self.engine, self.task, self.batches = engine, task, batches
         self.grad_accum, self.max_steps, self.step = grad_accum, max_steps, start_step
         self.monitor, self.evaluate, self.eval_every = monitor, evaluate, eval_every
-        self.periodic = [(every, fn) for every, fn in periodic if every > 0]
+        self.periodic = list(periodic)  # every 0: after the last step only
         self.save, self.save_every = save, save_every
         self.world = dist.world_size()
         # what DeepSpeed divides the summed gradients by: the world, except ZeRO-0 under sequence
@@ -230,7 +230,7 @@ class Trainer:
                 if self.evaluate and self.eval_every and self.step % self.eval_every == 0 and self.step < self.max_steps:
                     self.monitor.eval(self.step, self.evaluate(self.engine))
                 for every, fn in self.periodic:
-                    if self.step % every == 0 and self.step < self.max_steps:
+                    if every and self.step % every == 0 and self.step < self.max_steps:
                         self.monitor.eval(self.step, fn(self.engine))
                 if self.save_every and self.step % self.save_every == 0 and self.step < self.max_steps:
                     self._save()

@@ -314,20 +314,24 @@ class HarnessConfig:
         return p
 
 
-def in_loop(cfg: HarnessConfig, tokenizer_dir: str | Path, *, sp: int = 1) -> Callable[[Any], dict[str, float]] | None:
+def in_loop(cfg: HarnessConfig, tokenizer: Any, *, sp: int = 1, head: str = "causal_lm") -> Callable[[Any], dict[str, float]] | None:
     """The training stages' in-loop harness: ``fn(engine) -> {"harness/<task>/<metric>": ..., "harness/seconds": ...}``
     run by every rank on the engine's module (eval mode, no gradients, back to training after), or
     None when ``cfg.tasks`` is empty. The tasks are checked and their data loaded here, before the
     process group (every user error first).
 
     Args:
-        tokenizer_dir: the tokenizer a checkpoint of the run carries (so the numbers equal
-            evaluate's task=harness on that checkpoint).
+        tokenizer: the tokenizer a checkpoint of the run carries (so the numbers equal evaluate's
+            task=harness on that checkpoint), or its directory.
         sp: the sequence-parallel degree: the harness's requests are whole sequences, which a
             sequence-parallel model cannot run, so sp > 1 is refused.
+        head: the model's head; the harness scores causal language models only.
     """
     if not cfg.tasks:
         return None
+    if head != "causal_lm":
+        raise UserError("harness.tasks: the harness scores causal language models, and this run trains a "
+                        f"{head} head; drop harness.tasks (evaluate the classifier with task=classification)")
     if sp > 1:
         raise UserError("harness.tasks: the harness's requests are whole sequences, which a sequence-parallel model "
                         f"(parallel.sequence_parallel_size={sp}) cannot run; evaluate the run's checkpoints with "
@@ -338,10 +342,10 @@ def in_loop(cfg: HarnessConfig, tokenizer_dir: str | Path, *, sp: int = 1) -> Ca
         from transformers import AutoTokenizer
 
         t = time.perf_counter()
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        tok = AutoTokenizer.from_pretrained(str(tokenizer)) if isinstance(tokenizer, (str, Path)) else tokenizer
         engine.eval()
         try:
-            results = flatten(run_harness(engine.module, tokenizer, tasks, num_fewshot=cfg.num_fewshot,
+            results = flatten(run_harness(engine.module, tok, tasks, num_fewshot=cfg.num_fewshot,
                                           limit=cfg.max_batches, batch_size=cfg.batch_size))
         finally:
             engine.train()
