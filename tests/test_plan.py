@@ -4,16 +4,14 @@ estimates against the measured peak memory (RSS) of real runs on CPU ranks."""
 from __future__ import annotations
 
 import json
-import subprocess
-import threading
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from conftest import ROOT, TINY_MODEL, free_port, run_deepspeed, run_script
 from inproc import run_entry
+
+from bench.rank_peaks import run_with_rank_peaks  # the benchmarks' poller (pyproject puts the root on sys.path)
 
 GiB = 1024 ** 3
 
@@ -414,41 +412,6 @@ def test_finetune_auto_and_its_refusal(tmp_path: Path, tiny_hf_model: Path, monk
 # ---------------------------------------------------------------------------- estimates vs measured
 
 
-def _peak_rss_run(cmd: list[str], env: dict, timeout: float = 900) -> tuple[subprocess.CompletedProcess, list[int]]:
-    """Run ``cmd`` and return it with the peak RSS (``VmHWM``) of each rank process it started."""
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    peaks: dict[int, int] = {}
-    done = threading.Event()
-
-    def poll() -> None:
-        while not done.is_set():
-            try:
-                kids = psutil.Process(proc.pid).children(recursive=True)
-            except psutil.Error:
-                kids = []
-            for k in kids:
-                try:
-                    rank = lambda q: any(a.startswith("--local_rank") for a in q.cmdline())  # noqa: E731
-                    if not rank(k) or rank(k.parent()):  # the rank processes, not what they fork
-                        continue
-                    with open(f"/proc/{k.pid}/status") as fh:
-                        for line in fh:
-                            if line.startswith("VmHWM:"):
-                                peaks[k.pid] = max(peaks.get(k.pid, 0), int(line.split()[1]) * 1024)
-                except (OSError, psutil.Error):
-                    pass
-            time.sleep(0.2)
-
-    th = threading.Thread(target=poll, daemon=True)
-    th.start()
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    finally:
-        done.set()
-        th.join()
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr), sorted(peaks.values())
-
-
 H512 = ["model.hidden_size=512", "model.num_layers=8", "model.num_heads=8", "data.seq_len=256", "train.micro_batch_size=4"]
 H1024 = ["model.hidden_size=1024", "model.num_layers=12", "model.num_heads=16", "data.seq_len=128", "train.micro_batch_size=2"]
 ACTS = ["model.hidden_size=256", "model.num_layers=4", "model.num_heads=4", "data.seq_len=512", "train.micro_batch_size=16"]
@@ -488,7 +451,7 @@ def measure_case(name: str, tmp_path: Path, data: Path, steps: int = 4) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), str(ROOT / "launch" / "train.py"),
            *_args(tmp_path / name, data, *overrides)]
-    proc, peaks = _peak_rss_run(cmd, env)
+    proc, peaks = run_with_rank_peaks(cmd, env=env, cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(peaks) == ranks, peaks
     measured = max(peaks)
