@@ -13,7 +13,13 @@ the harness's standard error, beside it in the report.
 
 Every check runs before any model is loaded: the harness installed (an optional extra), each
 name known, each YAML readable, each task's data loadable (a Hub task without its data offline
-is named with what to do).
+is named with what to do). Every task a directory's YAML files define (a ``task:`` name) runs;
+a group defined there is not aggregated (name its tasks' directory, or the group by name).
+
+Over the ranks of a process group (evaluate ``zero3=true``, or the training engine: the
+training stages run the same tasks in the loop through :func:`in_loop`) scoring tasks are
+dealt over the ranks with the harness's own rank hooks (:func:`_ranked_hflm`); generative tasks
+run every request on every rank.
 """
 
 from __future__ import annotations
