@@ -1,5 +1,5 @@
 """The main job on built-in defaults: corpus -> tokenizer and shards -> pre-training -> SFT ->
-evaluation (base vs fine-tuned) -> verified export -> report, in one command.
+evaluation (base vs fine-tuned; exact match, a harness score) -> verified export -> report, in one command.
 
     python launch/quickstart.py [--output DIR] [--tiny] [--ranks N] [--set STAGE.key=value ...]
 
@@ -12,6 +12,7 @@ overrides that put every output under one run directory (default ``outputs/quick
     pretrain/        pre-training run: checkpoints/, tensorboard/, losses.json
     finetune/        SFT run: checkpoints/, tensorboard/, init_model/ (the base as HF)
     eval/            base vs fine-tuned exact match: report.md, generations.jsonl, tensorboard/
+    eval-harness/    base vs fine-tuned, lm-evaluation-harness on examples/harness/sample_reading
     export/          the fine-tuned model as a verified Hugging Face directory
     report/          PNG plots and report.md from every stage's TensorBoard events
     logs/<stage>.log each stage's full output
@@ -20,7 +21,9 @@ overrides that put every output under one run directory (default ``outputs/quick
 The training stages run through the ``deepspeed`` launcher on N ranks (the GPUs where
 there are any, else 2 CPU ranks) with ZeRO-3 and CPU offload (the recipes' DeepSpeed JSON).
 TensorBoard reads every stage at once from the run directory: its runs are
-``pretrain/tensorboard``, ``finetune/tensorboard``, ``eval/tensorboard/{base,finetuned}``.
+``pretrain/tensorboard``, ``finetune/tensorboard``, ``eval/tensorboard/{base,finetuned}``,
+``eval-harness/tensorboard/{base,finetuned}``. Without lm-evaluation-harness (``pip install -e ".[eval]"``)
+the quickstart says so up front and skips the harness stage alone (``--set harness.*`` is then refused).
 
 Re-running resumes: the preprocess and data stages check their own outputs, a training
 stage whose latest checkpoint reached ``train.max_steps`` is skipped (else it resumes from
@@ -33,6 +36,7 @@ printed, with the end of its log, and the quickstart exits with that code.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -51,8 +55,13 @@ from pipeline.rendezvous import free_port
 
 ROOT = Path(__file__).resolve().parents[2]  # pipeline/stages/quickstart.py -> the repository
 RECIPES = ROOT / "configs" / "sample"
-STAGES = ("preprocess", "sample-qa", "pretrain", "finetune", "evaluate", "export", "verify-export", "report")
-_OVERRIDABLE = ("preprocess", "pretrain", "finetune", "evaluate")
+STAGES = ("preprocess", "sample-qa", "pretrain", "finetune", "evaluate", "harness", "export", "verify-export", "report")
+_OVERRIDABLE = ("preprocess", "pretrain", "finetune", "evaluate", "harness")
+# The harness task (held-out passages, 4-way multiple choice) and its settings: all 200 documents (13 s on 2 cores).
+HARNESS_TASK, HARNESS = ROOT / "examples" / "harness" / "sample_reading", ["max_batches=200"]
+_HARNESS_SCORED = ("data", "max_batches", "num_fewshot", "precision")  # a report made with other ones is redone
+HARNESS_INSTALL = 'pip install -e ".[eval]"'  # as pipeline.eval.tasks.harness.INSTALL
+HARNESS_SKIPPED = "lm-evaluation-harness is not installed, so the harness stage (base vs fine-tuned on a multiple-choice task) is skipped"
 # Console lines of a stage worth showing while it runs (the full output is in its log).
 _ECHO = re.compile(r"^(step \d+ \||eval step \d+|train: |finetune: |resumed from|already |checkpoint |error: |"
                    r"preprocess: |  train: |base: |finetuned: |exported |report: |pipeline: )")
@@ -66,7 +75,7 @@ TINY = {
                  "monitor.log_every=5"],
     "finetune": ["sft.seq_len=160", "train.max_steps=12", "train.lr=3e-3", "train.warmup_steps=2", "train.eval_every=6",
                  "train.eval_batches=2", "checkpoint.every=0", "monitor.log_every=3"],
-    "evaluate": ["max_batches=16", "max_new_tokens=8"],
+    "evaluate": ["max_batches=16", "max_new_tokens=8"],  # harness: all 200 documents (under 1 s more than 50)
 }
 TINY_QA = (240, 16)  # fine-tuning / held-out examples
 
@@ -117,6 +126,9 @@ def commands(opts: Options) -> dict[str, list[str]]:
         "evaluate": [py, str(ROOT / "launch" / "evaluate.py"), *recipe("evaluate"), f"model={out / 'finetune'}",
                      f"compare_to={out / 'pretrain'}", "name=finetuned", "compare_name=base", f"data={out / 'qa_test.jsonl'}",
                      f"output={out / 'eval'}", "overwrite=true", *_overrides(opts, "evaluate")],
+        "harness": [py, str(ROOT / "launch" / "evaluate.py"), "task=harness", f"model={out / 'finetune'}",
+                    f"compare_to={out / 'pretrain'}", "name=finetuned", "compare_name=base", f"data={HARNESS_TASK}",
+                    f"output={out / 'eval-harness'}", "overwrite=true", *HARNESS, *_overrides(opts, "harness")],
         "export": [py, str(ROOT / "launch" / "export.py"), "--checkpoint", str(out / "finetune"),
                    "--output", str(out / "export"), "--overwrite"],
         "report": [py, str(ROOT / "launch" / "report.py"), "--logdir", str(out), "--output", str(out / "report")],
@@ -168,6 +180,37 @@ def check_recipes(opts: Options, cmds: dict[str, list[str]]) -> None:
         except UserError as e:
             raise UserError(f"the {stage} stage would refuse its recipe {recipe} with these settings "
                             f"(nothing was run): {e}") from None
+    if opts.overrides.get("harness") and harness_missing():
+        raise UserError(f"--set harness.*: the harness stage needs lm-evaluation-harness, which is not installed; "
+                        f"run {HARNESS_INSTALL} (or drop --set harness.*: the quickstart then skips that stage)")
+    try:
+        harness_config(opts, cmds)
+    except UserError as e:
+        raise UserError(f"the harness stage would refuse its settings (launch/evaluate.py task=harness "
+                        f"{' '.join(HARNESS + opts.overrides.get('harness', []))}) (nothing was run): {e}") from None
+
+
+def harness_missing() -> bool:
+    """Whether lm-evaluation-harness (the optional ``eval`` extra) is absent: looked up, not imported."""
+    return importlib.util.find_spec("lm_eval") is None
+
+
+def harness_config(opts: Options, cmds: dict[str, list[str]] | None = None) -> Any:
+    """The harness stage's evaluate config as the stage will load it, its task directories' YAML read (no
+    lm_eval import). Raises UserError: a wrong key or value, a task directory that is not one."""
+    from pipeline.config import load_config
+    from pipeline.eval.tasks.harness import local_tasks
+    from pipeline.stages.evaluate import EvalConfig
+
+    cfg = load_config(EvalConfig, None, (cmds or commands(opts))["harness"][2:])
+    if cfg.task != "harness":
+        raise UserError(f"task: this stage runs task=harness, got task={cfg.task}; set evaluate.task for the evaluate stage")
+    for item in (x.strip() for x in cfg.data.split(",") if x.strip()):
+        if (ROOT / item).is_dir():  # relative to the repository, where the stage runs (an absolute path stays)
+            local_tasks(ROOT / item)
+        elif os.sep in item or item.endswith((".yaml", ".yml")):
+            raise UserError(f"data: '{item}' is not a directory; a local harness task is a directory of task YAML")
+    return cfg
 
 
 def is_done(opts: Options, stage: str) -> bool:
@@ -182,9 +225,23 @@ def is_done(opts: Options, stage: str) -> bool:
     if stage == "evaluate":
         models = {m.get("name"): m.get("step") for m in (_read_json(out / "eval" / "report.json") or {}).get("models", [])}
         return models == {"finetuned": steps["finetune"], "base": steps["pretrain"]}
+    if stage == "harness":
+        return _harness_report(opts, steps) is not None
     if stage == "export":
         return (_read_json(out / "export" / "export_meta.json") or {}).get("step") == steps["finetune"]
     return False  # preprocess and sample-qa check their own outputs (cheaply) and say so
+
+
+def _harness_report(opts: Options, steps: dict | None = None) -> dict | None:
+    """The published harness report if made on the current models with this run's scored settings, else None."""
+    out = opts.output
+    steps = steps or {name: (_latest_meta(out / name) or {}).get("step") for name in ("pretrain", "finetune")}
+    report = _read_json(out / "eval-harness" / "report.json") or {}
+    models = {m.get("name"): m.get("step") for m in report.get("models", [])}
+    if models != {"finetuned": steps["finetune"], "base": steps["pretrain"]}:
+        return None
+    cfg, done = harness_config(opts), report.get("config") or {}
+    return report if all(done.get(k) == getattr(cfg, k) for k in _HARNESS_SCORED) else None
 
 
 # ---------------------------------------------------------------------------- running
@@ -356,15 +413,34 @@ def summarize(opts: Options, seconds: dict[str, float], export_check: dict | Non
                      "contains_base": (models.get("base") or {}).get("contains"),
                      "contains_finetuned": (models.get("finetuned") or {}).get("contains"),
                      "exact_match_by_kind": _per_kind(out)},
+        "harness": _harness_summary(opts),
         "export": export_check,
         "seconds": {**{k: round(v, 1) for k, v in seconds.items()}, "total": round(sum(seconds.values()), 1)},
         "artifacts": {"data": str(out / "data"), "pretrain": str(out / "pretrain" / "checkpoints"),
                       "finetune": str(out / "finetune" / "checkpoints"), "evaluation": str(out / "eval" / "report.md"),
-                      "generations": str(out / "eval" / "generations.jsonl"), "export": str(out / "export"),
+                      "generations": str(out / "eval" / "generations.jsonl"),
+                      "harness": str(out / "eval-harness" / "report.md"), "export": str(out / "export"),
                       "report": str(out / "report" / "report.md"), "logs": str(out / "logs"),
                       "summary": str(out / "summary.md")},
         "tensorboard": f"tensorboard --logdir {out}",
     }
+
+
+def _harness_summary(opts: Options) -> dict[str, Any]:
+    """``{"data", "documents", "metrics": {"<task>/<metric>": {"base", "base_stderr", "finetuned",
+    "finetuned_stderr"}}, "skipped"}`` from the current harness report (``skipped``: why there is none)."""
+    if (report := _harness_report(opts)) is None:
+        why = f"{HARNESS_SKIPPED} ({HARNESS_INSTALL})" if harness_missing() else "no report for the current models"
+        return {"data": None, "documents": None, "metrics": {}, "skipped": why}
+    models = {m["name"]: m["metrics"] for m in report.get("models", [])}
+    metrics = {key: {f"{who}{suffix}": (models.get(who) or {}).get(key + suffix)
+                     for who in ("base", "finetuned") for suffix in ("", "_stderr")}
+               for key in report.get("headline", [])}
+    cfg, docs = report.get("config") or {}, None  # documents per model: known for the shipped task only
+    if cfg.get("data") and (ROOT / cfg["data"]).resolve() == HARNESS_TASK.resolve():  # relative: the repository's
+        docs = sum(len(_lines(f)) for f in HARNESS_TASK.glob("*.jsonl"))
+        docs = min(docs, cfg.get("max_batches") or docs)
+    return {"data": cfg.get("data"), "documents": docs, "metrics": metrics, "skipped": None}
 
 
 def _f(v: Any, fmt: str = "{:.3f}") -> str:
@@ -374,6 +450,11 @@ def _f(v: Any, fmt: str = "{:.3f}") -> str:
 def render_summary(s: dict[str, Any]) -> str:
     """The summary as Markdown (also what the console shows)."""
     d, p, f, e, x = s["data"], s["pretrain"], s["finetune"], s["evaluate"], s["export"] or {}
+    h = s.get("harness") or {}
+    docs = f" on {h['documents']} documents" if h.get("documents") else ""
+    harness = [("harness", f"{key}{docs}{' (± standard error)' if not i else ''}: base -> fine-tuned",
+                f"{_f(m['base'])} ± {_f(m['base_stderr'])} -> {_f(m['finetuned'])} ± {_f(m['finetuned_stderr'])}")
+               for i, (key, m) in enumerate((h.get("metrics") or {}).items())]
     rows = [
         ("data", "documents (train / val)", f"{d['train_documents']:,} / {d['val_documents']:,}"),
         ("data", "tokens (train / val), vocabulary", f"{d['train_tokens']:,} / {d['val_tokens']:,}, {d['vocab_size']:,}"),
@@ -388,6 +469,7 @@ def render_summary(s: dict[str, Any]) -> str:
         ("evaluate", f"exact match on {e['examples']} held-out prompts: base -> fine-tuned",
          f"{_f(e['exact_match_base'])} -> {_f(e['exact_match_finetuned'])}"),
         ("evaluate", "answer contained: base -> fine-tuned", f"{_f(e['contains_base'])} -> {_f(e['contains_finetuned'])}"),
+        *(harness or [("harness", "lm-evaluation-harness score: base -> fine-tuned", h.get("skipped") or "n/a")]),
         ("export", "reloaded with transformers; exact match on its prompts",
          f"{x.get('model_class', 'n/a')}, {_f(x.get('exact_match'))} on {x.get('prompts', 0)}"),
     ]
@@ -420,6 +502,8 @@ def run(opts: Options, echo=print) -> dict[str, Any]:
     """
     out = opts.output
     check_recipes(opts, commands(opts))
+    if no_harness := harness_missing():  # said before the first stage, not after minutes of training
+        echo(f"quickstart: {HARNESS_SKIPPED}; install it with {HARNESS_INSTALL} to get that score")
     out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
     export_check = None
@@ -427,6 +511,9 @@ def run(opts: Options, echo=print) -> dict[str, Any]:
         log = out / "logs" / f"{stage}.log"
         if is_done(opts, stage):
             echo(f"[{i}/{len(STAGES)}] {stage}: already complete, skipped")
+            continue
+        if stage == "harness" and no_harness:
+            echo(f"[{i}/{len(STAGES)}] {stage}: skipped, lm-evaluation-harness is not installed ({HARNESS_INSTALL})")
             continue
         echo(f"[{i}/{len(STAGES)}] {stage} (log: {log})")
         t0 = time.perf_counter()
@@ -486,7 +573,8 @@ def main(argv: list[str] | None = None, *, description: str = "") -> int:
     p.add_argument("--ranks", type=int, default=0, metavar="N", help="ranks of the training stages (default: GPUs, else 2)")
     p.add_argument("--tiny", action="store_true", help="a tiny model and a few steps per stage (tests; learns little)")
     p.add_argument("--set", action="append", default=[], metavar="STAGE.key=value",
-                   help="override a recipe key of preprocess, pretrain, finetune or evaluate (repeatable)")
+                   help="override a recipe key of preprocess, pretrain, finetune, evaluate or harness "
+                        "(evaluate's keys for task=harness) (repeatable)")
     ns = p.parse_args(argv)
 
     def body() -> int:
