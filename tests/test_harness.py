@@ -72,13 +72,13 @@ metric_list:
     return d
 
 
-def _cli(model: Path, tasks: Path, out: Path, limit: int = 0) -> dict[str, float]:
+def _cli(model: Path, tasks: Path, out: Path, limit: int = 0, *extra: str) -> dict[str, float]:
     """``lm_eval --model hf`` on ``model`` (fp32, CPU, batch 4), run from the task directory as the stage reads it."""
     from pipeline.eval.tasks.harness import flatten
 
     cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={model},dtype=float32",
            "--tasks", "sample_mc,sample_ll", "--include_path", str(tasks), "--batch_size", "4", "--device", "cpu",
-           "--output_path", str(out)] + (["--limit", str(limit)] if limit else [])
+           "--output_path", str(out), *extra] + (["--limit", str(limit)] if limit else [])
     r = subprocess.run(cmd, cwd=tasks, capture_output=True, text=True, timeout=600, check=False,
                        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
@@ -129,6 +129,33 @@ def test_the_stage_equals_lm_eval_on_a_hugging_face_directory_and_compares_two_m
     assert f"| sample_mc/acc | {first['sample_mc/acc']:.4f} ± {first['sample_mc/acc_stderr']:.4f} |" in md
     tb = list((tmp_path / "eval" / "tensorboard").iterdir())
     assert sorted(p.name for p in tb) == sorted(m["name"] for m in report["models"])
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_with_the_chat_template_the_stage_equals_lm_eval_and_a_model_without_one_gets_the_builtin(
+        task_dir: Path, tiny_hf_model: Path, tmp_path: Path):
+    """apply_chat_template=true is lm_eval's --apply_chat_template; a tokenizer without a template is scored
+    in the pipeline's builtin one (what fine-tuning saves), so base and chat fine-tune compare in one format."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from pipeline.data.chat import BUILTIN_TEMPLATE
+
+    chat = tmp_path / "chat"
+    shutil.copytree(tiny_hf_model, chat)
+    tok = AutoTokenizer.from_pretrained(chat)
+    tok.chat_template = BUILTIN_TEMPLATE
+    tok.save_pretrained(chat)
+    templated = _stage([f"model={chat}", f"data={task_dir}", f"output={tmp_path / 'a'}", "max_batches=8",
+                        "apply_chat_template=true"])["models"][0]["metrics"]
+    _same(templated, _cli(chat, task_dir, tmp_path / "cli", 8, "--apply_chat_template"))
+    fallback = _stage([f"model={tiny_hf_model}", f"data={task_dir}", f"output={tmp_path / 'b'}", "max_batches=8",
+                       "apply_chat_template=true"])["models"][0]["metrics"]
+    _same(fallback, templated)
+    plain = _stage([f"model={chat}", f"data={task_dir}", f"output={tmp_path / 'c'}", "max_batches=8"])["models"][0]["metrics"]
+    assert plain["sample_ll/perplexity"] != templated["sample_ll/perplexity"]  # the template changed the requests
 
 
 @pytest.mark.slow

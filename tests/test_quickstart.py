@@ -71,6 +71,7 @@ def test_summary_shows_the_harness_score_from_its_report(run):
     out, r = run
     report = json.loads((out / "eval-harness" / "report.json").read_text())
     assert report["config"]["data"] == str(ROOT / "examples" / "harness" / "sample_reading")
+    assert report["config"]["apply_chat_template"] is True  # the format the fine-tune learned the task in
     assert report["config"]["max_batches"] == 200
     models = {m["name"]: m for m in report["models"]}
     assert {n: m["step"] for n, m in models.items()} == {"finetuned": 12, "base": 40}

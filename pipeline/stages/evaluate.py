@@ -91,6 +91,10 @@ class EvalConfig:
     harness (its limit)."""
     num_fewshot: int = -1
     """harness: examples in each prompt (-1: each task's own default)."""
+    apply_chat_template: bool = False
+    """harness: render every request with the model's chat template (lm_eval's
+    --apply_chat_template), for chat models; a tokenizer without one gets the pipeline's builtin
+    template (the one fine-tuning uses), so a base model and its chat fine-tune compare in one format."""
     batch_size: int = 8
     """Windows, examples or prompts per forward pass (per rank with zero3)."""
     max_new_tokens: int = 64

@@ -173,7 +173,8 @@ def _cwd(directory: Path | None):
         os.chdir(before)
 
 
-def run_harness(model: Any, tokenizer: Any, tasks: HarnessTasks, *, num_fewshot: int, limit: int, batch_size: int) -> dict:
+def run_harness(model: Any, tokenizer: Any, tasks: HarnessTasks, *, num_fewshot: int, limit: int, batch_size: int,
+                chat: bool = False) -> dict:
     """The harness's results for a loaded model: ``{task: {"acc,none": ..., "acc_stderr,none": ...}}``
     (the same on every rank), through ``lm_eval.simple_evaluate`` (what its command line runs: the
     same seeds and few-shot sampling, so the numbers equal ``lm_eval --model hf`` on the same model
@@ -187,6 +188,9 @@ def run_harness(model: Any, tokenizer: Any, tasks: HarnessTasks, *, num_fewshot:
         model: a transformers causal LM ready for forward passes (a ZeRO-3 engine's module too).
         num_fewshot: examples in each prompt (-1: each task's own default).
         limit: documents per task (0: all).
+        chat: render every request with the tokenizer's chat template (``lm_eval
+            --apply_chat_template``); a tokenizer without one gets the pipeline's builtin template,
+            the one fine-tuning renders conversations with (:mod:`pipeline.data.chat`).
     """
     import logging
 
@@ -203,6 +207,10 @@ def run_harness(model: Any, tokenizer: Any, tasks: HarnessTasks, *, num_fewshot:
     # deadlock in the child. Its single-process path draws the same resamples (one seed per chunk).
     multiproc = os.environ.get("DISABLE_MULTIPROC")
     os.environ["DISABLE_MULTIPROC"] = "1"
+    if chat and not getattr(tokenizer, "chat_template", None):
+        from pipeline.data import chat as chat_format
+
+        tokenizer.chat_template = chat_format.chat_template(tokenizer, "auto")  # the builtin one (this object only)
     try:
         lm = _ranked_hflm(model, tokenizer, batch_size, world if tasks.splittable else 1)
         out: dict = {}
@@ -210,6 +218,7 @@ def run_harness(model: Any, tokenizer: Any, tasks: HarnessTasks, *, num_fewshot:
             with _cwd(directory):
                 res = simple_evaluate(model=lm, tasks=names, task_manager=manager,
                                       num_fewshot=None if num_fewshot < 0 else num_fewshot, limit=limit or None,
+                                      apply_chat_template=chat,
                                       log_samples=False, verbosity="ERROR")
             out.update(res["results"] if res else {})
     finally:
@@ -306,6 +315,9 @@ class HarnessConfig:
     """Documents per task (the harness's limit; 0: all of them)."""
     batch_size: int = 8
     """Requests per forward pass (per rank)."""
+    apply_chat_template: bool = False
+    """Render every request with the run's chat template (lm_eval's --apply_chat_template; the
+    builtin template for a tokenizer without one), e.g. for a chat fine-tune."""
 
     def check(self) -> list[tuple[str, str]]:
         p = []
@@ -351,7 +363,7 @@ def in_loop(cfg: HarnessConfig, tokenizer: Any, *, sp: int = 1, head: str = "cau
         tok = AutoTokenizer.from_pretrained(str(tokenizer)) if isinstance(tokenizer, (str, Path)) else tokenizer
         engine.eval()
         try:
-            results = flatten(run_harness(engine.module, tok, tasks, num_fewshot=cfg.num_fewshot,
+            results = flatten(run_harness(engine.module, tok, tasks, num_fewshot=cfg.num_fewshot, chat=cfg.apply_chat_template,
                                           limit=cfg.max_batches, batch_size=cfg.batch_size))
         finally:
             engine.train()
@@ -376,7 +388,8 @@ class Harness(EvalTask):
         if dist.world_size() > 1:
             dist.print0(f"harness: documents dealt over {dist.world_size()} ranks" if state.splittable else
                         f"harness: every rank runs every request (generative tasks: {dist.world_size()} ranks in step)")
-        results = run_harness(lm.model, lm.tokenizer, state, num_fewshot=cfg.num_fewshot, limit=cfg.max_batches,
+        results = run_harness(lm.model, lm.tokenizer, state, num_fewshot=cfg.num_fewshot, chat=cfg.apply_chat_template,
+                              limit=cfg.max_batches,
                               batch_size=cfg.batch_size)
         return flatten(results), []
 
