@@ -178,6 +178,24 @@ def test_a_zero3_pipeline_checkpoint_equals_lm_eval_on_its_export_in_one_process
     _same(two["models"][0]["metrics"], cli)
 
 
+@pytest.mark.slow
+@pytest.mark.integration
+def test_few_shot_equals_lm_eval_in_one_process_and_on_two_ranks(task_dir: Path, tiny_hf_model: Path, tmp_path: Path):
+    """num_fewshot=2: the harness draws each document's examples from one stream in document order, so the ranks
+    of a ZeRO-3 launch run every request (dealt, a rank would draw other examples) and equal one process."""
+    cli = _cli(tiny_hf_model, task_dir, tmp_path / "cli", 10, "--num_fewshot", "2")
+    one = _stage([f"model={tiny_hf_model}", f"data={task_dir}", f"output={tmp_path / 'one'}", "max_batches=10",
+                  "num_fewshot=2"])["models"][0]["metrics"]
+    _same(one, cli)
+    assert one != _stage([f"model={tiny_hf_model}", f"data={task_dir}", f"output={tmp_path / 'zero'}",
+                          "max_batches=10"])["models"][0]["metrics"]  # the shots change the requests
+    r = run_deepspeed("evaluate.py", "task=harness", "batch_size=4", "zero3=true", f"model={tiny_hf_model}",
+                      f"data={task_dir}", f"output={tmp_path / 'two'}", "max_batches=10", "num_fewshot=2")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "harness: every rank runs every request" in r.stdout + r.stderr
+    _same(json.loads((tmp_path / "two" / "report.json").read_text())["models"][0]["metrics"], cli)
+
+
 def _scalars(log_dir: Path) -> dict[str, dict[int, float]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
