@@ -18,6 +18,7 @@ from conftest import TINY_MODEL
 from inproc import run_entry
 
 from pipeline.errors import UserError
+from pipeline.training.model import enable_checkpointing
 from pipeline.training.tiling import check, logits_tile_tokens, mlp_tile_tokens, tile_mlps
 from pipeline.training.trainer import IGNORE_INDEX, CausalLMTask
 
@@ -60,7 +61,7 @@ def test_tiled_mlp_and_logits_give_the_plain_loss_and_gradients(kind: str, check
     tiled = copy.deepcopy(model)
     if checkpointing:
         for m in (model, tiled):
-            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(m, offload=False)  # the stages' switch (pipeline.training.model)
             m.train()
     assert tile_mlps(tiled, 8) == 2  # 30 tokens: tiles of 8, 8, 8, 6
     plain_loss, plain_n, plain = _loss_and_grads(model, CausalLMTask())
