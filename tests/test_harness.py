@@ -104,7 +104,7 @@ def _same(a: dict[str, float], b: dict[str, float]) -> None:
 @pytest.mark.slow
 @pytest.mark.integration
 def test_the_stage_equals_lm_eval_on_a_hugging_face_directory_and_compares_two_models(
-        task_dir: Path, tiny_hf_model: Path, tmp_path: Path):
+        task_dir: Path, tiny_hf_model: Path, tmp_path: Path, capfd):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -118,6 +118,8 @@ def test_the_stage_equals_lm_eval_on_a_hugging_face_directory_and_compares_two_m
         (other / f.name).write_bytes(f.read_bytes())
 
     report = _stage([f"model={tiny_hf_model}", f"compare_to={other}", f"data={task_dir}", f"output={tmp_path / 'eval'}"])
+    said = capfd.readouterr()
+    assert "not a git repository" not in said.out + said.err  # the harness's git call in a task directory, silenced
     cli = _cli(tiny_hf_model, task_dir, tmp_path / "cli")
     first, second = (m["metrics"] for m in report["models"])
     _same(first, cli)

@@ -218,6 +218,12 @@ def run_harness(model: Any, tokenizer: Any, tasks: HarnessTasks, *, num_fewshot:
     # deadlock in the child. Its single-process path draws the same resamples (one seed per chunk).
     multiproc = os.environ.get("DISABLE_MULTIPROC")
     os.environ["DISABLE_MULTIPROC"] = "1"
+    # It also runs `git describe` in the working directory (a task's directory here) for its metadata, and git
+    # prints "fatal: not a git repository" to the terminal where that is none; the hash is not reported here.
+    import lm_eval.evaluator as harness_evaluator
+
+    git_hash = harness_evaluator.get_git_commit_hash
+    harness_evaluator.get_git_commit_hash = lambda: None
     if chat and not getattr(tokenizer, "chat_template", None):
         from pipeline.data import chat as chat_format
 
@@ -234,6 +240,7 @@ def run_harness(model: Any, tokenizer: Any, tasks: HarnessTasks, *, num_fewshot:
             out.update(res["results"] if res else {})
     finally:
         log.setLevel(level)
+        harness_evaluator.get_git_commit_hash = git_hash
         if multiproc is None:
             del os.environ["DISABLE_MULTIPROC"]
         else:
