@@ -198,6 +198,49 @@ def test_few_shot_equals_lm_eval_in_one_process_and_on_two_ranks(task_dir: Path,
     _same(json.loads((tmp_path / "two" / "report.json").read_text())["models"][0]["metrics"], cli)
 
 
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_generative_task_equals_lm_eval_and_runs_in_step_on_two_ranks(tiny_hf_model: Path, tmp_path: Path):
+    """generate_until (greedy, stop at a newline): the CLI's own generations become the targets, so the stage
+    scores 1.0 only if it generates exactly what the CLI did, in one process and on 2 ZeRO-3 ranks (where every
+    rank generates every request: the partitioned passes line up)."""
+    d = tmp_path / "gen"
+    task = """task: sample_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: gen.jsonl
+test_split: test
+output_type: generate_until
+doc_to_text: "{{q}}"
+doc_to_target: "{{a}}"
+generation_kwargs: {until: ["\\n"], max_gen_toks: 6, do_sample: false}
+metric_list:
+  - {metric: exact_match, aggregation: mean, higher_is_better: true}
+"""
+    write_jsonl(d / "gen.jsonl", [{"q": f"the {w} is", "a": w} for w in WORDS])
+    (d / "gen.yaml").write_text(task)
+    cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={tiny_hf_model},dtype=float32",
+           "--tasks", "sample_gen", "--include_path", str(d), "--batch_size", "4", "--device", "cpu", "--output_path",
+           str(tmp_path / "cli"), "--log_samples"]
+    r = subprocess.run(cmd, cwd=d, capture_output=True, text=True, timeout=600, check=False,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    samples = [json.loads(line) for line in next((tmp_path / "cli").rglob("samples_sample_gen_*.jsonl")).read_text().splitlines()]
+    made = {s["doc"]["q"]: s["filtered_resps"][0] for s in samples}
+    assert len(made) == len(WORDS) and len(set(made.values())) > 1  # the random model says different things
+    theirs = tmp_path / "theirs"  # the same task, the CLI's generations as targets
+    write_jsonl(theirs / "gen.jsonl", [{"q": q, "a": a} for q, a in made.items()])
+    (theirs / "gen.yaml").write_text(task)
+    one = _stage([f"model={tiny_hf_model}", f"data={theirs}", f"output={tmp_path / 'one'}"])["models"][0]["metrics"]
+    assert one["sample_gen/exact_match"] == 1.0
+    r = run_deepspeed("evaluate.py", "task=harness", "batch_size=4", "zero3=true", f"model={tiny_hf_model}",
+                      f"data={theirs}", f"output={tmp_path / 'two'}")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "harness: every rank runs every request" in r.stdout + r.stderr
+    assert json.loads((tmp_path / "two" / "report.json").read_text())["models"][0]["metrics"]["sample_gen/exact_match"] == 1.0
+
+
 def _scalars(log_dir: Path) -> dict[str, dict[int, float]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
