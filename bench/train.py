@@ -1,8 +1,8 @@
 """Benchmark of the training stage against a bare DeepSpeed loop, the HF Trainer and plain DDP.
 
     python bench/train.py [--workdir bench/.work/train] [--repeats 3] [--steps 30] [--warmup 5] [--quick]
-                          [--only abcd] [--quiet-wait 240] [--bench-wait 2400] [--max-others 0.6] [--retries 2]
-                          [--nice 0] [--report]
+                          [--only abcdg] [--quiet-wait 240] [--bench-wait 2400] [--max-others 0.6] [--retries 2]
+                          [--nice 0] [--report] [--ds-config ds_configs/zero3_offload.json] [--model 256,4,4]
 
 On one model (a tiny Llama: 4 layers, hidden 256, 4 heads, seq 256), one preprocessed dataset
 (made by ``launch/preprocess.py`` from the built-in sample), one DeepSpeed JSON
@@ -22,6 +22,13 @@ contender gets the very same dict), fp32, AdamW (lr 1e-3, betas 0.9/0.95, eps 1e
   fastest config that fits: for this model ``ds_configs/zero0.json``), otherwise as (b).
 * (f) ``ds0``: the bare loop of (a) with ``ds_configs/zero0.json`` (what (e) resolves to) instead of
   ZeRO-3 + offload: DeepSpeed's own cost without partitioning, beside DDP.
+* (g) ``dsdef``: the bare loop of (a) with the resolved JSON less the three ZeRO-3 keys the
+  pipeline fills from the hidden size (``reduce_bucket_size``, ``stage3_prefetch_bucket_size``,
+  ``stage3_param_persistence_threshold``), so DeepSpeed uses its own defaults for them (5e8, 5e7,
+  1e5 in 0.19.8): what a user who writes a plain DeepSpeed loop gets without the pipeline (issue 16).
+
+``--ds-config`` replaces ``ds_configs/zero3_offload.json`` for (a), (b), (c), (g); ``--model
+HIDDEN,LAYERS,HEADS`` the tiny model (results then go to ``<workdir>/full-<config>-<model>``).
 
 Data: every contender reads the same token sequences in the same order per rank and step
 (sample ``8t + 4r + i`` of the stage's blended, shuffled stream at step ``t`` on rank ``r``):
@@ -66,12 +73,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKERS = ROOT / "bench" / "_train_workers.py"
-CONTENDERS = ("a", "b", "c", "d", "e", "f")
+CONTENDERS = ("a", "b", "c", "d", "e", "f", "g")
 STAGES = ("b", "e")  # contenders that run launch/train.py (their step lines are the monitor's)
 LABEL = {"a": "(a) bare DeepSpeed loop", "b": "(b) stage launch/train.py", "c": "(c) HF Trainer + DeepSpeed",
          "d": "(d) plain DDP (no DeepSpeed)", "e": "(e) stage, deepspeed.config=auto",
-         "f": "(f) bare DeepSpeed loop, ZeRO-0"}
-MODE = {"a": "ds", "c": "hf", "d": "ddp", "f": "ds"}
+         "f": "(f) bare DeepSpeed loop, ZeRO-0", "g": "(g) bare DeepSpeed loop, DeepSpeed's default ZeRO-3 values"}
+MODE = {"a": "ds", "c": "hf", "d": "ddp", "f": "ds", "g": "ds"}
+DS_DEFAULT_KEYS = ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold")
 GOAL_AUTO_OVER_DDP = 0.95
 RANKS = 2
 GOAL_B_OVER_A, GOAL_B_OVER_C, GOAL_TTFS, GOAL_DATA_WAIT = 0.97, 1.0, 1.1, 0.01
@@ -121,7 +129,8 @@ def stage_overrides(m: dict, data: Path, output: Path, max_steps: int, warmup: i
     ]
 
 
-def prepare(workdir: Path, data_root: Path, m: dict, max_steps: int, warmup: int) -> dict:
+def prepare(workdir: Path, data_root: Path, m: dict, max_steps: int, warmup: int,
+            ds_config: str = "ds_configs/zero3_offload.json") -> dict:
     """Dataset (under ``data_root``), model config, resolved DeepSpeed JSON and the workers' spec (under ``workdir``)."""
     sys.path.insert(0, str(ROOT))
     from pipeline.config import load_config
@@ -132,7 +141,7 @@ def prepare(workdir: Path, data_root: Path, m: dict, max_steps: int, warmup: int
     from pipeline.training.ds_config import resolve_for_recipe  # how the stage fills its DeepSpeed JSON
 
     data = make_dataset(data_root, m)
-    cfg = load_config(TrainConfig, None, stage_overrides(m, data, workdir / "unused", max_steps, warmup))
+    cfg = load_config(TrainConfig, None, stage_overrides(m, data, workdir / "unused", max_steps, warmup, ds_config))
     tok = read_manifest(data)["tokenizer"]
     conf = hf_config(cfg.model, tok["vocab_size"], cfg.data.seq_len, tok)
     ds = resolve_for_recipe(cfg, cfg.deepspeed.config, world=RANKS, precision="fp32", hidden=conf.hidden_size)
@@ -147,6 +156,12 @@ def prepare(workdir: Path, data_root: Path, m: dict, max_steps: int, warmup: int
         "warmup_steps": t.warmup_steps, "min_lr_ratio": t.min_lr_ratio, "workdir": str(workdir / "hf-output"),
     }
     (workdir / "spec.json").write_text(json.dumps(spec, indent=2) + "\n")
+    # (g): the same JSON without the three keys the pipeline fills from the hidden size: DeepSpeed's defaults
+    ds_def = json.loads(json.dumps(ds))
+    for k in DS_DEFAULT_KEYS:
+        (ds_def.get("zero_optimization") or {}).pop(k, None)
+    (workdir / "ds_config_dsdefaults.json").write_text(json.dumps(ds_def, indent=2) + "\n")
+    (workdir / "spec-g.json").write_text(json.dumps({**spec, "ds_config": str(workdir / "ds_config_dsdefaults.json")}, indent=2) + "\n")
     # (e) and (f): the config `auto` resolves to for this model on this machine (the planner's choice)
     import dataclasses
 
@@ -162,7 +177,7 @@ def prepare(workdir: Path, data_root: Path, m: dict, max_steps: int, warmup: int
     ds_auto = resolve_for_recipe(auto_cfg, chosen, world=RANKS, precision="fp32", hidden=conf.hidden_size, strict_nvme=False)
     (workdir / "ds_config_auto.json").write_text(json.dumps(ds_auto, indent=2) + "\n")
     (workdir / "spec-f.json").write_text(json.dumps({**spec, "ds_config": str(workdir / "ds_config_auto.json")}, indent=2) + "\n")
-    return {"data": data, "ds": ds, "ds_auto": ds_auto, "auto_config": chosen, "spec": spec, "fingerprint": architecture_fingerprint(conf), "tokenizer": tok,
+    return {"data": data, "ds": ds, "ds_auto": ds_auto, "ds_defaults": ds_def, "ds_config_file": ds_config, "auto_config": chosen, "spec": spec, "fingerprint": architecture_fingerprint(conf), "tokenizer": tok,
             "tokens_per_step": t.micro_batch_size * RANKS * cfg.data.seq_len, "n_layers": conf.num_hidden_layers,
             "vocab": conf.vocab_size, "intermediate": conf.intermediate_size}
 
@@ -199,15 +214,16 @@ def wait_quiet(max_wait: float, threshold: float = 0.25, window: float = 3.0) ->
         time.sleep(2.0)
 
 
-def command(c: str, workdir: Path, m: dict, data: Path, max_steps: int, warmup: int, out: Path) -> list[str]:
+def command(c: str, workdir: Path, m: dict, data: Path, max_steps: int, warmup: int, out: Path,
+            ds_config: str = "ds_configs/zero3_offload.json") -> list[str]:
     sys.path.insert(0, str(ROOT))
     from pipeline.rendezvous import free_port
 
     port = str(free_port())
     if c in STAGES:
         return ["deepspeed", "--num_gpus", str(RANKS), "--master_port", port, str(ROOT / "launch" / "train.py"),
-                *stage_overrides(m, data, out, max_steps, warmup, "auto" if c == "e" else "ds_configs/zero3_offload.json")]
-    spec = workdir / ("spec-f.json" if c == "f" else "spec.json")
+                *stage_overrides(m, data, out, max_steps, warmup, "auto" if c == "e" else ds_config)]
+    spec = workdir / {"f": "spec-f.json", "g": "spec-g.json"}.get(c, "spec.json")
     if max_steps != json.loads(spec.read_text())["max_steps"]:  # the warm-up run: fewer steps
         s = json.loads(spec.read_text()) | {"max_steps": max_steps}
         spec = workdir / f"spec-{c}-{max_steps}.json"
@@ -321,11 +337,12 @@ def run_one(c: str, workdir: Path, m: dict, prep: dict, max_steps: int, warmup: 
     busy_before = other_benchmarks()
     out = workdir / "runs" / f"{c}-{tag}"
     shutil.rmtree(out, ignore_errors=True)  # the stage would resume from an old checkpoint
-    cmd = command(c, workdir, m, prep["data"], max_steps, warmup, out)
+    cmd = command(c, workdir, m, prep["data"], max_steps, warmup, out, prep.get("ds_config_file", "ds_configs/zero3_offload.json"))
     log(f"{LABEL[c]} [{tag}] ..." + (f" (waited {quiet['waited_s']:.0f} s for a quiet machine: others "
                                      f"{quiet['load_before']:.2f} cores)" if quiet else ""))
     if ns.nice:
         cmd = ["nice", "-n", str(ns.nice), *cmd]
+    load_start = os.getloadavg()[0]
     r = launch(cmd, workdir / "logs" / f"{c}-{tag}.log", ns.timeout, lambda text: step_of(c, text), (warmup, max_steps))
     other_bench = bool(busy_before or other_benchmarks())
     t0 = r["t_launch"]
@@ -354,6 +371,7 @@ def run_one(c: str, workdir: Path, m: dict, prep: dict, max_steps: int, warmup: 
         elif parts[1] == "info":
             info.update(json.loads(text[text.index("BENCH "):].split(" ", 2)[2]))
     res = {"contender": c, "tag": tag, "rc": r["rc"], "wall_s": r["wall_s"], "others_cores": r["others_cores"],
+           "loadavg_1min_start": load_start, "loadavg_1min_end": os.getloadavg()[0],
            "cpu_s": r["cpu_s"], "quiet": quiet, "other_benchmark": other_bench,
            "disturbed": other_bench or r["others_cores"] > ns.max_others, "steps_seen": len(steps), "marks_s": marks, "info": info,
            "losses": [steps[s]["loss"] for s in sorted(steps)]}
@@ -446,7 +464,7 @@ def summarize(runs: list[dict], tokens_per_step: int) -> dict:
                 "marks_s": {k: v for k, v in marks.items() if v is not None},
                 "others_cores": _med([r["others_cores"] for r in ok])}
     ratios: dict = {}
-    for num, den in (("b", "a"), ("b", "c"), ("c", "a"), ("d", "a"), ("e", "d"), ("f", "d"), ("e", "f")):
+    for num, den in (("b", "a"), ("b", "c"), ("c", "a"), ("d", "a"), ("e", "d"), ("f", "d"), ("e", "f"), ("b", "g"), ("a", "g")):
         if num in s and den in s:
             paired = [x["tokens_per_s"] / y["tokens_per_s"] for x in runs for y in runs
                       if x["contender"] == num and y["contender"] == den and x.get("ok") and y.get("ok") and x["tag"] == y["tag"]]
@@ -460,6 +478,9 @@ def summarize(runs: list[dict], tokens_per_step: int) -> dict:
     goals = {}
     if "b/a" in ratios:
         goals["b/a >= 0.97"] = ratios["b/a"]["of_medians"] >= GOAL_B_OVER_A
+    if "b/g" in ratios:  # issue 16: the stage against the faster of the two bare loops
+        fastest = max(s["g"]["tokens_per_s"], s["a"]["tokens_per_s"] if "a" in s else 0.0)
+        goals["b >= 0.97 x max(a, g)"] = s["b"]["tokens_per_s"] / fastest >= GOAL_B_OVER_A
     if "b/c" in ratios:
         goals["b/c >= 1.0"] = ratios["b/c"]["of_medians"] >= GOAL_B_OVER_C
     if "first_step b/a" in ratios:
@@ -475,7 +496,7 @@ def _f3(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
-def markdown(summary: dict, meta: dict) -> str:
+def markdown(summary: dict, meta: dict, runs: list[dict] | None = None) -> str:
     s, ratios = summary["contenders"], summary["ratios"]
     base = s.get("a", {}).get("tokens_per_s")
     rows = ["| contender | tokens/s (median; min-max) | vs (a) | tokens/s from the median step | CPU s per step (all ranks) "
@@ -519,6 +540,13 @@ def markdown(summary: dict, meta: dict) -> str:
     if meta.get("disturbed_kept"):
         out += [f"{meta['disturbed_kept']} of the runs above were disturbed (others kept more than "
                 f"{meta.get('max_others')} cores busy or another benchmark ran) even after {meta.get('retries')} retries.", ""]
+    if runs:
+        rl = ["| run | contender | tokens/s | 1-min load at start / end | others' cores |", "|---|---|---:|---|---:|"]
+        for r in runs:
+            tok = f"{r['tokens_per_s']:,.0f}" if r.get("ok") else "failed"
+            ld = (f"{r['loadavg_1min_start']:.2f} / {r['loadavg_1min_end']:.2f}" if "loadavg_1min_start" in r else "-")
+            rl.append(f"| {r['tag']} | {LABEL[r['contender']]} | {tok} | {ld} | {r['others_cores']:.2f} |")
+        out += ["Runs in order:", "", "\n".join(rl), ""]
     out += ["| goal | met |", "|---|---|"] + [f"| {k} | {'yes' if v else '**no**'} |" for k, v in summary["goals"].items()]
     return "\n".join(out) + "\n"
 
@@ -538,7 +566,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="interleaved repetitions (medians are reported)")
     p.add_argument("--steps", type=int, default=30, help="measured optimizer steps per run")
     p.add_argument("--warmup", type=int, default=5, help="optimizer steps before the measured ones")
-    p.add_argument("--only", default="abcd", help="contenders to run, e.g. 'ab' (default: abcd)")
+    p.add_argument("--only", default="abcdg", help="contenders to run, e.g. 'abg' (default: abcdg)")
+    p.add_argument("--ds-config", default="ds_configs/zero3_offload.json",
+                   help="DeepSpeed JSON of (a), (b), (c), (g) (default ds_configs/zero3_offload.json)")
+    p.add_argument("--model", default=None, help="HIDDEN,LAYERS,HEADS of the Llama instead of 256,4,4 (e.g. 512,8,8)")
     p.add_argument("--timeout", type=float, default=900, help="seconds before a run is killed")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny model, 6 steps (2 + 4 measured), 1 repetition")
     p.add_argument("--quiet-wait", type=float, default=None,
@@ -553,6 +584,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", action="store_true", help="only print the report of the last results.json again")
     ns = p.parse_args(argv)
     m = dict(QUICK if ns.quick else FULL)
+    variant = ""
+    if ns.model:
+        m["hidden"], m["layers"], m["heads"] = (int(x) for x in ns.model.split(","))
+        variant += f"-h{m['hidden']}l{m['layers']}"
+    if ns.ds_config != "ds_configs/zero3_offload.json":
+        variant = f"-{Path(ns.ds_config).stem}" + variant
     if ns.quick:
         ns.repeats, ns.steps, ns.warmup = 1, 4, 2
     if ns.quiet_wait is None:
@@ -562,20 +599,20 @@ def main(argv: list[str] | None = None) -> int:
     if ns.retries is None:
         ns.retries = 0 if ns.quick else 2
     contenders = [c for c in CONTENDERS if c in ns.only]
-    workdir = Path(ns.workdir).resolve() / ("quick" if ns.quick else "full")
+    workdir = Path(ns.workdir).resolve() / (("quick" if ns.quick else "full") + variant)
     workdir.mkdir(parents=True, exist_ok=True)
     if ns.report:
         res = json.loads((workdir / "results.json").read_text())
         res["meta"].setdefault("contenders", sorted({r["contender"] for r in res["runs"]}))
         res["summary"] = summarize(res["runs"], res["meta"]["tokens_per_step"])
         (workdir / "results.json").write_text(json.dumps(res, indent=2) + "\n")
-        print(markdown(res["summary"], res["meta"]))
+        print(markdown(res["summary"], res["meta"], res["runs"]))
         return 0
     busy = other_benchmarks()
     if busy and not ns.quick:
         log(f"warning: another benchmark is running ({busy[0]}); numbers will be distorted")
     max_steps = ns.warmup + ns.steps
-    prep = prepare(workdir, Path(ns.workdir).resolve(), m, max_steps, ns.warmup)
+    prep = prepare(workdir, Path(ns.workdir).resolve(), m, max_steps, ns.warmup, ns.ds_config)
     t_start = time.time()
     runs: list[dict] = []
     if not ns.quick:  # compile/load DeepSpeed's cached ops and warm the page cache; not measured
@@ -599,14 +636,15 @@ def main(argv: list[str] | None = None) -> int:
         "model": {"type": "llama", "hidden": m["hidden"], "layers": m["layers"], "heads": m["heads"],
                   "intermediate": prep["intermediate"], "vocab": prep["vocab"], "seq_len": m["seq_len"],
                   "micro_batch": m["micro"], "grad_accum": 1, "ranks": RANKS, "omp_threads_per_rank": 1},
-        "data": str(prep["data"]), "ds_config": prep["ds"], "tokens_per_step": prep["tokens_per_step"],
+        "data": str(prep["data"]), "ds_config_file": ns.ds_config, "ds_config": prep["ds"], "ds_config_g": prep["ds_defaults"],
+        "tokens_per_step": prep["tokens_per_step"],
         "steps": {"warmup": ns.warmup, "measured": ns.steps}, "repeats": ns.repeats, "quiet_wait_s": ns.quiet_wait,
         "elapsed_s": time.time() - t_start, "contenders": contenders,
         "nice": ns.nice, "max_others": ns.max_others, "retries": ns.retries, "disturbed_kept": sum(bool(r.get("disturbed")) for r in runs),
     }
     (workdir / "results.json").write_text(
         json.dumps({"meta": meta, "summary": summary, "runs": runs, "discarded_runs": discarded}, indent=2) + "\n")
-    print(markdown(summary, meta))
+    print(markdown(summary, meta, runs))
     log(f"results: {workdir / 'results.json'}; logs: {workdir / 'logs'}")
     return 0 if all(r.get("ok") for r in runs) else 1
 
