@@ -8,11 +8,9 @@ filled by :func:`resolve_ds_config` from the recipe:
   ``train_batch_size`` (``micro × accum × data-parallel size``);
 * ``gradient_clipping`` and ``optimizer.params.{lr, betas, eps, weight_decay}``;
 * precision: ``bf16.enabled`` / ``fp16.enabled``;
-* ZeRO bucket sizes from the model's hidden size ``h``: Hugging Face's formula
-  (``reduce_bucket_size = h²``, ``stage3_prefetch_bucket_size = 0.9·h²``,
-  ``stage3_param_persistence_threshold = 10·h``, in elements) but never below DeepSpeed's own
-  defaults (5e8, 5e7, 1e5): below them small models train slower than a bare DeepSpeed loop
-  (issue 16; the measurements are in docs/deepspeed.md).
+* ZeRO bucket sizes from the model's hidden size ``h``, as Hugging Face's integration does:
+  ``reduce_bucket_size = h²``, ``stage3_prefetch_bucket_size = 0.9·h²``,
+  ``stage3_param_persistence_threshold = 10·h`` (all in elements).
 
 A number instead of ``"auto"`` for a recipe-owned key must agree with the recipe, else the
 run stops naming the file, the key and both values. An ``"auto"`` the resolver does not know
@@ -66,20 +64,6 @@ _BUCKET_KEYS = (
     "zero_optimization.stage3_prefetch_bucket_size",
     "zero_optimization.stage3_param_persistence_threshold",
 )
-# DeepSpeed's defaults for _BUCKET_KEYS when absent (deepspeed/runtime/zero/config.py, 0.19.8): the floor of the fill.
-_BUCKET_DEFAULTS = (500_000_000, 50_000_000, 100_000)
-
-
-def bucket_sizes(hidden_size: int) -> tuple[int, int, int]:
-    """The ``"auto"`` values of :data:`_BUCKET_KEYS` for a model of hidden size ``h``, in elements:
-    ``max(formula, DeepSpeed's default)`` with Hugging Face's formula ``(h², 0.9·h², 10·h)``.
-
-    The formula alone partitions and gathers every small parameter of a small model in tiny
-    collectives (hidden 256: 65,536 / 58,982 / 2,560), which measured slower than DeepSpeed's
-    defaults (docs/deepspeed.md, "ZeRO-3 bucket sizes"); the formula is kept where it is larger.
-    """
-    formula = (hidden_size * hidden_size, int(0.9 * hidden_size * hidden_size), 10 * hidden_size)
-    return tuple(max(f, d) for f, d in zip(formula, _BUCKET_DEFAULTS))
 
 
 @dataclass
@@ -433,7 +417,8 @@ def resolve_ds_config(
         fill(f"{half}.enabled", section["enabled"], f"deepspeed.precision (resolved: {precision})")
 
     if hidden_size is not None:
-        for key, value in zip(_BUCKET_KEYS, bucket_sizes(hidden_size)):
+        sizes = (hidden_size * hidden_size, int(0.9 * hidden_size * hidden_size), 10 * hidden_size)
+        for key, value in zip(_BUCKET_KEYS, sizes):
             if _get(ds, key) == "auto":
                 _set(ds, key, value, source)
     else:
