@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UserError
-from pipeline.eval.models import Loaded, ModelRef
+from pipeline.eval.models import Loaded
 from pipeline.eval.tasks.base import EvalTask
 
 INSTALL = 'pip install -e ".[eval]"'
@@ -373,15 +373,16 @@ def in_loop(cfg: HarnessConfig, tokenizer: Any, *, sp: int = 1, head: str = "cau
                         f"(parallel.sequence_parallel_size={sp}) cannot run; evaluate the run's checkpoints with "
                         "`python launch/evaluate.py task=harness model=<run> data=...` instead, or drop harness.tasks")
     tasks = HarnessTasks(cfg.tasks)
-
-    def run(engine: Any) -> dict[str, float]:
+    if isinstance(tokenizer, (str, Path)):  # read once, not at every evaluation
         from transformers import AutoTokenizer
 
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+
+    def run(engine: Any) -> dict[str, float]:
         t = time.perf_counter()
-        tok = AutoTokenizer.from_pretrained(str(tokenizer)) if isinstance(tokenizer, (str, Path)) else tokenizer
         engine.eval()
         try:
-            results = flatten(run_harness(engine.module, tok, tasks, num_fewshot=cfg.num_fewshot, chat=cfg.apply_chat_template,
+            results = flatten(run_harness(engine.module, tokenizer, tasks, num_fewshot=cfg.num_fewshot, chat=cfg.apply_chat_template,
                                           limit=cfg.max_batches, batch_size=cfg.batch_size))
         finally:
             engine.train()
@@ -410,6 +411,3 @@ class Harness(EvalTask):
                               limit=cfg.max_batches,
                               batch_size=cfg.batch_size)
         return flatten(results), []
-
-    def check_model(self, ref: ModelRef, cfg: Any, state: Any) -> None:
-        return None
