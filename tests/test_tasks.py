@@ -54,6 +54,11 @@ def _qa(path: Path, n: int = 12) -> Path:
     return write_jsonl(path, [{"prompt": f"Who keeps the key of gate {i}?", "response": f"Warden {i}"} for i in range(n)])
 
 
+def _pairs(path: Path, n: int = 12) -> Path:
+    return write_jsonl(path, [{"prompt": f"Who keeps the key of gate {i}?", "chosen": f"Warden {i}", "rejected": f"Nobody {i}"}
+                              for i in range(n)])
+
+
 def _labelled(path: Path, n: int = 24) -> Path:
     return write_jsonl(path, [{"text": f"the sky over town {i} is {'red' if i % 2 else 'blue'}", "label": "warm" if i % 2 else "cold"}
                               for i in range(n)])
@@ -80,8 +85,8 @@ def test_every_registered_task_has_every_part(name):
 def test_config_task_key_takes_exactly_the_registered_names():
     assert typing.get_args(typing.get_type_hints(FinetuneConfig)["task"]) == tuple(TASKS)
     with pytest.raises(ConfigError) as e:
-        _cfg("task=dpo", "sft.train=x.jsonl")
-    assert f"task: got 'dpo'; must be one of: {', '.join(TASKS)}" in str(e.value)
+        _cfg("task=kto", "sft.train=x.jsonl")
+    assert f"task: got 'kto'; must be one of: {', '.join(TASKS)}" in str(e.value)
     assert "sft, classification" in str(e.value)  # the message users saw before the registry
 
 
@@ -198,7 +203,7 @@ def test_stage_inspect_prints_the_tasks_view(tmp_path, tiny_tokenizer, capsys, n
     AutoModelForCausalLM.from_config(_llama()).save_pretrained(model_dir)
     for f in Path(tiny_tokenizer).iterdir():
         shutil.copy2(f, model_dir / f.name)
-    data = _qa(tmp_path / "d.jsonl") if name == "sft" else _labelled(tmp_path / "d.jsonl")
+    data = {"sft": _qa, "dpo": _pairs}.get(name, _labelled)(tmp_path / "d.jsonl")
     cls = TASKS[name]
     common = (f"task={name}", f"model.path={model_dir}", f"{cls.section}.train={data}", f"output={tmp_path / 'run'}")
     key = f"{cls.section}.{cls.seq_len_field}"
@@ -207,5 +212,13 @@ def test_stage_inspect_prints_the_tasks_view(tmp_path, tiny_tokenizer, capsys, n
     assert finetune.inspect(_cfg(*common, f"{key}=64"), 2) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[-1].startswith(f"{name}: ")
-    assert ("[[" in "\n".join(out)) if name == "sft" else (out[0].startswith(("[cold] ", "[warm] ")) and len(out) == 3)
+    if name == "classification":
+        assert out[0].startswith(("[cold] ", "[warm] ")) and len(out) == 3
+    else:
+        assert "[[" in "\n".join(out)
+    if name == "dpo":  # both answers of a pair, their log-prob tokens marked (answer + EOS), the prompt not
+        text = "\n".join(out)
+        assert "--- pair 0 chosen:" in text and "--- pair 0 rejected:" in text
+        assert "Warden 0</s>]]" in text and "Nobody 0</s>]]" in text
+        assert all("[[" not in line for line in out if "Who keeps the key" in line)
     assert not (tmp_path / "run").exists()

@@ -168,11 +168,12 @@ def split_val(records: list[Record], fraction: float) -> tuple[list[Record], lis
 
 # ---------------------------------------------------------------------------- masking
 def _spans(text: str, msgs: list[dict], gen_prefixes: dict[int, str], prefixes: dict[int, str],
-           eot: str) -> list[tuple[int, int]]:
-    """Character spans ``[start, end)`` of ``text`` that carry loss, one per assistant turn."""
-    spans, cursor = [], 0
+           eot: str, first: int = 0, cursor: int = 0) -> list[tuple[int, int]]:
+    """Character spans ``[start, end)`` of ``text`` that carry loss, one per assistant turn from
+    message ``first`` on (``cursor``: where the search for a reply's text may start)."""
+    spans = []
     for i, m in enumerate(msgs):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or i < first:
             continue
         a, b = gen_prefixes[i], prefixes[i + 1] if i + 1 < len(msgs) else text
         if text.startswith(a) and text.startswith(b) and len(a) <= len(b):
@@ -208,7 +209,7 @@ def _mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[
 
 
 def encode_conversations(tokenizer: Any, conversations: list[list[dict]], template: str,
-                         eot: str | None = None) -> list[Example | Exception]:
+                         eot: str | None = None, first_trained: list[int] | None = None) -> list[Example | Exception]:
     """(ids, trained mask) of each conversation, or the exception that rejected it.
 
     Args:
@@ -216,6 +217,8 @@ def encode_conversations(tokenizer: Any, conversations: list[list[dict]], templa
         conversations: normalised message lists.
         template: the Jinja chat template.
         eot: the end-of-turn text (default: :func:`pipeline.data.chat.end_of_turn_text`).
+        first_trained: per conversation, the index of the first message whose assistant turns
+            are trained (preference pairs: the completion after the prompt); default all.
     """
     if not getattr(tokenizer, "is_fast", False):
         raise UserError(f"the tokenizer at '{getattr(tokenizer, 'name_or_path', '?')}' is a slow (Python) tokenizer; "
@@ -227,15 +230,18 @@ def encode_conversations(tokenizer: Any, conversations: list[list[dict]], templa
         convs = conversations[lo:lo + _CHUNK]
         texts: list[str | Exception] = []
         spans: list[list[tuple[int, int]] | None] = []
-        for msgs in convs:  # renders per conversation: a template error names one example
+        for k, msgs in enumerate(convs):  # renders per conversation: a template error names one example
             try:
-                asst = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+                first = first_trained[lo + k] if first_trained is not None else 0
+                asst = [i for i, m in enumerate(msgs) if m["role"] == "assistant" and i >= first]
                 full = chat.render(tokenizer, [msgs], template)[0]
                 gen = chat.render(tokenizer, [msgs[:i] for i in asst], template, add_generation_prompt=True)
                 ends = [i + 1 for i in asst if i + 1 < len(msgs)]
                 pre = chat.render(tokenizer, [msgs[:j] for j in ends], template)
+                # the text before the first trained message is never searched for a reply's text
+                cursor = len(chat.render(tokenizer, [msgs[:first]], template)[0]) if first else 0
                 texts.append(full)
-                spans.append(_spans(full, msgs, dict(zip(asst, gen)), dict(zip(ends, pre)), eot))
+                spans.append(_spans(full, msgs, dict(zip(asst, gen)), dict(zip(ends, pre)), eot, first, cursor))
             except Exception as e:  # jinja TemplateError, raise_exception(...), or ValueError above
                 texts.append(e)
                 spans.append(None)
@@ -454,7 +460,7 @@ def prepare(cfg: SFTDataConfig, tokenizer: Any) -> SFTData:
 _GREEN, _RESET = "\033[32m", "\033[0m"
 
 
-def _decoded_pieces(tokenizer: Any, ids: list[int], mask: list[bool]) -> list[tuple[str, bool]]:
+def decoded_pieces(tokenizer: Any, ids: list[int], mask: list[bool]) -> list[tuple[str, bool]]:
     """(text, trained) of the runs of equally-masked tokens; their concatenation is the decoded example."""
     bounds = [0] + [i for i in range(1, len(ids)) if mask[i] != mask[i - 1]] + [len(ids)]
     pieces, prev = [], ""
@@ -478,7 +484,7 @@ def inspect(tokenizer: Any, examples: list[Example], n: int, color: bool | None 
     out = []
     for k, (ids, mask) in enumerate(examples[:max(0, n)]):
         out.append(f"--- example {k}: {len(ids)} tokens, {sum(mask)} trained ---")
-        out.append("".join(f"{open_}{t}{close}" if trained else t for t, trained in _decoded_pieces(tokenizer, ids, mask)))
+        out.append("".join(f"{open_}{t}{close}" if trained else t for t, trained in decoded_pieces(tokenizer, ids, mask)))
     total, trained = sum(len(i) for i, _ in examples), sum(sum(m) for _, m in examples)
     legend = "green" if color else "double brackets"
     out.append(f"--- {len(examples)} examples, {total} tokens, {trained} trained ({trained / max(total, 1):.1%}); "

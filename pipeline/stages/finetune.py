@@ -37,6 +37,7 @@ from pipeline.training.model import offload_problems
 from pipeline.training.monitor import MonitorConfig
 from pipeline.training.sequence_parallel import ParallelConfig
 from pipeline.training.tasks import TASKS
+from pipeline.training.tasks.dpo import DPOConfig
 from pipeline.training.trainer import OptimConfig
 
 VERSION = 1
@@ -79,13 +80,16 @@ class FinetuneConfig:
     output: str = "outputs/sample/finetune"
     """Run directory: config, DeepSpeed JSON, TensorBoard logs, checkpoints."""
     task: TaskName = "sft"
-    """sft: chat/instruction tuning of a causal LM; classification: a sequence classifier."""
+    """sft: chat/instruction tuning of a causal LM; classification: a sequence classifier; dpo:
+    preference tuning on chosen/rejected answer pairs (DPO, IPO, RPO)."""
     model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
     """The starting model."""
     sft: SFTDataConfig = field(default_factory=SFTDataConfig)
     """Data for task=sft."""
     classification: ClassificationDataConfig = field(default_factory=ClassificationDataConfig)
     """Data for task=classification."""
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    """Preference pairs and the loss for task=dpo (preference tuning after SFT)."""
     train: OptimConfig = field(default_factory=lambda: OptimConfig(max_steps=100, lr=1e-4, warmup_steps=10, weight_decay=0.0,
                                                                     eval_every=50, eval_batches=10))
     """Batch sizes, optimizer, schedule, validation cadence."""
@@ -120,8 +124,13 @@ def finetune_conf(cfg: FinetuneConfig, source: ModelSource | None = None):
 
 
 def finetune_seq_len(cfg: FinetuneConfig) -> int:
-    """Tokens per example of the task (what activations and positions are sized by)."""
+    """Tokens per example of the task (what positions are sized by)."""
     return TASKS[cfg.task](cfg).seq_len
+
+
+def planning_seq_len(cfg: FinetuneConfig) -> int:
+    """What the planner sizes one example's activations by (a preference pair: two rows)."""
+    return TASKS[cfg.task](cfg).planning_seq_len
 
 
 def finetune_head(cfg: FinetuneConfig) -> str:
@@ -150,7 +159,7 @@ def describe(cfg: FinetuneConfig) -> str:
     (``auto`` resolved by the planner), with its memory estimate."""
     from pipeline.training.resolve import resolve_run
 
-    return resolve_run(cfg, finetune_conf(cfg), seq_len=finetune_seq_len(cfg), head=finetune_head(cfg),
+    return resolve_run(cfg, finetune_conf(cfg), seq_len=planning_seq_len(cfg), head=finetune_head(cfg),
                        refuse=False, seq_len_key=TASKS[cfg.task](cfg).seq_len_key).describe()
 
 
@@ -191,7 +200,7 @@ def run(cfg: FinetuneConfig, local_rank: int | None = None) -> int:
     # harness.tasks: checked and their data read now; scored on the live engine with the run's tokenizer
     harness = in_loop(cfg.harness, tok, sp=cfg.parallel.sequence_parallel_size, head=finetune_head(cfg))
     # world, precision, the DeepSpeed JSON (auto: the planner's choice), refused if it cannot fit
-    resolved = resolve_run(cfg, model_conf, seq_len=finetune_seq_len(cfg), head=finetune_head(cfg),
+    resolved = resolve_run(cfg, model_conf, seq_len=planning_seq_len(cfg), head=finetune_head(cfg),
                            local_rank=local_rank, seq_len_key=TASKS[cfg.task](cfg).seq_len_key)
     run_ = Run(cfg, resolved, local_rank=local_rank, inputs=_inputs(cfg))
     run_.start()
@@ -213,7 +222,7 @@ def run(cfg: FinetuneConfig, local_rank: int | None = None) -> int:
         "architecture": architecture_fingerprint(conf) + f"-{cfg.task}",
         "model_summary": f"{conf.model_type} {cfg.task} {n_params / 1e6:.1f}M params",
         "tokenizer_fingerprint": tokenizer_fingerprint(tok),
-    })
+    }, before_load=lambda: task.setup(run_, engine, init))  # the engine still holds the starting weights
     if start_step >= cfg.train.max_steps:
         dist.print0(f"already trained to step {start_step} (train.max_steps={cfg.train.max_steps}); nothing to do")
         dist.shutdown()

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.precision import NAMES
-from pipeline.stages.finetune import finetune_conf, finetune_head, finetune_seq_len
+from pipeline.stages.finetune import finetune_conf, finetune_head, planning_seq_len
 from pipeline.stages.train import planning_conf
 from pipeline.training.plan import SEQ_MULTIPLE, GiB, Recipe, detect_target, longest_plan, make_plan
 from pipeline.training.plan_report import cpu_memory_assumption, longest_report, report
@@ -39,7 +39,7 @@ def _stage_of(config_file: str | None) -> str:
 def _recipe_for_cli(stage: str, cfg: Any, vocab_size: int, precision: str) -> Recipe:
     """The recipe as the stage itself builds it (:func:`pipeline.training.resolve.recipe_from`)."""
     if stage == "finetune":
-        return recipe_from(cfg, finetune_conf(cfg), seq_len=finetune_seq_len(cfg), head=finetune_head(cfg),
+        return recipe_from(cfg, finetune_conf(cfg), seq_len=planning_seq_len(cfg), head=finetune_head(cfg),
                            precision=precision)
     conf, note = planning_conf(cfg, vocab_size)
     if note:

@@ -149,20 +149,26 @@ class Run:
         )
         return self.engine
 
-    def resume(self, compat: dict) -> int:
+    def resume(self, compat: dict, before_load: Callable[[], None] | None = None) -> int:
         """Load ``resume_from`` if any (refusing an incompatible one); returns the start step.
 
         Args:
             compat: what must match a checkpoint to resume from it (architecture,
                 tokenizer_fingerprint, world_size, zero_stage, model_summary).
+            before_load: run once the resume point is accepted (or there is none), while the
+                engine still holds the starting weights (e.g. DPO's reference log-probs).
         """
         self.compat = {**compat, "world_size": self.world, "zero_stage": zero_stage(self.ds), "sequence_parallel_size": self.sp}
         if self.resume_from is None:
             self._write_run_files()
+            if before_load is not None:
+                before_load()
             return 0
         meta = read_meta(self.resume_from)
         checkpoint.check_compatible(self.resume_from, meta, self.compat)
         self._write_run_files()
+        if before_load is not None:
+            before_load()
         checkpoint.load(self.engine, self.resume_from, universal=self.universal)
         # the data position in global samples: right even when this launch's global batch differs
         self.consumed_samples = int(meta["consumed_samples"]) if "consumed_samples" in meta else None

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -112,6 +112,13 @@ class Task(Protocol):
         """Input tokens the model processes for ``batch`` (for throughput)."""
         ...
 
+    # Optional, found by hasattr (pipeline.training.tasks.dpo.DPOLoss has them):
+    # window_counts(window) -> [float]: more counts of a step's micro-batches, summed over ranks in
+    #   the trainer's one all-reduce of the counts; window_totals(totals) receives
+    #   [targets, tokens, *those counts] summed, before the step's first loss.
+    # step_sums() -> ({name: sum}, count): metrics of the step, all-reduced with the loss and
+    #   logged as train/<name> = sum / count.
+
 
 class CausalLMTask:
     """Next-token prediction on ``{"input_ids", "labels", optional "attention_mask"/"position_ids"}``
@@ -158,6 +165,7 @@ class StepResult:
     grad_norm: float | None
     loss_scale: float | None
     tokens: int  # input tokens processed over all ranks
+    metrics: dict[str, float] = field(default_factory=dict)  # the task's step metrics (train/<key>)
 
 
 class Trainer:
@@ -194,9 +202,15 @@ class Trainer:
         engine.train()
         window = [next(self.batches) for _ in range(self.grad_accum)]
         self.monitor.data_ready()
-        total, tokens = dist.all_reduce_sum_floats([sum(task.targets(b) for b in window), sum(task.tokens(b) for b in window)])
+        # one all-reduce for the window's counts: targets, tokens, and any the task normalises by
+        # (window_counts/window_totals: e.g. DPO's SFT term, per chosen token while the loss is per pair)
+        extra = task.window_counts(window) if hasattr(task, "window_counts") else []
+        totals = dist.all_reduce_sum_floats([sum(task.targets(b) for b in window), sum(task.tokens(b) for b in window), *extra])
+        total, tokens = totals[0], totals[1]
         if total <= 0:
             raise RuntimeError("a training window without any target token (every label masked)")
+        if hasattr(task, "window_totals"):
+            task.window_totals(totals)
         scale = self.grad_accum * self.grad_divisor / total
         loss_sum = torch.zeros((), dtype=torch.float64)
         for batch in window:
@@ -204,7 +218,11 @@ class Trainer:
             engine.backward(loss * scale)
             engine.step()
             loss_sum += loss.detach().double().cpu()
-        loss = dist.all_reduce_sum_float(float(loss_sum)) / total
+        # one all-reduce for the loss and the task's step metrics (step_sums: sums and their count)
+        sums, count = task.step_sums() if hasattr(task, "step_sums") else ({}, 0.0)
+        reduced = dist.all_reduce_sum_floats([float(loss_sum), count, *sums.values()])
+        loss = reduced[0] / total
+        metrics = {k: v / reduced[1] for k, v in zip(sums, reduced[2:])} if reduced[1] > 0 else {}
         opt = getattr(engine, "optimizer", None)
         scale_attr = getattr(opt, "cur_scale", None) if engine.fp16_enabled() else None
         gnorm = engine.get_global_grad_norm()
@@ -214,6 +232,7 @@ class Trainer:
             grad_norm=float(gnorm) if gnorm is not None else None,
             loss_scale=float(scale_attr) if scale_attr is not None else None,
             tokens=int(tokens),
+            metrics=metrics,
         )
 
     def fit(self) -> int:
@@ -226,7 +245,8 @@ class Trainer:
                 self.history.append(result.loss)
                 faults.after_step()  # a test's delay between steps (pipeline/faults.py)
                 self.monitor.step_end(self.step, loss=result.loss, lr=result.lr, grad_norm=result.grad_norm,
-                                      loss_scale=result.loss_scale, force=self.step == self.max_steps, tokens=result.tokens)
+                                      loss_scale=result.loss_scale, force=self.step == self.max_steps, tokens=result.tokens,
+                                      extra=result.metrics or None)
                 if self.evaluate and self.eval_every and self.step % self.eval_every == 0 and self.step < self.max_steps:
                     self.monitor.eval(self.step, self.evaluate(self.engine))
                 for every, fn in self.periodic:

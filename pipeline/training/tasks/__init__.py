@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from pipeline.training.tasks.base import FinetuneTask
 from pipeline.training.tasks.classification import ClassificationTask
+from pipeline.training.tasks.dpo import DPOTask
 from pipeline.training.tasks.sft import SFTTask
 
-TASKS: dict[str, type[FinetuneTask]] = {cls.name: cls for cls in (SFTTask, ClassificationTask)}
+TASKS: dict[str, type[FinetuneTask]] = {cls.name: cls for cls in (SFTTask, ClassificationTask, DPOTask)}
 """Task name → task class, in the order the config lists them (the first is not the default:
 the config's ``task`` field sets that)."""
 

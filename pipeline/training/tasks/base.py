@@ -62,6 +62,9 @@ class FinetuneTask(ABC):
     """What one of its data files holds, completing "set it to ..." in messages."""
     seq_len_field: ClassVar[str]
     """The section's field giving the tokens per example (activations and positions are sized by it)."""
+    rows_per_example: ClassVar[int] = 1
+    """Rows of the forward pass per example (a preference pair is two): the planner sizes
+    activations by ``seq_len`` × this."""
     sequence_parallel: ClassVar[bool] = False
     """Whether the task trains under ``parallel.sequence_parallel_size`` > 1 (a loss that is a sum
     over tokens: each rank's slice contributes its part; a head that pools the sequence cannot)."""
@@ -80,6 +83,13 @@ class FinetuneTask(ABC):
     def seq_len(self) -> int:
         """Tokens per example (or packed row)."""
         return int(getattr(self.data_cfg, self.seq_len_field))
+
+    @property
+    def planning_seq_len(self) -> int:
+        """What the planner sizes one example's activations by: ``seq_len`` × ``rows_per_example``
+        (two rows of T tokens hold what one of 2T does, except attention scores, which sdpa
+        does not keep)."""
+        return self.seq_len * self.rows_per_example
 
     def data_files(self) -> list[tuple[str, str]]:
         """``(key, path)`` of the task's data files that are set (``section.train``, ``section.val``)."""
@@ -121,6 +131,11 @@ class FinetuneTask(ABC):
         saved with every checkpoint and the export)."""
 
     # ------------------------------------------------------------------ with the run
+    def setup(self, run: Any, engine: Any, init: Any) -> None:
+        """Work on the starting model before a checkpoint is loaded into ``engine`` (which holds
+        the weights of ``init``, the starting model's directory), e.g. DPO's reference
+        log-probs. Nothing by default."""
+
     @abstractmethod
     def loaders(self, run: Any, start_step: int) -> tuple[Any, Any | None]:
         """``(train, val)``: this rank's endless, resumable training micro-batches from
