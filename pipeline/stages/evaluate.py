@@ -5,8 +5,9 @@
 
 Tasks: ``perplexity`` (token shards of the preprocess stage, or JSONL text), ``classification``
 (a sequence-classification model on JSONL/CSV with labels), ``generation`` (decode chat
-prompts and compare with references) and ``harness`` (lm-evaluation-harness tasks), one
-module each in :mod:`pipeline.eval.tasks`. Models
+prompts and compare with references), ``harness`` (lm-evaluation-harness tasks) and
+``preference`` (held-out preference pairs: accuracy, DPO's rewards against a ``reference``),
+one module each in :mod:`pipeline.eval.tasks`. Models
 are a Hugging Face directory or a pipeline checkpoint (:mod:`pipeline.eval.models`); the
 report is written by :mod:`pipeline.eval.report`. This module only composes them: the config,
 its checks, and :func:`run`.
@@ -17,6 +18,7 @@ Outputs, published together (written in ``<output>.partial`` and renamed)::
     <output>/report.md            a short Markdown table
     <output>/predictions.jsonl    classification: one line per model and example
     <output>/generations.jsonl    generation: one line per model and example
+    <output>/preferences.jsonl    preference: one line per model and pair
     <output>/tensorboard/<name>/  eval/* scalars at the checkpoint's step (else 0)
 
 With ``zero3=true`` (launched by deepspeed/torchrun/srun) the model is partitioned with
@@ -45,7 +47,7 @@ from pipeline.eval.tasks.base import fmt
 from pipeline.inputs import check_output
 from pipeline.io import publish_dir
 
-Task = Literal[tuple(TASKS)]  # type: ignore[valid-type]  # the registry's names: perplexity, classification, generation
+Task = Literal[tuple(TASKS)]  # type: ignore[valid-type]  # the registry's names: perplexity, classification, ...
 
 
 @dataclass
@@ -65,14 +67,18 @@ class EvalConfig:
     """perplexity: mean token loss and exp of it; classification: accuracy, macro-F1, per-class
     scores, confusion matrix; generation: decode each prompt, exact match and containment;
     harness: EleutherAI's lm-evaluation-harness tasks (pip install -e ".[eval]"), their metrics
-    with standard errors."""
+    with standard errors; preference: share of held-out pairs whose chosen answer the model
+    gives a higher log-probability (summed, and per token), with reference= DPO's implicit
+    reward accuracy and rewards."""
     data: str = ""
     """perplexity: a preprocessed dataset directory (its token shards, split below) or a JSONL/CSV
     file with a text field; classification: JSONL or CSV with text (optional text pair) and label
     fields; generation: JSONL of {"messages": [...]} or {"prompt", "response"} records, the
     response or final assistant message being the reference (removed from the prompt);
     harness: task names lm_eval knows and/or directories of task YAML (the harness's format,
-    relative data_files read from the task's directory), comma-separated."""
+    relative data_files read from the task's directory), comma-separated; preference: JSONL of
+    preference pairs as DPO fine-tuning reads them ({"prompt" or "messages", "chosen",
+    "rejected"}; strings or message lists)."""
     split: str = "val"
     """Split of the preprocessed dataset read for perplexity on shards."""
     text_field: str = "text"
@@ -84,11 +90,12 @@ class EvalConfig:
     integer class id."""
     seq_len: int = 0
     """perplexity: tokens per window; classification: longest input in tokens (longer ones are
-    truncated). 0: the model's maximum positions, capped at 1024 for perplexity."""
+    truncated); preference: most tokens of prompt + answer per row (longer ones keep their start).
+    0: the model's maximum positions (of every model and the reference), capped at 1024 for perplexity."""
     max_batches: int = 0
     """Cap on the evaluation size (0: everything): batches of windows for perplexity, examples
-    for classification and generation (the first ones of the file), documents per task for
-    harness (its limit)."""
+    for classification and generation and pairs for preference (the first ones of the file),
+    documents per task for harness (its limit)."""
     num_fewshot: int = -1
     """harness: examples in each prompt (-1: each task's own default)."""
     apply_chat_template: bool = False
@@ -96,7 +103,7 @@ class EvalConfig:
     --apply_chat_template), for chat models; a tokenizer without one gets the pipeline's builtin
     template (the one fine-tuning uses), so a base model and its chat fine-tune compare in one format."""
     batch_size: int = 8
-    """Windows, examples or prompts per forward pass (per rank with zero3)."""
+    """Windows, examples, prompts or pairs (two rows each) per forward pass (per rank with zero3)."""
     max_new_tokens: int = 64
     """generation: most tokens generated per prompt."""
     do_sample: bool = False
@@ -108,12 +115,19 @@ class EvalConfig:
     seed: int = 1234
     """generation: sampling seed (batch b uses seed + b, so results do not depend on the number of ranks)."""
     template: Literal["auto", "builtin", "tokenizer"] = "auto"
-    """generation: prompt format; auto uses the tokenizer's own chat template when it has one
-    (the fine-tune stage saves it there), else the pipeline's built-in one."""
+    """generation, preference: chat format; auto uses the tokenizer's own chat template when it has
+    one (the fine-tune stage saves it there), else the pipeline's built-in one."""
+    reference: str = ""
+    """preference: the reference model of DPO's implicit rewards beta * (log p_model - log
+    p_reference), usually the model DPO started from (the SFT model): a Hugging Face model
+    directory or a pipeline checkpoint, sharing the evaluated models' tokenizer. "": accuracy
+    of the log-probs alone."""
+    beta: float = 0.1
+    """preference with a reference: DPO's beta, the scale of the rewards (the value DPO trained with)."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Weights and activations dtype (losses are always computed in fp32)."""
     output: str = "outputs/eval"
-    """Output directory: report.json, report.md, predictions.jsonl or generations.jsonl, tensorboard/."""
+    """Output directory: report.json, report.md, predictions.jsonl, generations.jsonl or preferences.jsonl, tensorboard/."""
     zero3: bool = False
     """Load the model partitioned with ZeRO-3 over the ranks of a deepspeed/torchrun/srun
     launch (for models that do not fit one device). A pipeline checkpoint is first
@@ -133,6 +147,10 @@ class EvalConfig:
             p.append(("output", "must name an output directory"))
         if self.compare_to and self.compare_to == self.model:
             p.append(("compare_to", "is the same path as model; give another model or leave it empty"))
+        if self.reference and self.task != "preference":
+            p.append(("reference", f"applies to task=preference only; leave it empty for task={self.task}"))
+        if not self.beta > 0:
+            p.append(("beta", f"must be > 0, got {self.beta} (e.g. 0.1, the value DPO trained with)"))
         if self.num_fewshot < -1:
             p.append(("num_fewshot", f"must be >= 0, or -1 for each task's default; got {self.num_fewshot}"))
         for key in ("seq_len", "max_batches"):
@@ -160,7 +178,8 @@ def run(cfg: EvalConfig, local_rank: int | None = None) -> dict:
     task = TASKS[cfg.task]
     output = Path(cfg.output)
     work = output.with_name(output.name + ".partial")
-    check_output(output, inputs=[("model", cfg.model), ("compare_to", cfg.compare_to), ("data", cfg.data)])
+    check_output(output, inputs=[("model", cfg.model), ("compare_to", cfg.compare_to), ("reference", cfg.reference),
+                                 ("data", cfg.data)])
     if output.exists() and not cfg.overwrite:
         raise UserError(f"output '{output}' already exists; choose another output, or set overwrite=true to replace it")
     if dist.detect(local_rank_arg=local_rank).world_size > 1 and not cfg.zero3:
@@ -186,6 +205,7 @@ def run(cfg: EvalConfig, local_rank: int | None = None) -> dict:
     dist.barrier()
     models, rows = [], []
     try:
+        extra = task.before_models(cfg, state, lambda r: load(r, task.name, task.head, cfg.precision, cfg.zero3, work))
         for ref in refs:
             t = time.perf_counter()
             lm = load(ref, task.name, task.head, cfg.precision, cfg.zero3, work)
@@ -208,7 +228,7 @@ def run(cfg: EvalConfig, local_rank: int | None = None) -> dict:
               "config": to_dict(cfg), "world_size": dist.world_size(), "models": models, "headline": list(headline),
               "difference": ({k: models[0]["metrics"][k] - models[1]["metrics"][k] for k in headline
                               if k in models[1]["metrics"]} if len(models) == 2 else None),
-              "timing": {"started": started, "seconds": time.perf_counter() - t0}}
+              "timing": {"started": started, "seconds": time.perf_counter() - t0}, **extra}
     if dist.is_main():
         write_outputs(work, report, rows)
         output.parent.mkdir(parents=True, exist_ok=True)

@@ -14,8 +14,9 @@ from pipeline.eval.tasks.classification import Classification
 from pipeline.eval.tasks.generation import Generation
 from pipeline.eval.tasks.harness import Harness
 from pipeline.eval.tasks.perplexity import Perplexity
+from pipeline.eval.tasks.preference import Preference
 
-TASKS: dict[str, EvalTask] = {t.name: t for t in (Perplexity(), Classification(), Generation(), Harness())}
+TASKS: dict[str, EvalTask] = {t.name: t for t in (Perplexity(), Classification(), Generation(), Harness(), Preference())}
 """Every task by name, in the order ``--help`` lists them (the first is the default)."""
 
 __all__ = ["TASKS", "EvalTask"]

@@ -2,7 +2,8 @@
 
 A task reads and checks its data before any model is loaded (:meth:`EvalTask.read`,
 :meth:`EvalTask.prepare`, :meth:`EvalTask.check_model`: every user error before the heavy
-work), then scores one loaded model at a time (:meth:`EvalTask.evaluate`), and says what the
+work), may run a further model first (:meth:`EvalTask.before_models`), then scores one loaded
+model at a time (:meth:`EvalTask.evaluate`), and says what the
 report shows (:attr:`EvalTask.headline`, :attr:`EvalTask.counts`, :meth:`EvalTask.markdown_rows`).
 The stage (:mod:`pipeline.stages.evaluate`) composes these; the registry is
 :mod:`pipeline.eval.tasks`.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 from pipeline.data.records import BadRecord, read_records, split_ext
@@ -48,6 +50,13 @@ class EvalTask(ABC):
 
     def check_model(self, ref: ModelRef, cfg: Any, state: Any) -> None:
         """Refuse a model the data does not fit, from its config alone (no weights loaded)."""
+
+    def before_models(self, cfg: Any, state: Any, load: Callable[[ModelRef], Loaded]) -> dict:
+        """Runs on every rank once the process group is up, before the first model loads: a task
+        that scores against a further model (preference's ``reference``) loads it with ``load``
+        (plain or ZeRO-3, as the evaluated models), uses it and frees it here. Returns fields
+        added to report.json."""
+        return {}
 
     @abstractmethod
     def evaluate(self, lm: Loaded, cfg: Any, state: Any) -> tuple[dict, list[dict]]:
