@@ -1,9 +1,9 @@
 #!/bin/bash
-# Fine-tune (launch/finetune.py: chat SFT or classification): one task per GPU on every node,
+# Fine-tune (launch/finetune.py: chat SFT, preference tuning (DPO) or classification): one task per GPU on every node,
 # requeued after a checkpoint when stopped (preemption warning, time limit). Guide: docs/slurm.md.
 #
 #   sbatch [--nodes=N] [--gpus-per-node=G] [-p PARTITION] [-A ACCOUNT] [-t TIME] \
-#          slurm/finetune.sh [RECIPE] [key=value ...]          # RECIPE: configs/sample/finetune.yaml
+#          slurm/finetune.sh [RECIPE] [key=value ...]          # RECIPE: configs/sample/finetune.yaml, configs/sample/dpo.yaml
 #
 # Defaults below; any sbatch option on the command line wins. Without GPUs: --gpus-per-node=0.
 #SBATCH --job-name=finetune

@@ -114,7 +114,8 @@ def test_every_stage_config_documents_every_key():
 def test_every_shipped_yaml_loads():
     from pipeline.stages.docgen import stages as stage_configs
 
-    stages = {**stage_configs(), "continue_train": stage_configs()["pretrain"]}
+    # recipes named after what they do rather than their stage: continue-training, preference tuning
+    stages = {**stage_configs(), "continue_train": stage_configs()["pretrain"], "dpo": stage_configs()["finetune"]}
     files = sorted((ROOT / "configs").rglob("*.yaml")) + sorted((ROOT / "examples").rglob("*.yaml"))
     harness = ROOT / "examples" / "harness"  # lm-evaluation-harness task files (tests/test_harness.py reads them)
     files = [f for f in files if harness not in f.parents]

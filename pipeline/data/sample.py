@@ -269,11 +269,49 @@ def write_harness_task(directory: str | os.PathLike, num: int = 200, seed: int =
     return d
 
 
+CHOSEN_STYLE = "The answer is {answer}."
+"""How the preference task's chosen answers are written (the fine-tuned model answers with the bare word)."""
+
+
+def generate_preference(num: int = 2000, seed: int = 1234, split: str = "train", train_size: int = 2000) -> Iterator[dict]:
+    """The reading task as preference pairs ``{"prompt", "chosen", "rejected", "kind", "rejects"}`` for DPO.
+
+    The chosen answer names the passage's word in a sentence (:data:`CHOSEN_STYLE`). The rejected
+    one alternates between two faults: ``rejects="word"``, the same sentence naming another word
+    of the kind that is not the passage's (a distractor: preferring the chosen one needs reading
+    the passage), and ``rejects="style"``, the passage's word alone, the way the fine-tuned sample
+    model answers (preferring the chosen one is a change of style). Prompts and held-out
+    splitting are those of :func:`generate_reading`.
+    """
+    rng = random.Random(seed + (6 if split == "train" else 7))
+    for i, rec in enumerate(generate_reading(num, seed, split, train_size)):
+        chosen = CHOSEN_STYLE.format(answer=rec["response"])
+        if i % 2 == 0:
+            other = rng.choice([v for v in _VALUES[rec["kind"]] if v != rec["response"]])
+            rejected, rejects = CHOSEN_STYLE.format(answer=other), "word"
+        else:
+            rejected, rejects = rec["response"], "style"
+        yield {"prompt": rec["prompt"], "chosen": chosen, "rejected": rejected, "kind": rec["kind"], "rejects": rejects}
+
+
+def write_preference(path: str | os.PathLike, num: int = 2000, seed: int = 1234, split: str = "train",
+                     train_size: int = 2000) -> Path:
+    """Write :func:`generate_preference` as JSON Lines atomically; reuse the file if present."""
+    path = Path(path)
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in generate_preference(num, seed, split, train_size)))
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m pipeline.data.sample DIR``: write the sample fine-tuning files into DIR.
 
     ``qa_train.jsonl`` (reading-task examples for fine-tuning) and ``qa_test.jsonl`` (held-out
-    examples, none of whose prompts is a training prompt), both prompt/response JSON Lines.
+    examples, none of whose prompts is a training prompt), both prompt/response JSON Lines;
+    ``pref_train.jsonl`` and ``pref_test.jsonl``: the same prompts as preference pairs for DPO
+    (:func:`generate_preference`).
     """
     import argparse
 
@@ -291,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for name, n, split in (("qa_train.jsonl", a.train, "train"), ("qa_test.jsonl", a.test, "test")):
         print(write_qa(Path(a.dir) / name, n, a.seed, split, train_size=a.train))
+    for name, n, split in (("pref_train.jsonl", a.train, "train"), ("pref_test.jsonl", a.test, "test")):
+        print(write_preference(Path(a.dir) / name, n, a.seed, split, train_size=a.train))
     return 0
 
 

@@ -218,10 +218,15 @@ def evaluate_pairs(engine, task: DPOLoss, batches) -> dict[str, float]:
 
 # ---------------------------------------------------------------------------- the reference
 def model_identity(init: Path) -> dict[str, Any]:
-    """What identifies the starting model's weights cheaply: its directory, config and weight files' sizes."""
-    files = sorted(p for p in Path(init).iterdir() if p.suffix in (".safetensors", ".bin", ".pt") and p.is_file())
-    return {"path": str(Path(init).resolve()), "config": (Path(init) / "config.json").read_text(encoding="utf-8"),
-            "weights": [[p.name, p.stat().st_size] for p in files]}
+    """What identifies the starting model's weights without reading them: its directory, config,
+    the checkpoint it was exported from (``init_model``) and its weight files' sizes and times
+    (a directory whose weights were rewritten, or re-exported from another step, differs)."""
+    init = Path(init)
+    files = sorted(p for p in init.iterdir() if p.suffix in (".safetensors", ".bin", ".pt") and p.is_file())
+    made = init / "export_meta.json"
+    return {"path": str(init.resolve()), "config": (init / "config.json").read_text(encoding="utf-8"),
+            "exported_from": json.loads(made.read_text(encoding="utf-8")).get("source_checkpoint") if made.is_file() else None,
+            "weights": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
 
 
 def compute_reference(engine, data: PreferenceData, run: Any, pad: int) -> dict[str, np.ndarray]:
