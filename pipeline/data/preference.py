@@ -211,11 +211,13 @@ def pair_hash(p: Pair) -> float:
 
 # ---------------------------------------------------------------------------- encoding
 class Encoded(NamedTuple):
-    """One tokenized pair: ``index`` in its split, and ``(ids, trained mask)`` of each answer after the prompt."""
+    """One tokenized pair: ``index`` in its split, ``(ids, trained mask)`` of each answer after the
+    prompt, and where the record came from (``file:line``)."""
 
     index: int
     chosen: tuple[list[int], list[bool]]
     rejected: tuple[list[int], list[bool]]
+    where: str = ""
 
 
 def _cut(ids: list[int], mask: list[bool], seq_len: int) -> tuple[list[int], list[bool], bool]:
@@ -225,9 +227,13 @@ def _cut(ids: list[int], mask: list[bool], seq_len: int) -> tuple[list[int], lis
     return ids[:seq_len], mask[:seq_len], len(ids) > seq_len
 
 
-def encode_pairs(tokenizer: Any, pairs: list[Pair], cfg: PreferenceDataConfig,
-                 template: str | None = None) -> tuple[list[Encoded], dict[str, int]]:
+def encode_pairs(tokenizer: Any, pairs: list[Pair], cfg: PreferenceDataConfig, template: str | None = None,
+                 fix: str = f"use another template ({KEY}.template), or set {KEY}.bad_records=skip to skip and count such "
+                            "records") -> tuple[list[Encoded], dict[str, int]]:
     """Render, tokenize, mask and length-limit pairs (``index`` = position among the kept pairs).
+
+    ``fix`` ends the message of a pair the template rejects ("Fix the record, <fix>."): the keys
+    of the stage that reads the pairs.
 
     Returns:
         the kept pairs and stats ``{pairs (given), truncated, dropped_overlong, dropped_untrained,
@@ -251,8 +257,7 @@ def encode_pairs(tokenizer: Any, pairs: list[Pair], cfg: PreferenceDataConfig,
         if err is not None:
             if cfg.bad_records != "skip":
                 raise UserError(f"{p.where}: the chat template rejected this pair ({type(err).__name__}: {err}). Fix the "
-                                f"record, use another template ({KEY}.template), or set {KEY}.bad_records=skip to skip "
-                                f"and count such records.")
+                                f"record, {fix}.")
             stats["bad_records"] += 1
             continue
         (ci, cm, c_cut), (ri, rm, r_cut) = (_cut(*rows[0], cfg.seq_len), _cut(*rows[1], cfg.seq_len))
@@ -263,7 +268,7 @@ def encode_pairs(tokenizer: Any, pairs: list[Pair], cfg: PreferenceDataConfig,
             stats["dropped_untrained"] += 1
             continue
         stats["truncated"] += int(c_cut or r_cut)
-        kept.append(Encoded(len(kept), (ci, cm), (ri, rm)))
+        kept.append(Encoded(len(kept), (ci, cm), (ri, rm), p.where))
         stats["tokens"] += len(ci) + len(ri)
         stats["chosen_tokens"] += sum(cm[1:])
         stats["rejected_tokens"] += sum(rm[1:])

@@ -109,20 +109,13 @@ def _encode(cfg: Any, ref: ModelRef, tok: Any, pairs: list[Any], seq_len: int) -
 
     pcfg = PreferenceDataConfig(seq_len=seq_len, template=cfg.template)
     template = chat.chat_template(tok, cfg.template)
-    try:
-        kept, stats = encode_pairs(tok, pairs, pcfg, template)
-    except UserError as e:  # the template rejected a pair: the fine-tune stage's fix names its own keys
-        head, sep, _ = str(e).partition(". Fix the record")
-        raise UserError(f"{head}. Fix the record, or use the builtin template (template=builtin) "
-                        f"for {ref.role} '{ref.path}'" if sep else str(e)) from None
+    kept, stats = encode_pairs(tok, pairs, pcfg, template, fix=f"or use the builtin template (template=builtin) for {ref.role} "
+                                                                f"'{ref.path}'")
     if not kept:
         raise UserError(f"no pair of '{cfg.data}' keeps an answer token within seq_len={seq_len} tokens for {ref.role} "
                         f"'{ref.path}' (every prompt fills it); raise seq_len (at most the model's positions) or shorten "
                         "the prompts")
-    if len(kept) == len(pairs):
-        wheres = [p.where for p in pairs]
-    else:  # which pairs were dropped: encode them one by one (only when some were)
-        wheres = [p.where for p in pairs if encode_pairs(tok, [p], pcfg, template)[0]]
+    wheres = [e.where for e in kept]
     fingerprint = PreferenceData(template, [], kept, []).fingerprint()  # DPO's digest of the ids and masks
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     return _Encoding(kept, wheres, stats, fingerprint, 0 if pad is None else int(pad))
