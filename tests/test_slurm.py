@@ -328,6 +328,26 @@ def _rank_pid(job: int, rank: int) -> int | None:
     return None
 
 
+def test_finetune_script_runs_a_preference_recipe_from_a_pipeline_checkpoint(jobs: Jobs, reference):
+    """``sbatch slurm/finetune.sh RECIPE`` with a DPO recipe (task=dpo), starting from the
+    reference pre-training run (a pipeline checkpoint, exported first), two tasks under ZeRO-3."""
+    run, _ = reference
+    pairs = write_jsonl(jobs.cwd / "pairs.jsonl", [{"prompt": f"Q{i}?", "chosen": f"yes {i}", "rejected": f"no {i}"}
+                                                    for i in range(16)])
+    recipe = jobs.cwd / "dpo.yaml"
+    recipe.write_text(f"output: {jobs.cwd / 'dpo'}\ntask: dpo\nmodel: {{path: {run}}}\n"
+                      f"dpo: {{train: {pairs}, val_fraction: 0, seq_len: 32}}\n"
+                      "train: {micro_batch_size: 2, max_steps: 3, warmup_steps: 0, eval_every: 0}\n"
+                      "checkpoint: {every: 0}\nmonitor: {log_every: 1}\ndeepspeed: {config: ds_configs/zero3_offload.json}\n")
+    job = jobs.submit("finetune.sh", ONE_NODE, str(recipe))
+    jobs.done("finetune", job, timeout=300)
+    log = jobs.log("finetune", job)
+    assert "finetune: 2 rank(s), ZeRO-3" in log and "dpo: 16 train / 0 val pairs" in log, log[-3000:]
+    assert "reference log-probs: 16 + 0 pairs in" in log and "reward_margin" in log
+    meta = json.loads((jobs.cwd / "dpo" / "checkpoints" / "step-00000003" / "meta.json").read_text())
+    assert meta["task"] == "dpo" and meta["world_size"] == 2
+
+
 def test_a_dead_rank_fails_the_job_at_once_naming_it(jobs: Jobs, tiny_dataset: Path):
     job = jobs.submit("pretrain.sh", TWO_NODES,
                       *_train(jobs.cwd / "run", tiny_dataset, "train.max_steps=500", "dist.timeout_s=300"),
