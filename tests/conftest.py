@@ -36,6 +36,20 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSON Lines file."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def tb_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of the TensorBoard event files in ``log_dir``: tag -> [(step, value)]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
 def make_docs(n: int, seed: int = 0, prefix: str = "doc") -> list[str]:
     """``n`` distinct English-like documents from the built-in sample generator."""
     from pipeline.data.sample import generate

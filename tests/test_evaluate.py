@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Z3_STEPS, run_deepspeed, write_jsonl
+from conftest import Z3_STEPS, read_jsonl, run_deepspeed, tb_scalars, write_jsonl
 from inproc import run_entry
 from pipeline.config import load_config
 from pipeline.errors import UserError
@@ -26,18 +26,6 @@ def _cfg(out: Path, *overrides: str) -> EvalConfig:
 
 def _report(out: Path) -> dict:
     return json.loads((out / "report.json").read_text())
-
-
-def _rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def _scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(log_dir))
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def _lm(path: Path):
@@ -103,7 +91,7 @@ def test_perplexity_on_shards_equals_manual_loop_and_writes_tensorboard(tmp_path
     assert _report(out)["models"][0]["metrics"] == m and _report(out)["split"] == "val"
     assert "| loss |" in (out / "report.md").read_text()
     assert not (tmp_path / "eval.partial").exists()
-    tb = _scalars(out / "tensorboard" / "model")
+    tb = tb_scalars(out / "tensorboard" / "model")
     assert tb["eval/loss"] == [(0, pytest.approx(m["loss"], rel=1e-6))] and tb["eval/ppl"][0][0] == 0
 
 
@@ -141,7 +129,7 @@ def test_compare_to_reports_both_models_and_the_difference(tmp_path, tiny_datase
     assert "| metric | tuned | base | difference |" in md and md.count("\n| ") == 4  # header + loss, ppl, tokens
     assert (a["step"], b["step"]) == (0, 7)  # b is an export of step 7
     for m in (a, b):
-        tb = _scalars(out / "tensorboard" / m["name"])
+        tb = tb_scalars(out / "tensorboard" / m["name"])
         assert tb["eval/loss"] == [(m["step"], pytest.approx(m["metrics"]["loss"], rel=1e-6))]
 
 
@@ -176,7 +164,7 @@ def test_classification_predictions_match_argmax_and_metrics(tmp_path, classifie
     out = tmp_path / "eval"
     report = run(_cfg(out, "task=classification", f"model={classifier}", f"data={data}", "text_field=sentence",
                       "label_field=y", "batch_size=3"))
-    rows = _rows(out / "predictions.jsonl")
+    rows = read_jsonl(out / "predictions.jsonl")
     assert [r["index"] for r in rows] == list(range(8))
     assert [r["label"] for r in rows] == ["pos", "neg", "neu", "pos", "neu", "neg", "pos", "neu"]
     model, tok = AutoModelForSequenceClassification.from_pretrained(classifier).eval(), AutoTokenizer.from_pretrained(classifier)
@@ -191,7 +179,7 @@ def test_classification_predictions_match_argmax_and_metrics(tmp_path, classifie
     m = report["models"][0]["metrics"]
     assert m["confusion_matrix"] == expected["confusion_matrix"] and m["per_class"] == expected["per_class"]
     assert (m["accuracy"], m["macro_f1"], m["examples"]) == (expected["accuracy"], expected["macro_f1"], 8)
-    assert _scalars(out / "tensorboard" / "classifier")["eval/accuracy"] == [(0, pytest.approx(m["accuracy"]))]
+    assert tb_scalars(out / "tensorboard" / "classifier")["eval/accuracy"] == [(0, pytest.approx(m["accuracy"]))]
 
 
 def test_classification_csv_pairs_and_unknown_labels(tmp_path, classifier):
@@ -199,7 +187,7 @@ def test_classification_csv_pairs_and_unknown_labels(tmp_path, classifier):
     data.write_text("premise,hypothesis,label\nit rains,the ground is wet,pos\nsun,night,neg\n")
     out = tmp_path / "eval"
     run(_cfg(out, "task=classification", f"model={classifier}", f"data={data}", "text_field=premise", "text_pair_field=hypothesis"))
-    assert [(r["text_pair"], r["label"]) for r in _rows(out / "predictions.jsonl")] == [("the ground is wet", "pos"), ("night", "neg")]
+    assert [(r["text_pair"], r["label"]) for r in read_jsonl(out / "predictions.jsonl")] == [("the ground is wet", "pos"), ("night", "neg")]
     data.write_text("premise,hypothesis,label\na,b,pos\nc,d,happy\ne,f,7\n")
     with pytest.raises(UserError) as e:
         run(_cfg(tmp_path / "bad", "task=classification", f"model={classifier}", f"data={data}", "text_field=premise"))
@@ -237,7 +225,7 @@ def test_generation_scores_from_the_generations_file(tmp_path, tiny_hf_model):
     data = write_jsonl(tmp_path / "gen.jsonl", rows_in)
     args = ["task=generation", f"model={tiny_hf_model}", "max_new_tokens=6", "batch_size=2"]
     run(_cfg(tmp_path / "first", *args, f"data={data}"))
-    first = _rows(tmp_path / "first" / "generations.jsonl")
+    first = read_jsonl(tmp_path / "first" / "generations.jsonl")
     gens = [r["generation"] for r in first]
     assert len(gens) == 3 and all(0 < r["new_tokens"] <= 6 for r in first)
     # References: what greedy decoding produced (exact), something else (neither), and a
@@ -249,7 +237,7 @@ def test_generation_scores_from_the_generations_file(tmp_path, tiny_hf_model):
     write_jsonl(data, rows_in)
     out = tmp_path / "second"
     report = run(_cfg(out, *args, f"data={data}"))
-    rows = _rows(out / "generations.jsonl")
+    rows = read_jsonl(out / "generations.jsonl")
     assert [r["generation"] for r in rows] == gens  # greedy decoding is deterministic, batched or not
     assert [r["reference"] for r in rows] == refs
     assert [r["exact"] for r in rows] == [exact_match(g, x) for g, x in zip(gens, refs)]
@@ -261,12 +249,12 @@ def test_generation_scores_from_the_generations_file(tmp_path, tiny_hf_model):
     assert m["contains"] == pytest.approx(sum(r["contains"] for r in rows) / 3)
     assert m["examples"] == 3 and set(rows[0]) >= {"prompt", "reference", "generation", "exact", "contains"}
     assert "exact_match" in (out / "report.md").read_text()
-    tb = _scalars(out / "tensorboard" / "model")
+    tb = tb_scalars(out / "tensorboard" / "model")
     assert tb["eval/exact_match"] == [(0, pytest.approx(m["exact_match"]))] and "eval/contains" in tb
     # One example alone, unbatched, decodes to the same text.
     write_jsonl(data, rows_in[2:])
     alone = run(_cfg(tmp_path / "alone", *args, f"data={data}"))
-    assert _rows(tmp_path / "alone" / "generations.jsonl")[0]["generation"] == gens[2]
+    assert read_jsonl(tmp_path / "alone" / "generations.jsonl")[0]["generation"] == gens[2]
     assert alone["models"][0]["metrics"]["contains"] == 1.0
 
 
@@ -328,7 +316,7 @@ def test_pipeline_checkpoint_is_evaluated_at_its_step(tmp_path, tiny_dataset, z3
     ds = TokenDataset(tiny_dataset, "val")
     total, count = _manual_loss(load_model(z3_run)[0], [ds.sample(i, 32).tolist() for i in range(8)])
     assert m["metrics"]["loss"] == pytest.approx(total / count, abs=1e-5)
-    assert _scalars(out / "tensorboard" / name)["eval/loss"][0][0] == Z3_STEPS  # TensorBoard step = checkpoint step
+    assert tb_scalars(out / "tensorboard" / name)["eval/loss"][0][0] == Z3_STEPS  # TensorBoard step = checkpoint step
 
 
 @pytest.mark.slow

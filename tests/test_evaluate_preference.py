@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Z3_STEPS, run_deepspeed, write_jsonl
+from conftest import Z3_STEPS, read_jsonl, run_deepspeed, tb_scalars, write_jsonl
 from inproc import run_entry
 from pipeline.config import load_config
 from pipeline.stages.evaluate import EvalConfig, run
@@ -113,18 +113,6 @@ def _cfg(out: Path, *overrides: str) -> EvalConfig:
     return load_config(EvalConfig, None, [f"output={out}", "task=preference", *overrides])
 
 
-def _rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def _scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(log_dir))
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
-
-
 def _copy_tokenizer(src: Path, dst: Path) -> None:
     for f in src.iterdir():
         if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "chat_template.jinja"):
@@ -162,7 +150,7 @@ def test_accuracy_and_log_probs_equal_a_plain_forward(tmp_path, tiny_hf_model, p
     out = tmp_path / "eval"
     report = run(_cfg(out, f"model={tiny_hf_model}", f"data={pairs_file}", "batch_size=2"))  # 3 batches, the last short
     want = expected(tiny_hf_model, PAIRS)
-    rows = _rows(out / "preferences.jsonl")
+    rows = read_jsonl(out / "preferences.jsonl")
     assert [r["where"] for r in rows] == [f"{pairs_file}:{i + 1}" for i in range(5)]
     for r, (c, rj, nc, nr) in zip(rows, want):
         assert (r["tokens_chosen"], r["tokens_rejected"]) == (nc, nr)
@@ -181,7 +169,7 @@ def test_accuracy_and_log_probs_equal_a_plain_forward(tmp_path, tiny_hf_model, p
     assert saved["headline"] == ["accuracy", "accuracy_per_token", "margin", "logps_chosen", "logps_rejected"]
     assert saved["models"][0]["metrics"] == m and "reference" not in saved
     assert "| accuracy |" in (out / "report.md").read_text() and "| pairs | 5 |" in (out / "report.md").read_text()
-    tb = _scalars(out / "tensorboard" / "model")
+    tb = tb_scalars(out / "tensorboard" / "model")
     assert tb["eval/accuracy"] == [(0, pytest.approx(m["accuracy"]))] and "eval/margin" in tb
     capped = run(_cfg(tmp_path / "capped", f"model={tiny_hf_model}", f"data={pairs_file}", "max_batches=2"))
     assert capped["models"][0]["metrics"]["pairs"] == 2
@@ -199,7 +187,7 @@ def test_the_tokenizers_own_chat_template_is_used(tmp_path, tiny_hf_model, pairs
     tok.save_pretrained(own)
     report = run(_cfg(tmp_path / "own", f"model={own}", f"data={pairs_file}", "batch_size=5"))
     want = expected(own, PAIRS, template=CUSTOM_TEMPLATE)
-    got = [(r["logps_chosen"], r["logps_rejected"]) for r in _rows(tmp_path / "own" / "preferences.jsonl")]
+    got = [(r["logps_chosen"], r["logps_rejected"]) for r in read_jsonl(tmp_path / "own" / "preferences.jsonl")]
     assert got == [(pytest.approx(c, abs=1e-5), pytest.approx(r, abs=1e-5)) for c, r, _, _ in want]
     assert report["models"][0]["metrics"]["accuracy"] == _mean([c > r for c, r, _, _ in want])
     builtin = run(_cfg(tmp_path / "builtin", f"model={own}", f"data={pairs_file}", "template=builtin"))
@@ -230,12 +218,12 @@ def test_reference_rewards_and_compare_mode(tmp_path, tiny_hf_model, base_model,
     assert saved["headline"][:4] == ["reward_accuracy", "reward_margin", "reward_chosen", "reward_rejected"]
     assert saved["difference"]["reward_accuracy"] == m["reward_accuracy"]
     assert saved["reference"]["name"] == "base" and saved["reference"]["beta"] == 0.5
-    rows = _rows(out / "preferences.jsonl")
+    rows = read_jsonl(out / "preferences.jsonl")
     assert [r["model"] for r in rows] == ["dpo"] * 5 + ["base"] * 5
     assert [r["reward_correct"] for r in rows[:5]] == [c > r for c, r in zip(rc, rr)]
     assert "| reward_accuracy |" in (out / "report.md").read_text()
     for name, mm in (("dpo", m), ("base", b["metrics"])):  # the names DPO training logs
-        tb = _scalars(out / "tensorboard" / name)
+        tb = tb_scalars(out / "tensorboard" / name)
         assert tb["eval/reward_accuracy"] == [(0, pytest.approx(mm["reward_accuracy"]))]
         assert {"eval/reward_margin", "eval/reward_chosen", "eval/logps_chosen", "eval/accuracy"} <= set(tb)
 
@@ -332,7 +320,7 @@ def test_zero3_two_ranks_equals_one_process_with_checkpoints(tmp_path, tiny_hf_m
         assert a["metrics"].keys() == b["metrics"].keys()
         for k, v in a["metrics"].items():
             assert b["metrics"][k] == pytest.approx(v, abs=1e-5), k
-    rows_one, rows_z3 = _rows(tmp_path / "one" / "preferences.jsonl"), _rows(tmp_path / "z3" / "preferences.jsonl")
+    rows_one, rows_z3 = read_jsonl(tmp_path / "one" / "preferences.jsonl"), read_jsonl(tmp_path / "z3" / "preferences.jsonl")
     assert len(rows_one) == len(rows_z3) == 2 * 7 and rows_one[5]["where"] == f"{pairs_file}:7"  # line 6 dropped
     for a, b in zip(rows_one, rows_z3):
         assert b["logps_chosen"] == pytest.approx(a["logps_chosen"], abs=1e-5) and b["where"] == a["where"]

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_deepspeed, run_script, write_jsonl, z3_run_args
+from conftest import run_deepspeed, run_script, tb_scalars, write_jsonl, z3_run_args
 from inproc import run_entry
 
 pytest.importorskip("lm_eval", reason="the eval extra (pip install -e '.[eval]'); the test extra installs it")
@@ -242,11 +242,7 @@ metric_list:
 
 
 def _scalars(log_dir: Path) -> dict[str, dict[int, float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(log_dir))
-    acc.Reload()
-    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+    return {tag: dict(points) for tag, points in tb_scalars(log_dir).items()}
 
 
 @pytest.mark.slow

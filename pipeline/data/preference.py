@@ -50,7 +50,7 @@ import numpy as np
 from pipeline.data import chat
 from pipeline.data.example_loader import ExampleLoader, FixedBatches
 from pipeline.data.records import read_records
-from pipeline.data.sft import IGNORE_INDEX, decoded_pieces, encode_conversations, example_hash
+from pipeline.data.sft import IGNORE_INDEX, decoded_pieces, encode_conversations, example_hash, split_and_length_problems
 from pipeline.errors import UserError
 from pipeline.inputs import data_files
 
@@ -87,12 +87,7 @@ class PreferenceDataConfig:
 
     def check(self) -> list[tuple[str, str]]:
         """Problems with these values as ``(field, problem and fix)`` pairs."""
-        p: list[tuple[str, str]] = []
-        if not 0.0 <= self.val_fraction < 1.0:
-            p.append(("val_fraction", f"must be in [0, 1), got {self.val_fraction} (e.g. 0.05)"))
-        if self.seq_len < 2:
-            p.append(("seq_len", f"must be >= 2 tokens, got {self.seq_len} (e.g. 512)"))
-        return p
+        return split_and_length_problems(self.val_fraction, self.seq_len)
 
 
 # ---------------------------------------------------------------------------- reading

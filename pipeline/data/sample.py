@@ -212,14 +212,19 @@ def generate_qa(num: int = 2000, seed: int = 1234, towns: int = 400, split: str 
         yield {"prompt": q.format(**fact), "response": a.format(**fact)}
 
 
-def write_qa(path: str | os.PathLike, num: int = 2000, seed: int = 1234, split: str = "train", train_size: int = 2000) -> Path:
-    """Write :func:`generate_reading` as JSON Lines (prompt/response/kind) atomically; reuse it if present."""
+def _write_once(path: str | os.PathLike, records: Iterator[dict]) -> Path:
+    """Write ``records`` as JSON Lines atomically; reuse the file if present (the records are not drawn then)."""
     path = Path(path)
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in generate_reading(num, seed, split, train_size)))
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
     return path
+
+
+def write_qa(path: str | os.PathLike, num: int = 2000, seed: int = 1234, split: str = "train", train_size: int = 2000) -> Path:
+    """Write :func:`generate_reading` as JSON Lines (prompt/response/kind) atomically; reuse it if present."""
+    return _write_once(path, generate_reading(num, seed, split, train_size))
 
 
 _VALUES = {"color": _COLORS, "trade": _TRADES, "animal": _ANIMALS}
@@ -297,12 +302,7 @@ def generate_preference(num: int = 2000, seed: int = 1234, split: str = "train",
 def write_preference(path: str | os.PathLike, num: int = 2000, seed: int = 1234, split: str = "train",
                      train_size: int = 2000) -> Path:
     """Write :func:`generate_preference` as JSON Lines atomically; reuse the file if present."""
-    path = Path(path)
-    if path.exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in generate_preference(num, seed, split, train_size)))
-    return path
+    return _write_once(path, generate_preference(num, seed, split, train_size))
 
 
 def main(argv: list[str] | None = None) -> int:

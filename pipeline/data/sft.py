@@ -100,12 +100,17 @@ class SFTDataConfig:
 
     def check(self) -> list[tuple[str, str]]:
         """Problems with these values as ``(field, problem and fix)`` pairs."""
-        p: list[tuple[str, str]] = []
-        if not 0.0 <= self.val_fraction < 1.0:
-            p.append(("val_fraction", f"must be in [0, 1), got {self.val_fraction} (e.g. 0.05)"))
-        if self.seq_len < 2:
-            p.append(("seq_len", f"must be >= 2 tokens, got {self.seq_len} (e.g. 512)"))
-        return p
+        return split_and_length_problems(self.val_fraction, self.seq_len)
+
+
+def split_and_length_problems(val_fraction: float, seq_len: int) -> list[tuple[str, str]]:
+    """The ``val_fraction`` and ``seq_len`` problems of a chat data section (SFT, preference pairs)."""
+    p: list[tuple[str, str]] = []
+    if not 0.0 <= val_fraction < 1.0:
+        p.append(("val_fraction", f"must be in [0, 1), got {val_fraction} (e.g. 0.05)"))
+    if seq_len < 2:
+        p.append(("seq_len", f"must be >= 2 tokens, got {seq_len} (e.g. 512)"))
+    return p
 
 
 # ---------------------------------------------------------------------------- reading
