@@ -10,7 +10,9 @@ import torch
 
 from pipeline.config import field_docs, load_config
 from pipeline.training.ds_config import (
+    REDUCE_BUCKET_FLOOR,
     DeepSpeedSection,
+    bucket_sizes,
     load_ds_json,
     locate_ds_config,
     offload,
@@ -73,8 +75,9 @@ def test_zero3_offload_contents_and_bucket_sizes_from_hidden_size():
     raw = shipped("zero3_offload.json")
     ds = resolve(raw, hidden_size=1024)
     z = ds["zero_optimization"]
+    # hidden 1024: the HF formula (1,048,576 / 943,718 / 10,240) but the reduce bucket never below 5e7 elements
     assert (z["reduce_bucket_size"], z["stage3_prefetch_bucket_size"], z["stage3_param_persistence_threshold"]) == (
-        1048576, 943718, 10240)
+        50_000_000, 943718, 10240)
     assert z["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
     assert z["offload_param"] == {"device": "cpu", "pin_memory": True}
     assert z["stage3_gather_16bit_weights_on_model_save"] is False and z["overlap_comm"] is True
@@ -85,6 +88,30 @@ def test_zero3_offload_contents_and_bucket_sizes_from_hidden_size():
     assert summarize(resolve(shipped("zero2.json"), precision="bf16", dp_world=1)) == (
         "ZeRO-2, no offload, bf16, micro 4 × accum 2 × dp 1 = 8")
     assert offload(shipped("zero2_offload.json")) == {"optimizer": "cpu", "param": "none"}
+
+
+@pytest.mark.parametrize("hidden, expected", [
+    (256, (50_000_000, 58_982, 2_560)),  # the tiny benchmark model: its 4.2M gradients reduced in one bucket, not 64
+    (576, (50_000_000, 298_598, 5_760)),  # SmolLM-135M's shape
+    (4096, (50_000_000, 15_099_494, 40_960)),  # 7B: h² = 16.8M; 100 MB per GPU in bf16 (DeepSpeed's 5e8: 1 GB)
+    (8192, (67_108_864, 60_397_977, 81_920)),  # h² above the floor from h = 7,072: the formula
+])
+def test_bucket_sizes_are_the_hf_formula_with_a_reduce_bucket_of_at_least_5e7(hidden, expected):
+    """Issue 16: HF's h² reduce bucket cost ~20 % tokens/s on small models against DeepSpeed's defaults
+    (the gradients reduced in dozens of tiny collectives per step); measured one key at a time, the
+    prefetch bucket and the persistence threshold made no difference, so they stay the formula."""
+    assert bucket_sizes(hidden) == expected
+    assert expected == (max(hidden * hidden, REDUCE_BUCKET_FLOOR), int(0.9 * hidden * hidden), 10 * hidden)
+    import deepspeed.runtime.zero.config as zc
+
+    assert REDUCE_BUCKET_FLOOR <= zc.DeepSpeedZeroConfig.model_fields["reduce_bucket_size"].default  # never above DeepSpeed's
+    for name in ("zero3.json", "zero3_offload.json", "zero3_offload_nvme.json"):
+        z = resolve(shipped(name), hidden_size=hidden)["zero_optimization"]
+        assert (z["reduce_bucket_size"], z["stage3_prefetch_bucket_size"], z["stage3_param_persistence_threshold"]) == expected
+    # a number in the JSON or an override still wins over the rule
+    z = resolve(shipped("zero3.json"), hidden_size=hidden,
+                overrides={"zero_optimization.reduce_bucket_size": hidden * hidden})["zero_optimization"]
+    assert z["reduce_bucket_size"] == hidden * hidden
 
 
 def test_unknown_hidden_size_needs_numbers_or_overrides():

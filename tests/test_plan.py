@@ -68,6 +68,45 @@ def test_parameter_count_from_the_meta_device_matches_the_real_model(tiny_datase
     assert r.facts.n_params == sum(p.numel() for p in real.parameters())
     assert r.facts.largest_layer == max(sum(p.numel() for p in m.parameters(recurse=False)) for m in real.modules())
     assert next(real.parameters()).device == torch.device("cpu")
+    assert r.facts.param_sizes == tuple(p.numel() for p in real.parameters())  # DeepSpeed's persistence walk
+
+
+def test_zero3_persistent_parameters_and_the_filled_buckets_are_counted(tiny_dataset: Path):
+    """Issue 16: parameters of at most ``stage3_param_persistence_threshold`` elements are held whole
+    on every rank (DeepSpeed's ``mark_persistent_parameters``), and the reduce bucket is what the
+    resolved JSON says (the ``"auto"`` rule: at least 5e7 elements); the planner counts both from the
+    resolved JSON, whatever filled it."""
+    from pipeline.training.ds_config import REDUCE_BUCKET_FLOOR
+    from pipeline.training.plan import _resolved, estimate_config
+    from pipeline.training.plan_zero import buffers, persistent_elements
+
+    key = "deepspeed.overrides={\"zero_optimization.stage3_param_persistence_threshold\": %d}"
+    model = [*TINY_MODEL, "model.hidden_size=256", "model.num_heads=4"]  # 256x256 attention matrices: 65,536 elements
+    rule, none, mats, every = (_recipe(tiny_dataset, *model, *([key % v] if v is not None else []))
+                               for v in (None, 0, 100_000, 10 ** 12))
+    r, t = rule
+    n, sizes = r.facts.n_params, r.facts.param_sizes
+    norms = (2 * r.facts.layers + 1) * 256  # the rule's 10·h = 2,560 keeps the RMSNorm weights whole
+    small = sum(x for x in sizes if x <= 100_000)
+    assert 4 * 256 * 256 * r.facts.layers <= small < n  # with 1e5: the attention matrices too, not the embeddings
+    for config, offloaded in (("ds_configs/zero3.json", False), ("ds_configs/zero3_offload.json", True)):
+        e0 = estimate_config(none[0], config, t, r.micro_batch, False)
+        for (x, _), p in ((rule, norms), (mats, small), (every, n)):
+            assert persistent_elements(x.facts, _resolved(x, config, t, x.micro_batch, False)) == p
+            # fp32, 2 ranks: 4 bytes per persistent element whole, + its partition on the device with parameter offload
+            e = estimate_config(x, config, t, x.micro_batch, False)
+            assert e.states - e0.states == 4 * p + (4 * p // 2 if offloaded else 0), (config, p)
+        ds = _resolved(r, config, t, r.micro_batch, False)
+        assert ds["zero_optimization"]["reduce_bucket_size"] == REDUCE_BUCKET_FLOOR
+        # CPU ranks: the part of the bucket a model fills (all of its gradients here); a GPU: all of it
+        prefetch = ds["zero_optimization"]["stage3_prefetch_bucket_size"]
+        assert buffers(ds, r.facts, "fp32", on_gpu=False) == 4 * (min(REDUCE_BUCKET_FLOOR, n) + min(prefetch, n))
+        assert buffers(ds, r.facts, "bf16", on_gpu=True) == 2 * (REDUCE_BUCKET_FLOOR + min(prefetch, n))
+    # DeepSpeed's cap on the persistent total, and stages below 3 keep nothing whole
+    capped = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 10 ** 12,
+                                    "stage3_model_persistence_threshold": 1000}}
+    assert 0 < persistent_elements(r.facts, capped) <= 1000
+    assert persistent_elements(r.facts, {"zero_optimization": {"stage": 2}}) == 0
 
 
 def test_model_states_follow_deepspeed_estimators_and_shrink_with_partitioning():

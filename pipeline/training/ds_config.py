@@ -8,9 +8,11 @@ filled by :func:`resolve_ds_config` from the recipe:
   ``train_batch_size`` (``micro × accum × data-parallel size``);
 * ``gradient_clipping`` and ``optimizer.params.{lr, betas, eps, weight_decay}``;
 * precision: ``bf16.enabled`` / ``fp16.enabled``;
-* ZeRO bucket sizes from the model's hidden size ``h``, as Hugging Face's integration does:
-  ``reduce_bucket_size = h²``, ``stage3_prefetch_bucket_size = 0.9·h²``,
-  ``stage3_param_persistence_threshold = 10·h`` (all in elements).
+* ZeRO bucket sizes from the model's hidden size ``h`` (:func:`bucket_sizes`):
+  ``reduce_bucket_size = max(h², 5e7)``, ``stage3_prefetch_bucket_size = 0.9·h²``,
+  ``stage3_param_persistence_threshold = 10·h`` (all in elements): Hugging Face's formula, but a
+  reduce bucket never below 5e7 elements (issue 16: measured in ``docs/benchmarks.md``, the why
+  in ``docs/deepspeed.md``).
 
 A number instead of ``"auto"`` for a recipe-owned key must agree with the recipe, else the
 run stops naming the file, the key and both values. An ``"auto"`` the resolver does not know
@@ -64,6 +66,26 @@ _BUCKET_KEYS = (
     "zero_optimization.stage3_prefetch_bucket_size",
     "zero_optimization.stage3_param_persistence_threshold",
 )
+REDUCE_BUCKET_FLOOR = 50_000_000
+"""Elements: ``reduce_bucket_size`` is never filled below this (a tenth of DeepSpeed's 5e8 default).
+HF's ``h²`` (65,536 for ``h`` = 256) reduces the gradients of a small model in dozens of tiny
+collectives per step; 5e7 reduces a model of up to 50M parameters in one, at 100 MB (bf16) per GPU
+for the bucket DeepSpeed allocates whole (its default: 1 GB), up to 200 MB per CPU rank (fp32)."""
+
+
+def bucket_sizes(hidden: int) -> tuple[int, int, int]:
+    """The ``"auto"`` values of ``(reduce_bucket_size, stage3_prefetch_bucket_size,
+    stage3_param_persistence_threshold)`` for a model of hidden size ``hidden``, in elements.
+
+    HF's formula (``h²``, ``0.9·h²``, ``10·h``) with the reduce bucket raised to
+    :data:`REDUCE_BUCKET_FLOOR`: of the three keys, the reduce bucket alone gave DeepSpeed's
+    defaults their speed over the formula on small models (measured one key at a time: issue 16,
+    ``docs/benchmarks.md``); the prefetch bucket and the persistence threshold at DeepSpeed's
+    defaults were not faster, and DeepSpeed's 5e8-element reduce bucket costs 1 GB per GPU (bf16)
+    and up to 8 bytes per parameter on CPU ranks. The planner counts what is filled
+    (:mod:`pipeline.training.plan_zero`).
+    """
+    return max(hidden * hidden, REDUCE_BUCKET_FLOOR), int(0.9 * hidden * hidden), 10 * hidden
 
 
 @dataclass
@@ -417,8 +439,7 @@ def resolve_ds_config(
         fill(f"{half}.enabled", section["enabled"], f"deepspeed.precision (resolved: {precision})")
 
     if hidden_size is not None:
-        sizes = (hidden_size * hidden_size, int(0.9 * hidden_size * hidden_size), 10 * hidden_size)
-        for key, value in zip(_BUCKET_KEYS, sizes):
+        for key, value in zip(_BUCKET_KEYS, bucket_sizes(hidden_size)):
             if _get(ds, key) == "auto":
                 _set(ds, key, value, source)
     else:

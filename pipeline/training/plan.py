@@ -13,7 +13,9 @@ parameter + optimizer offload to CPU or NVMe) the planner estimates, per rank an
   4-byte ones (DeepSpeed still keeps a separate fp32 master partition). Stage 0 has no
   DeepSpeed estimator: every rank holds everything (16 bytes per parameter in fp32, 20 in
   bf16/fp16). Stage 1 keeps full gradients until the step, stage 2 partitions them. The
-  parameter count comes from the model built on PyTorch's ``meta`` device (no memory).
+  parameter count comes from the model built on PyTorch's ``meta`` device (no memory). Under
+  ZeRO-3 the parameters of at most ``stage3_param_persistence_threshold`` elements are held
+  whole on every rank besides their partition (:mod:`pipeline.training.plan_zero`).
 * **activations** of one micro batch: the per-layer count of Korthikanti et al. 2022
   ("Reducing Activation Recomputation in Large Transformer Models", eq. 1: ``sbh(34 +
   5as/h)`` bytes for GPT-3 in 16 bit) redone for the tensors PyTorch actually saves in a
@@ -62,6 +64,8 @@ from typing import Any
 from pipeline.errors import UserError
 from pipeline.training.ds_config import locate_ds_config, offload, resolve_for_recipe, zero_stage
 from pipeline.training.model_shape import model_shape
+from pipeline.training.plan_zero import DS_ADDITIONAL_BUFFER_FACTOR  # noqa: F401 - where it was
+from pipeline.training.plan_zero import buffers as _buffers, model_states as _model_states, persistent_bytes
 from pipeline.training.tiling import logits_tile_tokens, mlp_tile_tokens
 
 GiB = 1024 ** 3
@@ -88,8 +92,6 @@ CPU_RANK_RUNTIME = 0.65 * GiB
 gloo, data loader), measured on this project's CPU machines (about 0.41 GiB after the imports alone)."""
 GPU_RANK_HOST_RUNTIME = 3.0 * GiB
 """Host memory of one GPU rank process beside the offloaded states (CUDA libraries, pinned staging)."""
-DS_ADDITIONAL_BUFFER_FACTOR = 1.5
-"""DeepSpeed's own ``additional_buffer_factor`` for the CPU side of its estimators (kept as is)."""
 
 
 # ---------------------------------------------------------------------------- the model
@@ -116,6 +118,7 @@ class ModelFacts:
     logits_tile: int = 0  # tokens per tile of the tiled head + loss (0: not tiled)
     sp: int = 1  # the sequence-parallel degree the attention runs under (set by Recipe from its sp): K/V replication
     activation_offload: bool = False  # with checkpointing: layer inputs in pinned host memory (GPU ranks only)
+    param_sizes: tuple[int, ...] = ()  # elements of each parameter, named_parameters() order (ZeRO-3 persistence)
 
 
 def model_facts(conf, *, head: str = "causal_lm", attn_implementation: str = "sdpa", tiled_mlp: bool = False,
@@ -137,7 +140,8 @@ def model_facts(conf, *, head: str = "causal_lm", attn_implementation: str = "sd
     conf = copy.deepcopy(conf)
     with torch.device("meta"):  # shapes only: a 70B model costs nothing here
         model = auto.from_config(conf)
-    n = sum(p.numel() for p in model.parameters())
+    sizes = tuple(int(p.numel()) for p in model.parameters())
+    n = sum(sizes)
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     s = model_shape(conf)  # the reading MFU's FLOP count uses too (gated MLP or not, K/V heads)
     return ModelFacts(
@@ -146,7 +150,7 @@ def model_facts(conf, *, head: str = "causal_lm", attn_implementation: str = "sd
         lm_head=head != "classification", attn=attn_implementation,
         mlp_tile=mlp_tile_tokens(s.hidden, tile_tokens) if tiled_mlp else 0,
         logits_tile=logits_tile_tokens(s.vocab, tile_tokens) if tiled_logits and head != "classification" else 0,
-        activation_offload=activation_offload,
+        activation_offload=activation_offload, param_sizes=sizes,
     )
 
 
@@ -243,58 +247,6 @@ class Estimate:
         return "+".join(x for x in (f"param {p}" if p != "none" else "", f"optimizer {o}" if o != "none" else "") if x)
 
 
-def _model_states(f: ModelFacts, stage: int, off_opt: str, off_param: str, precision: str, target: Target) -> tuple[int, int, int]:
-    """``(device bytes per rank, host bytes per node, NVMe bytes per node)`` for parameters,
-    gradients and optimizer states, from DeepSpeed's estimators (16-bit) adjusted for fp32.
-
-    DeepSpeed's ZeRO-3 estimator returns host memory per node (its ``1/num_nodes`` factor); its
-    ZeRO-1/2 one returns a per-node figure without offload (``4N`` per GPU of the node) but a
-    whole-job total with optimizer offload, which is converted here."""
-    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
-
-    n, big, g, nodes, dp = f.n_params, f.largest_layer, target.gpus_per_node, target.nodes, target.world
-    fp32 = precision == "fp32"
-    kw = dict(num_gpus_per_node=g, num_nodes=nodes, additional_buffer_factor=DS_ADDITIONAL_BUFFER_FACTOR)
-    if stage == 0:  # no DeepSpeed estimator: every rank keeps weights, gradients, master and Adam moments
-        return (16 if fp32 else 20) * n, int(4 * n * g * DS_ADDITIONAL_BUFFER_FACTOR), 0
-    if stage in (1, 2):
-        cpu, dev = estimate_zero2_model_states_mem_needs(n, cpu_offload=off_opt != "none", **kw)
-        if off_opt != "none":
-            # DeepSpeed's ZeRO-2 offload figure, n * max(4 * all GPUs, 16) * 1.5, is the whole job's host
-            # memory (every rank's 4-byte loading copy; all of the fp32 master, gradient and Adam partitions),
-            # not a node's: it grew with the node count. A node holds its own ranks' loading copies or its
-            # 1/nodes share of the 16 bytes, whichever is larger: the per-node form DeepSpeed's ZeRO-3
-            # estimator uses (max(4 * gpus_per_node, 16 / nodes)); equal to DeepSpeed's on one node.
-            cpu = int(n * max(4 * g, 16 / nodes) * DS_ADDITIONAL_BUFFER_FACTOR)
-        if off_opt == "none":
-            # DeepSpeed counts 2 (16-bit weights) + 18/dp (2 grad16 + 4 grad32 + 4 master + 8 Adam) bytes;
-            # fp32: 4-byte weights, and the partition holds 4 grad + 4 master + 8 Adam.
-            if fp32:
-                dev = 4 * n + 16 * n // dp
-            if stage == 1:  # ZeRO-1 keeps the full gradients until the step, ZeRO-2 only its partition
-                dev += (4 if fp32 else 2) * n - (4 if fp32 else 2) * n // dp
-        elif fp32:
-            dev = 4 * n  # the fp32 weights; gradients go straight to the host buffers
-        return int(dev), int(cpu), 0
-    # stage 3 (zero_init: the pipeline builds and loads models partitioned)
-    cpu, dev, _ = estimate_zero3_model_states_mem_needs(
-        n, big, cpu_offload=off_opt != "none", cpu_offload_params=off_param != "none", zero_init=True, **kw)
-    if fp32:
-        dev += 4 * big  # the gathered layer and its gradient in 4 bytes, not 2
-        if off_opt == "none":
-            dev += 2 * n // dp  # 4-byte parameter partition beside the fp32 master (DeepSpeed counts 2)
-        elif off_param == "none":
-            dev += 2 * n // dp
-        if off_param != "none":
-            cpu += int(2 * n / nodes * DS_ADDITIONAL_BUFFER_FACTOR)
-    nvme = 0
-    if "nvme" in (off_opt, off_param):  # the states live on disk; the host keeps swap buffers only
-        nvme = int(((16 if off_opt == "nvme" else 0) + ((4 if fp32 else 2) if off_param == "nvme" else 0)) * n / nodes)
-        cpu = int(cpu * 0.25)  # pinned swap buffers and the current sub-group, not the states
-    return int(dev), int(cpu), nvme
-
-
 def activation_bytes(f: ModelFacts, micro: int, seq: int, precision: str, checkpointing: bool,
                      offload: bool = False) -> int:
     """Peak activation memory of one forward+backward of ``micro`` sequences of ``seq`` tokens
@@ -338,29 +290,6 @@ def offloaded_bytes(f: ModelFacts, micro: int, seq: int, precision: str) -> int:
     return f.layers * (1 << max(0, (e * seq * micro * f.hidden - 1).bit_length()))
 
 
-def _buffers(ds: dict, f: ModelFacts, precision: str, on_gpu: bool) -> int:
-    """DeepSpeed communication buckets, sizes (elements) from the resolved JSON.
-
-    DeepSpeed allocates its gradient-reduction buckets at their full configured size
-    (``torch.empty``, two of them for ZeRO-1/2 with ``overlap_comm``): on a GPU that memory is
-    taken whatever the model size. On CPU ranks untouched pages cost no RAM, so only what a
-    model of ``n_params`` fills counts. Gather buffers are allocated as needed (capped at the model).
-    """
-    e = 4 if precision == "fp32" else 2
-    z = ds.get("zero_optimization") or {}
-    n = f.n_params
-    stage = zero_stage(ds)
-    if stage == 0:
-        return e * min(int(ds.get("allreduce_bucket_size", 500_000_000)), n)  # flattened gradient bucket
-    reduce = int(z.get("reduce_bucket_size", 500_000_000))
-    reduce = reduce if on_gpu else min(reduce, n)
-    if stage in (1, 2):
-        gather = min(int(z.get("allgather_bucket_size", 500_000_000)), n)
-        return e * (reduce * (2 if z.get("overlap_comm") and on_gpu else 1) + gather)
-    prefetch = min(int(z.get("stage3_prefetch_bucket_size", 50_000_000)), n)
-    return e * (reduce + prefetch)
-
-
 def estimate(f: ModelFacts, ds: dict, config: str, target: Target, *, micro: int, seq: int, precision: str,
              checkpointing: bool) -> Estimate:
     """Memory of running ``config`` (its resolved dict ``ds``) on ``target``; sets ``fits``."""
@@ -369,6 +298,7 @@ def estimate(f: ModelFacts, ds: dict, config: str, target: Target, *, micro: int
     est = Estimate(config=config, stage=stage, offload_optimizer=dev_off["optimizer"], offload_param=dev_off["param"],
                    micro_batch=micro, activation_checkpointing=checkpointing)
     states, cpu_states, nvme = _model_states(f, stage, est.offload_optimizer, est.offload_param, precision, target)
+    states += persistent_bytes(f, ds, precision, target.world)  # ZeRO-3: small parameters kept whole on every rank
     off = checkpointing and f.activation_offload and target.on_gpu  # a no-op on CPU ranks
     acts = activation_bytes(f, micro, seq, precision, checkpointing, offload=off)
     buffers = _buffers(ds, f, precision, target.on_gpu)
