@@ -66,10 +66,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import re
-import resource
 import shutil
 import signal
 import statistics
@@ -80,6 +78,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from bench.machine import busy_seconds, children_cpu, log, machine, median, tree_cpu, wait_quiet
 WORKER = ROOT / "bench" / "_dpo_trl.py"
 CONTENDERS = ("a", "b", "t", "tp", "tg")
 STAGES = ("a", "b")
@@ -97,10 +97,6 @@ FULL = {"hidden": 256, "layers": 4, "heads": 4, "intermediate": 688, "vocab": 81
 QUICK = {"hidden": 64, "layers": 2, "heads": 4, "intermediate": 172, "vocab": 8192, "tok_vocab": 2048, "seq_len": 256,
          "micro": 4, "pairs": 64}
 BETA = 0.1
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def _env() -> dict:
@@ -218,47 +214,6 @@ def prepare(workdir: Path, m: dict, max_steps: int) -> dict:
 # ---------------------------------------------------------------------------- one run
 
 
-def _busy_seconds() -> float:
-    import psutil
-
-    t = psutil.cpu_times()
-    return sum(getattr(t, k, 0.0) for k in ("user", "nice", "system", "irq", "softirq", "steal"))
-
-
-def _tree_cpu(pid: int) -> float:
-    import psutil
-
-    try:
-        procs = [psutil.Process(pid)] + psutil.Process(pid).children(recursive=True)
-    except psutil.Error:
-        return 0.0
-    total = 0.0
-    for p in procs:
-        try:
-            t = p.cpu_times()
-            total += t.user + t.system
-        except psutil.Error:
-            pass
-    return total
-
-
-def _children_cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
-
-
-def wait_quiet(max_wait: float, threshold: float = 0.25, window: float = 3.0) -> dict:
-    """Wait (at most ``max_wait`` s) until other processes keep at most ``threshold`` cores busy."""
-    t0 = time.time()
-    while True:
-        b0 = _busy_seconds()
-        time.sleep(window)
-        load = (_busy_seconds() - b0) / window
-        if load <= threshold or time.time() - t0 >= max_wait:
-            return {"load_before": load, "waited_s": time.time() - t0}
-        time.sleep(2.0)
-
-
 def step_of(c: str, text: str) -> int | None:
     if c in STAGES:
         mt = STEP_LINE.search(text)
@@ -295,7 +250,7 @@ def launch(cmd: list[str], log_path: Path, timeout: float, step_fn, cpu_at: tupl
     lines: list[tuple[float, str]] = []
     cpu_snap: dict[int, float] = {}
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    busy0, cpu0 = _busy_seconds(), _children_cpu()
+    busy0, cpu0 = busy_seconds(), children_cpu()
     t_launch = time.time()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -306,7 +261,7 @@ def launch(cmd: list[str], log_path: Path, timeout: float, step_fn, cpu_at: tupl
             lines.append((time.time(), raw.decode("utf-8", "replace").rstrip("\n")))
             n = step_fn(lines[-1][1])
             if n is not None:
-                last_cpu[0] = _tree_cpu(proc.pid)
+                last_cpu[0] = tree_cpu(proc.pid)
                 if n in cpu_at:
                     cpu_snap[n] = last_cpu[0]
 
@@ -321,7 +276,7 @@ def launch(cmd: list[str], log_path: Path, timeout: float, step_fn, cpu_at: tupl
         rc = proc.wait()
     t_end = time.time()
     reader.join(timeout=10)
-    busy, own = _busy_seconds() - busy0, _children_cpu() - cpu0
+    busy, own = busy_seconds() - busy0, children_cpu() - cpu0
     with open(log_path, "w") as f:
         f.write(f"# {' '.join(map(str, cmd))}\n# launched at {t_launch:.6f}; rc {rc}\n")
         f.writelines(f"{t - t_launch:9.3f} {text}\n" for t, text in lines)
@@ -414,30 +369,6 @@ def run_one(c: str, workdir: Path, m: dict, prep: dict, max_steps: int, warmup: 
 # ---------------------------------------------------------------------------- report
 
 
-def machine() -> dict:
-    import psutil
-
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(l.split(":", 1)[1].strip() for l in f if l.lower().startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    versions = {}
-    for mod in ("torch", "deepspeed", "transformers", "accelerate", "trl", "datasets"):
-        try:
-            versions[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001 - a report field only
-            versions[mod] = "?"
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
-            "os": platform.platform(), "python": platform.python_version(), **versions}
-
-
-def _med(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
-
-
 def summarize(runs: list[dict]) -> dict:
     s: dict = {}
     for c in CONTENDERS:
@@ -445,17 +376,17 @@ def summarize(runs: list[dict]) -> dict:
         if not ok:
             continue
         tok = [r["tokens_per_s"] for r in ok]
-        s[c] = {"runs": len(ok), "tokens_per_s": _med(tok), "tokens_per_s_min": min(tok), "tokens_per_s_max": max(tok),
-                "step_s_median": _med([x for r in ok for x in r["step_s"]]),
-                "cpu_s_per_step": _med([r.get("cpu_s_per_step") for r in ok]),
-                "first_step_s": _med([r["first_step_s"] for r in ok]),
-                "reference_pass_s": _med([(r.get("reference_pass") or {}).get("s") for r in ok]),
-                "trainer_init_s": _med([r.get("trainer_init_s") for r in ok]),
-                "trl_tokens_over_stage": _med([r.get("trl_tokens_over_stage") for r in ok]),
-                "loadavg": _med([(r["loadavg_1min_start"] + r["loadavg_1min_end"]) / 2 for r in ok]),
-                "others_cores": _med([r.get("others_cores") for r in ok]),
+        s[c] = {"runs": len(ok), "tokens_per_s": median(tok), "tokens_per_s_min": min(tok), "tokens_per_s_max": max(tok),
+                "step_s_median": median([x for r in ok for x in r["step_s"]]),
+                "cpu_s_per_step": median([r.get("cpu_s_per_step") for r in ok]),
+                "first_step_s": median([r["first_step_s"] for r in ok]),
+                "reference_pass_s": median([(r.get("reference_pass") or {}).get("s") for r in ok]),
+                "trainer_init_s": median([r.get("trainer_init_s") for r in ok]),
+                "trl_tokens_over_stage": median([r.get("trl_tokens_over_stage") for r in ok]),
+                "loadavg": median([(r["loadavg_1min_start"] + r["loadavg_1min_end"]) / 2 for r in ok]),
+                "others_cores": median([r.get("others_cores") for r in ok]),
                 "ds_config_identical": all(r.get("ds_config_identical", True) for r in ok),
-                "loss_step1": _med([r["losses"][0] for r in ok if r["losses"] and r["losses"][0] is not None])}
+                "loss_step1": median([r["losses"][0] for r in ok if r["losses"] and r["losses"][0] is not None])}
     ratios: dict = {}
     for num, den in RATIOS:
         if num in s and den in s:
@@ -463,7 +394,7 @@ def summarize(runs: list[dict]) -> dict:
                       if x["contender"] == num and y["contender"] == den and x.get("ok") and y.get("ok") and x["tag"] == y["tag"]]
             cn, cd = s[num]["cpu_s_per_step"], s[den]["cpu_s_per_step"]
             ratios[f"{num}/{den}"] = {"of_medians": s[num]["tokens_per_s"] / s[den]["tokens_per_s"],
-                                      "paired_median": _med(paired), "paired_min": min(paired) if paired else None,
+                                      "paired_median": median(paired), "paired_min": min(paired) if paired else None,
                                       "paired_max": max(paired) if paired else None,
                                       # the same pairs per step: the inverse ratio of CPU seconds per step, which other
                                       # processes' load moves far less than wall time
@@ -565,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(runs)
     meta = {
         "command": "python bench/dpo.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": machine(), "contenders": contenders, "model": {k: m[k] for k in ("hidden", "layers", "heads", "intermediate", "vocab")},
+        "machine": machine(("torch", "deepspeed", "transformers", "accelerate", "trl", "datasets")), "contenders": contenders, "model": {k: m[k] for k in ("hidden", "layers", "heads", "intermediate", "vocab")},
         "tokenizer_vocab": m["tok_vocab"], "pairs": m["pairs"], "seq_len": m["seq_len"], "micro_batch_pairs": m["micro"],
         "ranks": RANKS, "beta": BETA, "steps": {"warmup": ns.warmup, "measured": ns.steps}, "repeats": ns.repeats,
         "step_tokens": prep["step_tokens"], "row_tokens": prep["row_tokens"], "data_stats": prep["data_stats"],

@@ -64,9 +64,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
-import resource
 import shutil
 import signal
 import statistics
@@ -77,6 +75,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from bench.machine import busy_seconds, children_cpu, log, machine, median, tree_cpu, wait_quiet
 WORKERS = ROOT / "bench" / "_train_workers.py"
 CONTENDERS = ("a", "b", "c", "d", "e", "f", "g", "h", "p", "q", "r")
 STAGES = ("b", "e")  # contenders that run launch/train.py (their step lines are the monitor's)
@@ -97,10 +97,6 @@ STEP_LINE = re.compile(r"(?:^|\s)step (\d+) \| loss ([-\d.naninf]+) .*?\| ([\d,]
 
 FULL = dict(hidden=256, layers=4, heads=4, seq_len=256, micro=4, vocab=2048, sample_docs=20000)
 QUICK = dict(hidden=64, layers=2, heads=4, seq_len=64, micro=4, vocab=2048, sample_docs=20000)
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------- setup
@@ -205,35 +201,6 @@ def prepare(workdir: Path, data_root: Path, m: dict, max_steps: int, warmup: int
 # ---------------------------------------------------------------------------- one run
 
 
-def _busy_seconds() -> float:
-    import psutil
-
-    t = psutil.cpu_times()
-    return sum(getattr(t, k, 0.0) for k in ("user", "nice", "system", "irq", "softirq", "steal"))
-
-
-def _children_cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
-
-
-def wait_quiet(max_wait: float, threshold: float = 0.25, window: float = 3.0) -> dict:
-    """Wait (at most ``max_wait`` s) until other processes keep at most ``threshold`` cores busy.
-
-    Other work on a 2-core machine moves every number; starting each run in a quiet moment
-    (measured over ``window`` s while this process sleeps) removes most of that. Returns the last
-    measured load and the seconds waited.
-    """
-    t0 = time.time()
-    while True:
-        b0 = _busy_seconds()
-        time.sleep(window)
-        load = (_busy_seconds() - b0) / window
-        if load <= threshold or time.time() - t0 >= max_wait:
-            return {"load_before": load, "waited_s": time.time() - t0}
-        time.sleep(2.0)
-
-
 def command(c: str, workdir: Path, m: dict, data: Path, max_steps: int, warmup: int, out: Path,
             ds_config: str = "ds_configs/zero3_offload.json") -> list[str]:
     sys.path.insert(0, str(ROOT))
@@ -255,24 +222,6 @@ def command(c: str, workdir: Path, m: dict, data: Path, max_steps: int, warmup: 
     return ["deepspeed", "--num_gpus", str(RANKS), "--master_port", port, *worker]
 
 
-def _tree_cpu(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` and all its live descendants (all threads)."""
-    import psutil
-
-    total = 0.0
-    try:
-        procs = [psutil.Process(pid)] + psutil.Process(pid).children(recursive=True)
-    except psutil.Error:
-        return float("nan")
-    for p in procs:
-        try:
-            t = p.cpu_times()
-            total += t.user + t.system
-        except psutil.Error:
-            pass
-    return total
-
-
 def step_of(c: str, text: str) -> int | None:
     """The optimizer step a stdout line reports the end of, if any."""
     if c in STAGES:
@@ -288,7 +237,7 @@ def launch(cmd: list[str], log_path: Path, timeout: float, step_fn=None, cpu_at:
     lines: list[tuple[float, str]] = []
     cpu_snap: dict[int, float] = {}
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    busy0, cpu0 = _busy_seconds(), _children_cpu()
+    busy0, cpu0 = busy_seconds(), children_cpu()
     t_launch = time.time()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -299,7 +248,7 @@ def launch(cmd: list[str], log_path: Path, timeout: float, step_fn=None, cpu_at:
             if step_fn is not None and cpu_at:
                 n = step_fn(lines[-1][1])
                 if n in cpu_at:
-                    cpu_snap[n] = _tree_cpu(proc.pid)
+                    cpu_snap[n] = tree_cpu(proc.pid)
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
@@ -311,7 +260,7 @@ def launch(cmd: list[str], log_path: Path, timeout: float, step_fn=None, cpu_at:
         lines.append((time.time(), f"BENCH-TIMEOUT after {timeout} s"))
     t_end = time.time()
     reader.join(timeout=10)
-    busy, cpu = _busy_seconds() - busy0, _children_cpu() - cpu0
+    busy, cpu = busy_seconds() - busy0, children_cpu() - cpu0
     with open(log_path, "w") as f:
         f.write(f"# {' '.join(cmd)}\n# launched at {t_launch:.6f}; rc {rc}\n")
         f.writelines(f"{t - t_launch:9.3f} {text}\n" for t, text in lines)
@@ -447,28 +396,6 @@ def _stage_fingerprint(out: Path) -> str | None:
 # ---------------------------------------------------------------------------- report
 
 
-def machine() -> dict:
-    import psutil
-
-    cpu = "unknown"
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.lower().startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    versions = {}
-    for mod in ("torch", "deepspeed", "transformers", "accelerate"):
-        try:
-            versions[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001 - a report field only
-            versions[mod] = "?"
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
-            "os": platform.platform(), "python": platform.python_version(), **versions}
-
-
-def _med(xs: list[float]) -> float | None:
-    return statistics.median(xs) if xs else None
-
-
 def summarize(runs: list[dict], tokens_per_step: int) -> dict:
     """Medians over the repetitions, ratios, goals. ``tokens_per_s_median_step`` (tokens per step over
     the median step time of a run) is less sensitive to bursts of load from other processes."""
@@ -480,14 +407,14 @@ def summarize(runs: list[dict], tokens_per_step: int) -> dict:
         tok = [r["tokens_per_s"] for r in ok]
         tok_med = [tokens_per_step / statistics.median(r["step_s"]) for r in ok]
         ttfs = [r["first_step_s"] for r in ok]
-        marks = {k: _med([r["marks_s"][k] for r in ok if k in r["marks_s"]]) for k in ("start", "imports", "dist", "ready")}
-        s[c] = {"runs": len(ok), "tokens_per_s": _med(tok), "tokens_per_s_min": min(tok), "tokens_per_s_max": max(tok),
-                "tokens_per_s_median_step": _med(tok_med),
-                "cpu_s_per_step": _med([r["cpu_s_per_step"] for r in ok if r.get("cpu_s_per_step") is not None]),
-                "first_step_s": _med(ttfs), "first_step_s_min": min(ttfs), "first_step_s_max": max(ttfs),
-                "data_wait_frac": _med([r["data_wait_frac"] for r in ok]),
+        marks = {k: median([r["marks_s"][k] for r in ok if k in r["marks_s"]]) for k in ("start", "imports", "dist", "ready")}
+        s[c] = {"runs": len(ok), "tokens_per_s": median(tok), "tokens_per_s_min": min(tok), "tokens_per_s_max": max(tok),
+                "tokens_per_s_median_step": median(tok_med),
+                "cpu_s_per_step": median([r["cpu_s_per_step"] for r in ok if r.get("cpu_s_per_step") is not None]),
+                "first_step_s": median(ttfs), "first_step_s_min": min(ttfs), "first_step_s_max": max(ttfs),
+                "data_wait_frac": median([r["data_wait_frac"] for r in ok]),
                 "marks_s": {k: v for k, v in marks.items() if v is not None},
-                "others_cores": _med([r["others_cores"] for r in ok])}
+                "others_cores": median([r["others_cores"] for r in ok])}
     ratios: dict = {}
     for num, den in (("b", "a"), ("b", "c"), ("c", "a"), ("d", "a"), ("e", "d"), ("f", "d"), ("e", "f"), ("b", "g"), ("a", "g"),
                      ("b", "h"), ("a", "h"), ("g", "h"), ("p", "h"), ("q", "h"), ("r", "h")):
@@ -495,7 +422,7 @@ def summarize(runs: list[dict], tokens_per_step: int) -> dict:
             paired = [x["tokens_per_s"] / y["tokens_per_s"] for x in runs for y in runs
                       if x["contender"] == num and y["contender"] == den and x.get("ok") and y.get("ok") and x["tag"] == y["tag"]]
             ratios[f"{num}/{den}"] = {"of_medians": s[num]["tokens_per_s"] / s[den]["tokens_per_s"],
-                                      "paired_median": _med(paired),
+                                      "paired_median": median(paired),
                                       "median_step": s[num]["tokens_per_s_median_step"] / s[den]["tokens_per_s_median_step"],
                                       "cpu_per_step": (s[den]["cpu_s_per_step"] / s[num]["cpu_s_per_step"]
                                                        if s[num]["cpu_s_per_step"] and s[den]["cpu_s_per_step"] else None)}

@@ -1,0 +1,96 @@
+"""What the benchmarks share about the machine they run on: its load, CPU time, description.
+
+Every benchmark here compares contenders on a small shared machine, so each waits for a quiet
+moment before a run (:func:`wait_quiet`), measures CPU seconds beside wall time (:func:`tree_cpu`,
+:func:`children_cpu`) and records the machine and library versions (:func:`machine`) with its
+results. Used by bench/train.py and bench/dpo.py.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+
+
+def busy_seconds() -> float:
+    """CPU seconds the whole machine has been busy (all cores, all processes) since boot."""
+    import psutil
+
+    t = psutil.cpu_times()
+    return sum(getattr(t, k, 0.0) for k in ("user", "nice", "system", "irq", "softirq", "steal"))
+
+
+def children_cpu() -> float:
+    """User + system CPU seconds of this process's waited-for children."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def tree_cpu(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` and all its live descendants (all threads); NaN if it is gone."""
+    import psutil
+
+    total = 0.0
+    try:
+        procs = [psutil.Process(pid)] + psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return float("nan")
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
+def median(xs) -> float | None:
+    """The median of the values that are not None (None when there are none)."""
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def machine(modules: tuple[str, ...] = ("torch", "deepspeed", "transformers", "accelerate")) -> dict:
+    """The CPU, cores, memory, OS, Python and the versions of ``modules``, for a results file."""
+    import psutil
+
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.lower().startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    versions = {}
+    for mod in modules:
+        try:
+            versions[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - a report field only
+            versions[mod] = "?"
+    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "os": platform.platform(), "python": platform.python_version(), **versions}
+
+
+def log(msg: str) -> None:
+    """A timestamped progress line on stderr."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def wait_quiet(max_wait: float, threshold: float = 0.25, window: float = 3.0) -> dict:
+    """Wait (at most ``max_wait`` s) until other processes keep at most ``threshold`` cores busy.
+
+    Other work on a 2-core machine moves every number; starting each run in a quiet moment
+    (measured over ``window`` s while this process sleeps) removes most of that. Returns the last
+    measured load and the seconds waited.
+    """
+    t0 = time.time()
+    while True:
+        b0 = busy_seconds()
+        time.sleep(window)
+        load = (busy_seconds() - b0) / window
+        if load <= threshold or time.time() - t0 >= max_wait:
+            return {"load_before": load, "waited_s": time.time() - t0}
+        time.sleep(2.0)
