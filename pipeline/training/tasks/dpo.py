@@ -143,7 +143,7 @@ class DPOLoss:
     def __init__(self, cfg: DPOConfig, reference=None):
         self.cfg, self.reference = cfg, reference
         self._sft_scale = 0.0
-        self._sums: dict[str, float] = dict.fromkeys(METRICS, 0.0)
+        self._sums: torch.Tensor | None = None  # METRICS summed on the model's device: read once a step (no sync per micro-batch)
         self._pairs = 0
 
     def targets(self, batch) -> int:
@@ -178,16 +178,18 @@ class DPOLoss:
         total = losses.sum()
         if self.cfg.sft_weight:
             total = total + self.cfg.sft_weight * self._sft_scale * nll
-        for k, v in pair_metrics(self.cfg, pi, ref).items():
-            self._sums[k] += float(v.sum())
+        metrics = pair_metrics(self.cfg, pi, ref)
+        sums = torch.stack([metrics[k].sum() for k in METRICS])
+        self._sums = sums if self._sums is None else self._sums + sums
         self._pairs += losses.shape[0]
         return total, torch.tensor(losses.shape[0])
 
     def step_sums(self) -> tuple[dict[str, float], float]:
         """The metric sums and pair count since the last call (then reset): the trainer
         all-reduces them with the loss and logs ``sum / count``."""
-        sums, n = self._sums, float(self._pairs)
-        self._sums, self._pairs = dict.fromkeys(METRICS, 0.0), 0
+        values = self._sums.tolist() if self._sums is not None else [0.0] * len(METRICS)
+        sums, n = dict(zip(METRICS, values)), float(self._pairs)
+        self._sums, self._pairs = None, 0
         return sums, n
 
 
