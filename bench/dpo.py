@@ -69,17 +69,15 @@ import os
 import random
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.machine import busy_seconds, children_cpu, log, machine, median, tree_cpu, wait_quiet
+from bench.machine import launch, log, machine, median, wait_quiet
 WORKER = ROOT / "bench" / "_dpo_trl.py"
 CONTENDERS = ("a", "b", "t", "tp", "tg")
 STAGES = ("a", "b")
@@ -244,45 +242,6 @@ def _dump_stacks(pid: int) -> list[str]:
     return out
 
 
-def launch(cmd: list[str], log_path: Path, timeout: float, step_fn, cpu_at: tuple[int, ...]) -> dict:
-    """Run ``cmd``; every output line with its arrival time, the run's CPU time at steps ``cpu_at``,
-    and the cores other processes kept busy meanwhile."""
-    lines: list[tuple[float, str]] = []
-    cpu_snap: dict[int, float] = {}
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    busy0, cpu0 = busy_seconds(), children_cpu()
-    t_launch = time.time()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    last_cpu = [0.0]
-
-    def read() -> None:
-        for raw in iter(proc.stdout.readline, b""):
-            lines.append((time.time(), raw.decode("utf-8", "replace").rstrip("\n")))
-            n = step_fn(lines[-1][1])
-            if n is not None:
-                last_cpu[0] = tree_cpu(proc.pid)
-                if n in cpu_at:
-                    cpu_snap[n] = last_cpu[0]
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    try:
-        rc = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        lines.append((time.time(), f"BENCH-TIMEOUT after {timeout} s; the ranks' stacks:"))
-        lines.extend((time.time(), text) for text in _dump_stacks(proc.pid))
-        os.killpg(proc.pid, signal.SIGKILL)  # the group this run leads (start_new_session)
-        rc = proc.wait()
-    t_end = time.time()
-    reader.join(timeout=10)
-    busy, own = busy_seconds() - busy0, children_cpu() - cpu0
-    with open(log_path, "w") as f:
-        f.write(f"# {' '.join(map(str, cmd))}\n# launched at {t_launch:.6f}; rc {rc}\n")
-        f.writelines(f"{t - t_launch:9.3f} {text}\n" for t, text in lines)
-    return {"rc": rc, "t_launch": t_launch, "wall_s": t_end - t_launch, "lines": lines, "cpu_snap": cpu_snap,
-            "busy_s": busy, "cpu_s": own}
-
 
 def command(c: str, workdir: Path, m: dict, prep: dict, max_steps: int, out: Path) -> list[str]:
     sys.path.insert(0, str(ROOT))
@@ -308,7 +267,8 @@ def run_one(c: str, workdir: Path, m: dict, prep: dict, max_steps: int, warmup: 
     cmd = command(c, workdir, m, prep, max_steps, out)
     log(f"{LABEL[c]} [{tag}] ...")
     load_start = os.getloadavg()[0]
-    r = launch(cmd, workdir / "logs" / f"{c}-{tag}.log", ns.timeout, lambda text: step_of(c, text), (warmup, max_steps))
+    r = launch(cmd, workdir / "logs" / f"{c}-{tag}.log", ns.timeout, cwd=ROOT, env=_env(), step_fn=lambda text: step_of(c, text),
+               cpu_at=(warmup, max_steps), on_timeout=_dump_stacks)
     t0 = r["t_launch"]
     steps: dict[int, dict] = {}
     marks: dict[str, float] = {}

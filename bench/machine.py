@@ -3,7 +3,7 @@
 Every benchmark here compares contenders on a small shared machine, so each waits for a quiet
 moment before a run (:func:`wait_quiet`), measures CPU seconds beside wall time (:func:`tree_cpu`,
 :func:`children_cpu`) and records the machine and library versions (:func:`machine`) with its
-results. Used by bench/train.py and bench/dpo.py.
+results, and starts each run the same way (:func:`launch`). Used by bench/train.py and bench/dpo.py.
 """
 
 from __future__ import annotations
@@ -11,9 +11,14 @@ from __future__ import annotations
 import os
 import platform
 import resource
+import signal
 import statistics
+import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 
 def busy_seconds() -> float:
@@ -94,3 +99,48 @@ def wait_quiet(max_wait: float, threshold: float = 0.25, window: float = 3.0) ->
         if load <= threshold or time.time() - t0 >= max_wait:
             return {"load_before": load, "waited_s": time.time() - t0}
         time.sleep(2.0)
+
+
+def launch(cmd: list[str], log_path: Path, timeout: float, *, cwd: Path, env: dict, step_fn: Callable[[str], int | None] | None = None,
+           cpu_at: tuple[int, ...] = (), on_timeout: Callable[[int], list[str]] | None = None) -> dict:
+    """Run ``cmd`` (in a new session, killed as a group after ``timeout`` s) and write its log.
+
+    Returns every stdout/stderr line with its arrival time (``time.time()``), the CPU time of the
+    process tree when the lines of steps ``cpu_at`` arrive (``step_fn(line)`` -> step or None),
+    the run's own CPU seconds, the machine's busy seconds meanwhile and the cores other
+    processes kept busy. ``on_timeout(pid)`` gives lines to log before the kill (e.g. stacks).
+    """
+    lines: list[tuple[float, str]] = []
+    cpu_snap: dict[int, float] = {}
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    busy0, cpu0 = busy_seconds(), children_cpu()
+    t_launch = time.time()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def read() -> None:
+        for raw in iter(proc.stdout.readline, b""):
+            lines.append((time.time(), raw.decode("utf-8", "replace").rstrip("\n")))
+            if step_fn is not None and cpu_at:
+                n = step_fn(lines[-1][1])
+                if n in cpu_at:
+                    cpu_snap[n] = tree_cpu(proc.pid)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        lines.append((time.time(), f"BENCH-TIMEOUT after {timeout} s" + ("; the ranks' stacks:" if on_timeout else "")))
+        if on_timeout is not None:
+            lines.extend((time.time(), text) for text in on_timeout(proc.pid))
+        os.killpg(proc.pid, signal.SIGKILL)  # the group this run leads (start_new_session)
+        rc = proc.wait()
+    t_end = time.time()
+    reader.join(timeout=10)
+    busy, cpu = busy_seconds() - busy0, children_cpu() - cpu0
+    with open(log_path, "w") as f:
+        f.write(f"# {' '.join(map(str, cmd))}\n# launched at {t_launch:.6f}; rc {rc}\n")
+        f.writelines(f"{t - t_launch:9.3f} {text}\n" for t, text in lines)
+    wall = t_end - t_launch
+    return {"rc": rc, "t_launch": t_launch, "wall_s": wall, "lines": lines, "cpu_snap": cpu_snap, "cpu_s": cpu, "busy_s": busy,
+            "others_cores": max(0.0, (busy - cpu) / wall) if wall > 0 else 0.0}

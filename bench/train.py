@@ -66,17 +66,15 @@ import json
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.machine import busy_seconds, children_cpu, log, machine, median, tree_cpu, wait_quiet
+from bench.machine import launch, log, machine, median, wait_quiet
 WORKERS = ROOT / "bench" / "_train_workers.py"
 CONTENDERS = ("a", "b", "c", "d", "e", "f", "g", "h", "p", "q", "r")
 STAGES = ("b", "e")  # contenders that run launch/train.py (their step lines are the monitor's)
@@ -231,43 +229,6 @@ def step_of(c: str, text: str) -> int | None:
     return int(text[i:].split()[2]) if i >= 0 else None
 
 
-def launch(cmd: list[str], log_path: Path, timeout: float, step_fn=None, cpu_at: tuple[int, ...] = ()) -> dict:
-    """Run ``cmd``; every stdout/stderr line with its arrival time (``time.time()``), and the CPU
-    time of the process tree when the lines of steps ``cpu_at`` arrive (``step_fn(line)`` -> step)."""
-    lines: list[tuple[float, str]] = []
-    cpu_snap: dict[int, float] = {}
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    busy0, cpu0 = busy_seconds(), children_cpu()
-    t_launch = time.time()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-
-    def read() -> None:
-        for raw in iter(proc.stdout.readline, b""):
-            lines.append((time.time(), raw.decode("utf-8", "replace").rstrip("\n")))
-            if step_fn is not None and cpu_at:
-                n = step_fn(lines[-1][1])
-                if n in cpu_at:
-                    cpu_snap[n] = tree_cpu(proc.pid)
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    try:
-        rc = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the group this run leads (start_new_session)
-        rc = proc.wait()
-        lines.append((time.time(), f"BENCH-TIMEOUT after {timeout} s"))
-    t_end = time.time()
-    reader.join(timeout=10)
-    busy, cpu = busy_seconds() - busy0, children_cpu() - cpu0
-    with open(log_path, "w") as f:
-        f.write(f"# {' '.join(cmd)}\n# launched at {t_launch:.6f}; rc {rc}\n")
-        f.writelines(f"{t - t_launch:9.3f} {text}\n" for t, text in lines)
-    wall = t_end - t_launch
-    return {"rc": rc, "t_launch": t_launch, "wall_s": wall, "lines": lines, "cpu_s": cpu, "cpu_snap": cpu_snap,
-            "others_cores": max(0.0, (busy - cpu) / wall) if wall > 0 else 0.0}
-
 
 def _tensorboard_wait(out: Path, first: int, last: int) -> dict | None:
     """Data wait / step time of steps ``first..last`` from the stage's TensorBoard scalars."""
@@ -312,7 +273,8 @@ def run_one(c: str, workdir: Path, m: dict, prep: dict, max_steps: int, warmup: 
     if ns.nice:
         cmd = ["nice", "-n", str(ns.nice), *cmd]
     load_start = os.getloadavg()[0]
-    r = launch(cmd, workdir / "logs" / f"{c}-{tag}.log", ns.timeout, lambda text: step_of(c, text), (warmup, max_steps))
+    r = launch(cmd, workdir / "logs" / f"{c}-{tag}.log", ns.timeout, cwd=ROOT, env=_env(), step_fn=lambda text: step_of(c, text),
+               cpu_at=(warmup, max_steps))
     other_bench = bool(busy_before or other_benchmarks())
     t0 = r["t_launch"]
     steps: dict[int, dict] = {}
