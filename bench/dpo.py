@@ -77,7 +77,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.machine import launch, log, machine, median, wait_quiet
+from bench.machine import launch, log, machine, median, run_env, wait_quiet
 WORKER = ROOT / "bench" / "_dpo_trl.py"
 CONTENDERS = ("a", "b", "t", "tp", "tg")
 STAGES = ("a", "b")
@@ -98,11 +98,7 @@ BETA = 0.1
 
 
 def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_TEST_")}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", TQDM_DISABLE="1",
-               HF_DATASETS_DISABLE_PROGRESS_BARS="1")
-    return env
+    return run_env(ROOT, TQDM_DISABLE="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1")
 
 
 # ---------------------------------------------------------------------------- setup

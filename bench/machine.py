@@ -101,6 +101,15 @@ def wait_quiet(max_wait: float, threshold: float = 0.25, window: float = 3.0) ->
         time.sleep(2.0)
 
 
+def run_env(root: Path, **extra: str) -> dict:
+    """The environment of a benchmarked run: no test hooks (``PIPELINE_TEST_*``), one thread per
+    rank, offline, the project on PYTHONPATH, unbuffered output; ``extra`` added."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_TEST_")}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(root), PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
 def launch(cmd: list[str], log_path: Path, timeout: float, *, cwd: Path, env: dict, step_fn: Callable[[str], int | None] | None = None,
            cpu_at: tuple[int, ...] = (), on_timeout: Callable[[int], list[str]] | None = None) -> dict:
     """Run ``cmd`` (in a new session, killed as a group after ``timeout`` s) and write its log.

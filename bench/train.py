@@ -74,7 +74,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.machine import launch, log, machine, median, wait_quiet
+from bench.machine import launch, log, machine, median, run_env, wait_quiet
 WORKERS = ROOT / "bench" / "_train_workers.py"
 CONTENDERS = ("a", "b", "c", "d", "e", "f", "g", "h", "p", "q", "r")
 STAGES = ("b", "e")  # contenders that run launch/train.py (their step lines are the monitor's)
@@ -101,10 +101,7 @@ QUICK = dict(hidden=64, layers=2, heads=4, seq_len=64, micro=4, vocab=2048, samp
 
 
 def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_TEST_")}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
-    return env
+    return run_env(ROOT)
 
 
 def make_dataset(workdir: Path, m: dict) -> Path:
