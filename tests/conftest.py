@@ -17,6 +17,26 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# Files in the order the two test processes should take them up (pyproject's addopts: pytest-xdist,
+# ``--dist loadfile``: a file runs whole in one process, so its module fixtures -- runs that several
+# tests read -- are built once): the heaviest first, so that what runs last beside an idle process
+# is short. Seconds of a sequential run on 2 cores (2026-12-06): slurm 180, plan 178, sequence
+# parallel 149, harness 148, train 133, ds_configs_roundtrip 105, quickstart 104, faults 80,
+# examples 67, dpo 62, export 61, finetune 42; every other file under 35 s. A file not named
+# keeps its place after these; a wrong order costs time, never a result.
+HEAVY_FIRST = ("test_slurm.py", "test_plan.py", "test_sequence_parallel.py", "test_harness.py", "test_train.py",
+               "test_ds_configs_roundtrip.py", "test_quickstart.py", "test_faults.py", "test_examples.py", "test_dpo.py",
+               "test_export.py", "test_finetune.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (``-n 2``), hand out the files heaviest first (:data:`HEAVY_FIRST`)."""
+    if getattr(config, "workerinput", None) is None:  # not an xdist worker: collection order as written
+        return
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file and test order kept within
+
+
 def run_script(script: str, *args: str, cwd: str | os.PathLike | None = None, env: dict | None = None, timeout: float = 300):
     """Run ``launch/<script>`` in a fresh interpreter; returns the CompletedProcess (text)."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
@@ -111,10 +131,55 @@ from pipeline.rendezvous import free_port  # noqa: E402  (standard library only:
 
 
 def run_deepspeed(script: str, *args: str, ranks: int = 2, cwd=None, env: dict | None = None, timeout: float = 600):
-    """``deepspeed --num_gpus N launch/<script> ...`` on CPU ranks; returns the CompletedProcess."""
+    """``deepspeed --num_gpus N launch/<script> ...`` on CPU ranks (the user's command); returns the
+    CompletedProcess. For the tests of what the launcher does; the others use :func:`run_ranks`."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
     cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), str(ROOT / "launch" / script), *args]
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_ranks(script: str, *args: str, ranks: int = 2, cwd=None, env: dict | None = None, timeout: float = 600):
+    """``launch/<script> ...`` on ``ranks`` CPU ranks started the way torchrun starts them (``RANK``,
+    ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``; a launch
+    path the stages support) but without a launcher process: ``deepspeed --num_gpus N`` puts two
+    interpreters that each import torch and DeepSpeed (~4.5 CPU s) before the ranks, which the
+    suite's many short 2-rank runs do not need. As the launchers do, once a rank exits non-zero the
+    others are stopped (SIGTERM, SIGKILL 30 s later). Returns a CompletedProcess: every rank's
+    stdout and stderr, and the first failing rank's exit code (0 when all succeed)."""
+    import tempfile
+    import time
+
+    base = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {}),
+            "WORLD_SIZE": str(ranks), "LOCAL_WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    cmd = [sys.executable, str(ROOT / "launch" / script), *args]
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        procs = [subprocess.Popen(cmd, cwd=cwd, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=out, stderr=err)
+                 for r in range(ranks)]
+        deadline, failed, stop_at = time.monotonic() + timeout, 0, None
+        try:
+            while any(p.poll() is None for p in procs):
+                now = time.monotonic()
+                if now > deadline:
+                    raise subprocess.TimeoutExpired(cmd, timeout)
+                bad = [p.returncode for p in procs if p.returncode not in (None, 0)]
+                if bad and not failed:
+                    failed, stop_at = bad[0], now + 30
+                    for p in procs:
+                        if p.poll() is None:
+                            p.terminate()
+                if stop_at is not None and now > stop_at:
+                    for p in procs:
+                        p.kill()
+                time.sleep(0.05)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        failed = failed or next((p.returncode for p in procs if p.returncode), 0)
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(cmd, failed, out.read(), err.read())
 
 
 # ---------------------------------------------------------------------------- the shared 2-rank run

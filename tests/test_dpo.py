@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_deepspeed, run_script, write_jsonl
+from conftest import run_ranks, run_script, write_jsonl
 from inproc import run_entry
 from pipeline.data.preference import PreferenceDataConfig, collate, normalize_pair, prepare
 from pipeline.errors import UserError
@@ -288,7 +288,7 @@ def test_two_ranks_equal_one_rank_resume_is_exact_and_the_reference_is_stored(tm
     assert ck["task"] == "dpo" and ck["dpo"]["sft_weight"] == 0.3 and ck["eos_token_ids"]
     assert all("| reward_accuracy " in x for x in one.stdout.splitlines() if x.startswith("step "))
 
-    two = run_deepspeed("finetune.py", *_stage(tmp_path / "two", model_dir, data, "dpo.reference=model"), env=ENV)
+    two = run_ranks("finetune.py", *_stage(tmp_path / "two", model_dir, data, "dpo.reference=model"), env=ENV)
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
     assert not (tmp_path / "two" / "reference").exists()  # a frozen model instead of stored log-probs
     assert _losses(tmp_path / "two")["losses"] == pytest.approx(_losses(tmp_path / "one")["losses"], abs=1e-5)

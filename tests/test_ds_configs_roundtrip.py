@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY_MODEL, Z3_STEPS, model_logits, run_deepspeed, run_script, validation_loss, write_jsonl, z3_run_args
+from conftest import ROOT, TINY_MODEL, Z3_STEPS, model_logits, run_ranks, run_script, validation_loss, write_jsonl, z3_run_args
 
 from pipeline.stages.export import consolidate, export, init_model_dir, resolve_checkpoint
 
@@ -75,7 +75,7 @@ def _train(run: Path, data: Path, config: str, ranks: int, *extra: str):
     args = [f"output={run}", f"data.datasets.0.path={data}", *TINY_MODEL, "train.micro_batch_size=2", "train.warmup_steps=1",
             "train.eval_batches=2", "train.eval_every=0", "checkpoint.every=0", "train.max_steps=2", "train.lr=3e-3",
             f"deepspeed.config={config}", *extra]
-    return run_deepspeed("train.py", *args, ranks=ranks, env=ENV) if ranks > 1 else run_script("train.py", *args, env=ENV)
+    return run_ranks("train.py", *args, ranks=ranks, env=ENV) if ranks > 1 else run_script("train.py", *args, env=ENV)
 
 
 def _start_finetune(ft: Path, run: Path, data: Path, config: str, log: Path) -> subprocess.Popen:

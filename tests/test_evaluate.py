@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Z3_STEPS, read_jsonl, run_deepspeed, tb_scalars, write_jsonl
+from conftest import Z3_STEPS, read_jsonl, run_ranks, tb_scalars, write_jsonl
 from inproc import run_entry
 from pipeline.config import load_config
 from pipeline.errors import UserError
@@ -326,7 +326,7 @@ def test_zero3_two_ranks_equals_single_process(tmp_path, tiny_dataset, tiny_hf_m
     2-rank ZeRO-3 run) consolidated on rank 0."""
     args = [f"model={tiny_hf_model}", f"compare_to={z3_run}", f"data={tiny_dataset}", "max_batches=5", "batch_size=4"]
     single = run(_cfg(tmp_path / "one", *args))
-    r = run_deepspeed("evaluate.py", f"output={tmp_path / 'z3'}", *args, "zero3=true", timeout=300)
+    r = run_ranks("evaluate.py", f"output={tmp_path / 'z3'}", *args, "zero3=true", timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     z3 = _report(tmp_path / "z3")
     assert z3["world_size"] == 2 and not list(tmp_path.glob("z3*/_consolidated*"))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Z3_STEPS, read_jsonl, run_deepspeed, tb_scalars, write_jsonl
+from conftest import Z3_STEPS, read_jsonl, run_ranks, tb_scalars, write_jsonl
 from inproc import run_entry
 from pipeline.config import load_config
 from pipeline.stages.evaluate import EvalConfig, run
@@ -308,7 +308,7 @@ def test_zero3_two_ranks_equals_one_process_with_checkpoints(tmp_path, tiny_hf_m
     args = [f"model={z3_run}", f"compare_to={tiny_hf_model}", f"reference={z3_run / 'checkpoints' / 'step-00000002'}",
             f"data={pairs_file}", "batch_size=2", "task=preference"]
     one = run(_cfg(tmp_path / "one", *args))
-    r = run_deepspeed("evaluate.py", f"output={tmp_path / 'z3'}", *args, "zero3=true", timeout=300)
+    r = run_ranks("evaluate.py", f"output={tmp_path / 'z3'}", *args, "zero3=true", timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     z3 = json.loads((tmp_path / "z3" / "report.json").read_text())
     assert z3["world_size"] == 2 and not list(tmp_path.glob("z3*/_consolidated*"))

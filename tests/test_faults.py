@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import ROOT, TINY_MODEL, free_port, run_deepspeed, run_script
+from conftest import ROOT, TINY_MODEL, free_port, run_ranks, run_script
 from inproc import run_entry
 
 pytestmark = pytest.mark.integration
@@ -119,7 +119,7 @@ def test_sigkilled_rank_fails_the_job_keeps_the_checkpoint_and_the_rerun_resumes
     assert saved >= 2 and saved % 2 == 0
     assert assert_checkpoint_complete(ckpt / tag, world=2)["step"] == saved
 
-    again = run_deepspeed("train.py", *_args(out, tiny_dataset, f"train.max_steps={saved + 2}"), env=ENV)
+    again = run_ranks("train.py", *_args(out, tiny_dataset, f"train.max_steps={saved + 2}"), env=ENV)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert f"resumed from {ckpt / tag} at step {saved}" in again.stdout
     losses = _losses(out)

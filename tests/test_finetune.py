@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Z3_STEPS, run_deepspeed, run_script, write_jsonl
+from conftest import Z3_STEPS, run_ranks, run_script, write_jsonl
 from inproc import run_entry
 
 pytestmark = pytest.mark.integration
@@ -88,7 +88,7 @@ def test_sft_from_pipeline_checkpoint_two_ranks_zero3(tmp_path: Path, z3_run: Pa
     shipped DeepSpeed config as a fine-tune's start: test_ds_configs_roundtrip.py.)"""
     assert json.loads((z3_run / "ds_config.json").read_text())["zero_optimization"]["stage"] == 3
     data = _qa(tmp_path)
-    r = run_deepspeed("finetune.py", *_common(tmp_path / "ft", z3_run, f"sft.train={data}", "sft.seq_len=32",
+    r = run_ranks("finetune.py", *_common(tmp_path / "ft", z3_run, f"sft.train={data}", "sft.seq_len=32",
                                               "train.max_steps=3", "train.micro_batch_size=2"))
     assert r.returncode == 0, r.stdout[-3000:]
     step = z3_run / "checkpoints" / f"step-{Z3_STEPS:08d}"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_MODEL, run_deepspeed, run_script, tree_hashes, z3_run_args
+from conftest import TINY_MODEL, run_ranks, run_script, tree_hashes, z3_run_args
 from inproc import run_entry
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -82,7 +82,7 @@ def test_zero2_one_rank_checkpoint_resumes_on_two_ranks(tmp_path: Path, tiny_dat
     code, out, err = run_entry("convert_checkpoint.py", ["--checkpoint", str(step), "--output", str(tmp_path / "universal")],
                                monkeypatch, capsys)
     assert code == 0, out[-2000:] + err[-3000:]
-    r = run_deepspeed("train.py", *_args(tmp_path / "run2", tiny_dataset, zero2, f"checkpoint.resume={tmp_path / 'universal'}"))
+    r = run_ranks("train.py", *_args(tmp_path / "run2", tiny_dataset, zero2, f"checkpoint.resume={tmp_path / 'universal'}"))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     resumed = json.loads((tmp_path / "run2" / "losses.json").read_text())
     reference = json.loads((tmp_path / "run1" / "losses.json").read_text())

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_MODEL, run_deepspeed, run_script, write_jsonl
+from conftest import TINY_MODEL, run_ranks, run_script, write_jsonl
 
 from pipeline.errors import UserError
 from pipeline.training.sequence_parallel import dp_coords, grad_divisor, shard
@@ -118,7 +118,7 @@ def _pretrain(out: Path, data: Path, config: str, sp: int, *extra: str, ranks: i
             f"parallel.sequence_parallel_size={sp}", *SCALE_SENSITIVE, *extra]
     env = {"OMP_NUM_THREADS": "1"}
     ranks = ranks or sp
-    r = run_deepspeed("train.py", *args, ranks=ranks, env=env) if ranks > 1 else run_script("train.py", *args, env=env)
+    r = run_ranks("train.py", *args, ranks=ranks, env=env) if ranks > 1 else run_script("train.py", *args, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return r
 
@@ -175,7 +175,7 @@ def test_masked_sft_sp2_on_two_ranks_equals_one_rank(tmp_path: Path, tiny_hf_mod
                 "deepspeed.memory_check=false", f"parallel.sequence_parallel_size={sp}", *SCALE_SENSITIVE,
                 *savers]
         env = {"OMP_NUM_THREADS": "1"}
-        r = run_deepspeed("finetune.py", *args, env=env) if sp > 1 else run_script("finetune.py", *args, env=env)
+        r = run_ranks("finetune.py", *args, env=env) if sp > 1 else run_script("finetune.py", *args, env=env)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
         return _losses(out)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY_MODEL, run_deepspeed, write_jsonl
+from conftest import ROOT, TINY_MODEL, run_ranks, write_jsonl
 from slurm_cluster import SlurmCluster, Unavailable, start_for_tests
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.integration]
@@ -284,7 +284,7 @@ def test_preemption_under_sequence_parallelism_across_two_nodes_ends_like_an_uni
     sp = ("parallel.sequence_parallel_size=2", f"train.max_steps={SP_STEPS}")
     ref_out, out = jobs.cwd / "reference", jobs.cwd / "run"
     with ThreadPoolExecutor(1) as pool:
-        ref = pool.submit(run_deepspeed, "train.py", "--config", str(ROOT / RECIPE), *_train(ref_out, tiny_dataset, *sp)[1:],
+        ref = pool.submit(run_ranks, "train.py", "--config", str(ROOT / RECIPE), *_train(ref_out, tiny_dataset, *sp)[1:],
                           timeout=300)
         job = jobs.submit("pretrain.sh", TWO_NODES, *_train(out, tiny_dataset, *sp), env={"PIPELINE_TEST_STEP_DELAY": "0.5"})
         jobs.wait_log("pretrain", job, "\nstep 2 |", timeout=180)

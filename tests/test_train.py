@@ -18,7 +18,7 @@ import psutil
 import pytest
 import yaml
 
-from conftest import ROOT, TINY_MODEL, free_port, run_deepspeed, run_script
+from conftest import ROOT, TINY_MODEL, free_port, run_ranks, run_script
 from inproc import run_entry
 
 pytestmark = pytest.mark.integration
@@ -55,7 +55,7 @@ def reference(tmp_path_factory, tiny_dataset: Path) -> Path:
     """12 uninterrupted steps on 2 ranks (the default ZeRO-3 offload config), a checkpoint every
     4 steps, all kept: what the exact-resume and the preemption tests resume against."""
     out = tmp_path_factory.mktemp("reference") / "run"
-    r = run_deepspeed("train.py", *_args(out, tiny_dataset, "train.max_steps=12", "checkpoint.every=4", "checkpoint.keep_last=0"))
+    r = run_ranks("train.py", *_args(out, tiny_dataset, "train.max_steps=12", "checkpoint.every=4", "checkpoint.keep_last=0"))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return out
 
@@ -69,7 +69,7 @@ def test_exact_resume_two_ranks_zero3_offload(tmp_path: Path, tiny_dataset: Path
     assert sorted(p.name for p in (ckpt / "step-00000008" / "rng").iterdir()) == ["rank-00000.pt", "rank-00001.pt"]
     assert (ckpt / "step-00000008" / "hf" / "tokenizer" / "tokenizer.json").exists()
     assert sorted(p.name for p in ckpt.glob("step-*")) == ["step-00000004", "step-00000008", "step-00000012"]  # keep_last=0
-    b = run_deepspeed("train.py", *_args(tmp_path / "b", tiny_dataset, "train.max_steps=12", f"checkpoint.resume={ckpt / 'step-00000008'}"))
+    b = run_ranks("train.py", *_args(tmp_path / "b", tiny_dataset, "train.max_steps=12", f"checkpoint.resume={ckpt / 'step-00000008'}"))
     assert b.returncode == 0, b.stdout[-3000:] + b.stderr[-3000:]
     assert "resumed from" in b.stdout
     full, resumed = _losses(reference), _losses(tmp_path / "b")
@@ -97,7 +97,7 @@ def one_rank_from_hf(request, tmp_path_factory, tiny_dataset: Path, tiny_hf_mode
 def test_zero3_two_ranks_matches_one_rank_without_zero_from_hf_checkpoint(tmp_path: Path, tiny_dataset: Path, tiny_hf_model: Path,
                                                                           one_rank_from_hf: dict[str, Path]):
     common = [f"model.path={tiny_hf_model}", "train.max_steps=5", "train.global_batch_size=4"]
-    z3 = run_deepspeed("train.py", *_args(tmp_path / "z3", tiny_dataset, *common))
+    z3 = run_ranks("train.py", *_args(tmp_path / "z3", tiny_dataset, *common))
     assert z3.returncode == 0, z3.stdout[-3000:] + z3.stderr[-3000:]
     assert _losses(tmp_path / "z3") == pytest.approx(_losses(one_rank_from_hf["accum"]), abs=2e-4)
     assert abs(_losses(tmp_path / "z3")[0] - 6.238) < 0.1  # ln(512) for a freshly initialised model
@@ -148,7 +148,7 @@ def test_preemption_signal_checkpoints_and_resumes_exactly(tmp_path: Path, tiny_
     saved = (tmp_path / "run" / "checkpoints" / "latest").read_text()
     stopped_at = int(saved.split("-")[1])
     assert 3 <= stopped_at < 12
-    again = run_deepspeed("train.py", *_args(tmp_path / "run", tiny_dataset, "train.max_steps=12"))
+    again = run_ranks("train.py", *_args(tmp_path / "run", tiny_dataset, "train.max_steps=12"))
     assert again.returncode == 0, again.stdout[-3000:]
     assert _losses(tmp_path / "run") == pytest.approx(_losses(reference)[stopped_at:], abs=1e-6)
 
