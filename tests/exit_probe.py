@@ -76,8 +76,8 @@ def rank_body(rank: int, logdir: str, engine: bool) -> None:
         try:
             with open(f"/proc/self/task/{t}/comm") as f:
                 threads.append(f.read().strip())
-        except FileNotFoundError:
-            pass  # a thread that ended meanwhile
+        except (FileNotFoundError, ProcessLookupError):
+            pass  # a thread that ended meanwhile (ESRCH when it ends between listdir and read)
     threads.sort()
     print(f"probe: threads after shutdown: {' '.join(threads)}", flush=True)
 

@@ -2,22 +2,20 @@
 
 The numbers are the harness's own: on a local task directory (a multiple-choice task and a
 loglikelihood task whose perplexity is a continuous number) the stage equals
-``lm_eval --model hf`` on the same model directory to 1e-6, for a Hugging Face directory, and for
-a ZeRO-3 pipeline checkpoint both in one process and partitioned over 2 ranks (against the CLI on
-its export). Bad input exits 2 with one message before any model is loaded.
+the harness's own evaluation with its ``hf`` model (what ``lm_eval --model hf`` runs; called in
+this process) on the same model directory to 1e-6, for a Hugging Face directory, and for a ZeRO-3
+pipeline checkpoint both in one process and partitioned over 2 ranks (against its export). Bad input exits 2 with one message before any model is loaded.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_deepspeed, run_script, tb_scalars, write_jsonl, z3_run_args
+from conftest import run_ranks, run_script, tb_scalars, write_jsonl, z3_run_args
 from inproc import run_entry
 
 pytest.importorskip("lm_eval", reason="the eval extra (pip install -e '.[eval]'); the test extra installs it")
@@ -72,18 +70,29 @@ metric_list:
     return d
 
 
-def _cli(model: Path, tasks: Path, out: Path, limit: int = 0, *extra: str) -> dict[str, float]:
-    """``lm_eval --model hf`` on ``model`` (fp32, CPU, batch 4), run from the task directory as the stage reads it."""
+def _lm_eval(model: Path, tasks: Path, limit: int = 0, names: tuple[str, ...] = ("sample_mc", "sample_ll"), **kwargs) -> dict:
+    """lm-evaluation-harness's own evaluation of ``model`` with its ``hf`` model (fp32, CPU, batch 4),
+    as ``lm_eval --model hf --include_path TASKS --batch_size 4 --device cpu`` runs it, from the task
+    directory as the stage reads it; returns simple_evaluate's dict. Called in this process rather
+    than through the CLI: the CLI's interpreter and its index of the harness's ~10k built-in task
+    files cost 10-20 s a call, and only the local tasks are read. ``kwargs``: ``apply_chat_template``
+    (with few-shot examples as multi-turn, the CLI's default then), ``num_fewshot``."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tasks)
+        return lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model},dtype=float32", tasks=list(names), batch_size=4,
+                                       device="cpu", limit=limit or None,
+                                       fewshot_as_multiturn=bool(kwargs.get("apply_chat_template")),
+                                       task_manager=TaskManager(include_path=str(tasks), include_defaults=False), **kwargs)
+
+
+def _cli(model: Path, tasks: Path, limit: int = 0, **kwargs) -> dict[str, float]:
+    """The flattened metrics of :func:`_lm_eval` (what the stage's report holds)."""
     from pipeline.eval.tasks.harness import flatten
 
-    cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={model},dtype=float32",
-           "--tasks", "sample_mc,sample_ll", "--include_path", str(tasks), "--batch_size", "4", "--device", "cpu",
-           "--output_path", str(out), *extra] + (["--limit", str(limit)] if limit else [])
-    r = subprocess.run(cmd, cwd=tasks, capture_output=True, text=True, timeout=600, check=False,
-                       env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    (result,) = out.rglob("results_*.json")
-    return flatten(json.loads(result.read_text())["results"])
+    return flatten(_lm_eval(model, tasks, limit, **kwargs)["results"])
 
 
 def _stage(args: list[str]) -> dict:
@@ -120,7 +129,7 @@ def test_the_stage_equals_lm_eval_on_a_hugging_face_directory_and_compares_two_m
     report = _stage([f"model={tiny_hf_model}", f"compare_to={other}", f"data={task_dir}", f"output={tmp_path / 'eval'}"])
     said = capfd.readouterr()
     assert "not a git repository" not in said.out + said.err  # the harness's git call in a task directory, silenced
-    cli = _cli(tiny_hf_model, task_dir, tmp_path / "cli")
+    cli = _cli(tiny_hf_model, task_dir)
     first, second = (m["metrics"] for m in report["models"])
     _same(first, cli)
     assert {"sample_mc/acc", "sample_mc/acc_stderr", "sample_ll/perplexity", "sample_ll/acc"} <= first.keys()
@@ -152,7 +161,7 @@ def test_with_the_chat_template_the_stage_equals_lm_eval_and_a_model_without_one
     tok.save_pretrained(chat)
     templated = _stage([f"model={chat}", f"data={task_dir}", f"output={tmp_path / 'a'}", "max_batches=8",
                         "apply_chat_template=true"])["models"][0]["metrics"]
-    _same(templated, _cli(chat, task_dir, tmp_path / "cli", 8, "--apply_chat_template"))
+    _same(templated, _cli(chat, task_dir, 8, apply_chat_template=True))
     fallback = _stage([f"model={tiny_hf_model}", f"data={task_dir}", f"output={tmp_path / 'b'}", "max_batches=8",
                        "apply_chat_template=true"])["models"][0]["metrics"]
     _same(fallback, templated)
@@ -168,10 +177,10 @@ def test_a_zero3_pipeline_checkpoint_equals_lm_eval_on_its_export_in_one_process
 
     ckpt = z3_run / "checkpoints"
     assert export(["--checkpoint", str(ckpt), "--output", str(tmp_path / "hf")]) == 0
-    cli = _cli(tmp_path / "hf", task_dir, tmp_path / "cli", limit=12)
+    cli = _cli(tmp_path / "hf", task_dir, limit=12)
     one = _stage([f"model={ckpt}", f"data={task_dir}", f"output={tmp_path / 'one'}", "max_batches=12"])
     _same(one["models"][0]["metrics"], cli)
-    r = run_deepspeed("evaluate.py", "task=harness", "batch_size=4", "zero3=true", f"model={ckpt}", f"data={task_dir}",
+    r = run_ranks("evaluate.py", "task=harness", "batch_size=4", "zero3=true", f"model={ckpt}", f"data={task_dir}",
                       f"output={tmp_path / 'two'}", "max_batches=12")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "harness: documents dealt over 2 ranks" in r.stdout + r.stderr
@@ -185,13 +194,13 @@ def test_a_zero3_pipeline_checkpoint_equals_lm_eval_on_its_export_in_one_process
 def test_few_shot_equals_lm_eval_in_one_process_and_on_two_ranks(task_dir: Path, tiny_hf_model: Path, tmp_path: Path):
     """num_fewshot=2: the harness draws each document's examples from one stream in document order, so the ranks
     of a ZeRO-3 launch run every request (dealt, a rank would draw other examples) and equal one process."""
-    cli = _cli(tiny_hf_model, task_dir, tmp_path / "cli", 10, "--num_fewshot", "2")
+    cli = _cli(tiny_hf_model, task_dir, 10, num_fewshot=2)
     one = _stage([f"model={tiny_hf_model}", f"data={task_dir}", f"output={tmp_path / 'one'}", "max_batches=10",
                   "num_fewshot=2"])["models"][0]["metrics"]
     _same(one, cli)
     assert one != _stage([f"model={tiny_hf_model}", f"data={task_dir}", f"output={tmp_path / 'zero'}",
                           "max_batches=10"])["models"][0]["metrics"]  # the shots change the requests
-    r = run_deepspeed("evaluate.py", "task=harness", "batch_size=4", "zero3=true", f"model={tiny_hf_model}",
+    r = run_ranks("evaluate.py", "task=harness", "batch_size=4", "zero3=true", f"model={tiny_hf_model}",
                       f"data={task_dir}", f"output={tmp_path / 'two'}", "max_batches=10", "num_fewshot=2")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "harness: every rank runs every request" in r.stdout + r.stderr
@@ -201,7 +210,7 @@ def test_few_shot_equals_lm_eval_in_one_process_and_on_two_ranks(task_dir: Path,
 @pytest.mark.slow
 @pytest.mark.integration
 def test_a_generative_task_equals_lm_eval_and_runs_in_step_on_two_ranks(tiny_hf_model: Path, tmp_path: Path):
-    """generate_until (greedy, stop at a newline): the CLI's own generations become the targets, so the stage
+    """generate_until (greedy, stop at a newline): the harness's own generations become the targets, so the stage
     scores 1.0 only if it generates exactly what the CLI did, in one process and on 2 ZeRO-3 ranks (where every
     rank generates every request: the partitioned passes line up)."""
     d = tmp_path / "gen"
@@ -220,21 +229,15 @@ metric_list:
 """
     write_jsonl(d / "gen.jsonl", [{"q": f"the {w} is", "a": w} for w in WORDS])
     (d / "gen.yaml").write_text(task)
-    cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={tiny_hf_model},dtype=float32",
-           "--tasks", "sample_gen", "--include_path", str(d), "--batch_size", "4", "--device", "cpu", "--output_path",
-           str(tmp_path / "cli"), "--log_samples"]
-    r = subprocess.run(cmd, cwd=d, capture_output=True, text=True, timeout=600, check=False,
-                       env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
-    samples = [json.loads(line) for line in next((tmp_path / "cli").rglob("samples_sample_gen_*.jsonl")).read_text().splitlines()]
+    samples = _lm_eval(tiny_hf_model, d, names=("sample_gen",), log_samples=True)["samples"]["sample_gen"]
     made = {s["doc"]["q"]: s["filtered_resps"][0] for s in samples}
     assert len(made) == len(WORDS) and len(set(made.values())) > 1  # the random model says different things
-    theirs = tmp_path / "theirs"  # the same task, the CLI's generations as targets
+    theirs = tmp_path / "theirs"  # the same task, the harness's generations as targets
     write_jsonl(theirs / "gen.jsonl", [{"q": q, "a": a} for q, a in made.items()])
     (theirs / "gen.yaml").write_text(task)
     one = _stage([f"model={tiny_hf_model}", f"data={theirs}", f"output={tmp_path / 'one'}"])["models"][0]["metrics"]
     assert one["sample_gen/exact_match"] == 1.0
-    r = run_deepspeed("evaluate.py", "task=harness", "batch_size=4", "zero3=true", f"model={tiny_hf_model}",
+    r = run_ranks("evaluate.py", "task=harness", "batch_size=4", "zero3=true", f"model={tiny_hf_model}",
                       f"data={theirs}", f"output={tmp_path / 'two'}")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "harness: every rank runs every request" in r.stdout + r.stderr
@@ -252,7 +255,7 @@ def test_in_loop_harness_on_the_live_engine_equals_the_stage_on_the_checkpoint_o
     """ZeRO-3 + offload on 2 ranks, harness.every=2: the scores logged at step 2 (TensorBoard, float32) are
     evaluate's task=harness on the step-2 checkpoint; the console says them with their cost."""
     out = tmp_path / "run"
-    r = run_deepspeed("train.py", *z3_run_args(out, tiny_dataset), f"harness.tasks={task_dir}", "harness.every=2",
+    r = run_ranks("train.py", *z3_run_args(out, tiny_dataset), f"harness.tasks={task_dir}", "harness.every=2",
                       "harness.max_batches=8", "harness.batch_size=4")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "eval step 2 | harness/sample_ll/perplexity" in r.stdout + r.stderr

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY_MODEL, free_port, run_deepspeed, run_script
+from conftest import ROOT, TINY_MODEL, free_port, run_ranks, run_script
 from inproc import run_entry
 
 from bench.rank_peaks import run_with_rank_peaks  # the benchmarks' poller (pyproject puts the root on sys.path)
@@ -386,20 +386,23 @@ def test_print_config_with_auto_shows_what_this_launch_would_use(tiny_dataset: P
 @pytest.mark.integration
 def test_training_refuses_a_plan_that_cannot_fit_and_names_one_that_does(tmp_path: Path, tiny_dataset: Path, monkeypatch,
                                                                          capsys):
-    from pipeline.training.plan import available_cpu_memory, make_plan
+    from pipeline.training import plan
+    from pipeline.training.plan import make_plan
 
-    # A model sized to this machine: on 2 CPU ranks ZeRO-0 (a full copy of the states per rank)
-    # exceeds the available memory even at 0.8x of it, and a partitioned config fits even at 1.25x
-    # (memory moves a little between this check and the stage's own).
-    avail = available_cpu_memory() / GiB
-    for layers in range(2, 400, 2):
+    # The stage sees a fixed available memory (it runs in this process below), so the case does not
+    # depend on what this machine has free at the moment (other tests beside it, other jobs): a
+    # model sized to 6 GiB such that on 2 CPU ranks ZeRO-0 (a full copy of the states per rank)
+    # exceeds the memory even at 1.05x of it, and a partitioned config fits even at 0.95x.
+    avail = 6.0
+    monkeypatch.setattr(plan, "available_cpu_memory", lambda: int(avail * GiB))
+    for layers in range(2, 200, 2):
         big = [*TINY_MODEL, "model.hidden_size=1024", f"model.num_layers={layers}", "model.num_heads=8", "train.max_steps=1"]
-        low, high = (make_plan(*_recipe(tiny_dataset, *big, ranks=2, memory_gib=avail * f)) for f in (0.8, 1.25))
+        low, high = (make_plan(*_recipe(tiny_dataset, *big, ranks=2, memory_gib=avail * f)) for f in (0.95, 1.05))
         zero0 = {e.config: e for e in high.rows}["ds_configs/zero0.json"]
         if not zero0.fits and low.choice is not None:
             break
     else:
-        pytest.skip(f"no model size separates ZeRO-0 from a partitioned config with {avail:.1f} GiB available")
+        pytest.fail(f"no model size separates ZeRO-0 from a partitioned config at {avail} GiB: the planner changed")
     # rank 0 of `deepspeed --num_gpus 2 launch/train.py ...`, in this process: the refusal comes before the
     # process group (a launch through the launcher and its exit code 2: test_launch_hygiene.py's port test)
     for k, v in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
@@ -417,7 +420,7 @@ def test_training_refuses_a_plan_that_cannot_fit_and_names_one_that_does(tmp_pat
 @pytest.mark.integration
 def test_auto_picks_the_fastest_config_that_fits_and_trains(tmp_path: Path, tiny_dataset: Path):
     out = tmp_path / "run"
-    r = run_deepspeed("train.py", *_args(out, tiny_dataset, *TINY_MODEL, "train.max_steps=2", "deepspeed.config=auto"))
+    r = run_ranks("train.py", *_args(out, tiny_dataset, *TINY_MODEL, "train.max_steps=2", "deepspeed.config=auto"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "deepspeed.config=auto: ds_configs/zero0.json" in r.stdout
     ds = json.loads((out / "ds_config.json").read_text())
@@ -512,11 +515,13 @@ def test_estimate_is_within_tolerance_of_measured_peak_rss(name: str, tmp_path: 
 
 @pytest.mark.slow
 @pytest.mark.integration
-@pytest.mark.parametrize("seq", [2048, 4096, 8192])
+@pytest.mark.parametrize("seq", [2048, 8192])
 def test_sequence_parallel_estimate_with_the_savers_is_within_tolerance_of_measured_peak_rss(seq: int, tmp_path: Path,
                                                                                             tiny_dataset: Path):
-    """SP=2 on 2 CPU ranks with activation checkpointing, tiled MLP and tiled logits: 1,024-4,096 tokens per rank
-    (measured here: docs/long_context.md, "Planning the longest sequence")."""
+    """SP=2 on 2 CPU ranks with activation checkpointing, tiled MLP and tiled logits: 1,024 and 4,096 tokens per
+    rank, the two ends of docs/long_context.md's measured table ("Checked against measured peaks": +7 %, -10 %;
+    the estimate's error moves down with the length, towards "fits" for a run that would not); its 2,048-token
+    row (-1 %, 70 s of the suite) is not rerun here."""
     m = measure_case(f"sp2-alst-{seq}", tmp_path, tiny_dataset, steps=2)
     assert -TOLERANCE_UNDER <= m["error"] <= TOLERANCE_OVER, m
 
