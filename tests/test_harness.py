@@ -4,7 +4,8 @@ The numbers are the harness's own: on a local task directory (a multiple-choice 
 loglikelihood task whose perplexity is a continuous number) the stage equals
 the harness's own evaluation with its ``hf`` model (what ``lm_eval --model hf`` runs; called in
 this process) on the same model directory to 1e-6, for a Hugging Face directory, and for a ZeRO-3
-pipeline checkpoint both in one process and partitioned over 2 ranks (against its export). Bad input exits 2 with one message before any model is loaded.
+pipeline checkpoint both in one process and partitioned over 2 ranks (against its export). Bad
+input exits 2 with one message before any model is loaded.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def _lm_eval(model: Path, tasks: Path, limit: int = 0, names: tuple[str, ...] = 
                                        task_manager=TaskManager(include_path=str(tasks), include_defaults=False), **kwargs)
 
 
-def _cli(model: Path, tasks: Path, limit: int = 0, **kwargs) -> dict[str, float]:
+def _harness_metrics(model: Path, tasks: Path, limit: int = 0, **kwargs) -> dict[str, float]:
     """The flattened metrics of :func:`_lm_eval` (what the stage's report holds)."""
     from pipeline.eval.tasks.harness import flatten
 
@@ -129,7 +130,7 @@ def test_the_stage_equals_lm_eval_on_a_hugging_face_directory_and_compares_two_m
     report = _stage([f"model={tiny_hf_model}", f"compare_to={other}", f"data={task_dir}", f"output={tmp_path / 'eval'}"])
     said = capfd.readouterr()
     assert "not a git repository" not in said.out + said.err  # the harness's git call in a task directory, silenced
-    cli = _cli(tiny_hf_model, task_dir)
+    cli = _harness_metrics(tiny_hf_model, task_dir)
     first, second = (m["metrics"] for m in report["models"])
     _same(first, cli)
     assert {"sample_mc/acc", "sample_mc/acc_stderr", "sample_ll/perplexity", "sample_ll/acc"} <= first.keys()
@@ -161,7 +162,7 @@ def test_with_the_chat_template_the_stage_equals_lm_eval_and_a_model_without_one
     tok.save_pretrained(chat)
     templated = _stage([f"model={chat}", f"data={task_dir}", f"output={tmp_path / 'a'}", "max_batches=8",
                         "apply_chat_template=true"])["models"][0]["metrics"]
-    _same(templated, _cli(chat, task_dir, 8, apply_chat_template=True))
+    _same(templated, _harness_metrics(chat, task_dir, 8, apply_chat_template=True))
     fallback = _stage([f"model={tiny_hf_model}", f"data={task_dir}", f"output={tmp_path / 'b'}", "max_batches=8",
                        "apply_chat_template=true"])["models"][0]["metrics"]
     _same(fallback, templated)
@@ -177,7 +178,7 @@ def test_a_zero3_pipeline_checkpoint_equals_lm_eval_on_its_export_in_one_process
 
     ckpt = z3_run / "checkpoints"
     assert export(["--checkpoint", str(ckpt), "--output", str(tmp_path / "hf")]) == 0
-    cli = _cli(tmp_path / "hf", task_dir, limit=12)
+    cli = _harness_metrics(tmp_path / "hf", task_dir, limit=12)
     one = _stage([f"model={ckpt}", f"data={task_dir}", f"output={tmp_path / 'one'}", "max_batches=12"])
     _same(one["models"][0]["metrics"], cli)
     r = run_ranks("evaluate.py", "task=harness", "batch_size=4", "zero3=true", f"model={ckpt}", f"data={task_dir}",
@@ -194,7 +195,7 @@ def test_a_zero3_pipeline_checkpoint_equals_lm_eval_on_its_export_in_one_process
 def test_few_shot_equals_lm_eval_in_one_process_and_on_two_ranks(task_dir: Path, tiny_hf_model: Path, tmp_path: Path):
     """num_fewshot=2: the harness draws each document's examples from one stream in document order, so the ranks
     of a ZeRO-3 launch run every request (dealt, a rank would draw other examples) and equal one process."""
-    cli = _cli(tiny_hf_model, task_dir, 10, num_fewshot=2)
+    cli = _harness_metrics(tiny_hf_model, task_dir, 10, num_fewshot=2)
     one = _stage([f"model={tiny_hf_model}", f"data={task_dir}", f"output={tmp_path / 'one'}", "max_batches=10",
                   "num_fewshot=2"])["models"][0]["metrics"]
     _same(one, cli)
