@@ -520,8 +520,8 @@ def test_sequence_parallel_estimate_with_the_savers_is_within_tolerance_of_measu
                                                                                             tiny_dataset: Path):
     """SP=2 on 2 CPU ranks with activation checkpointing, tiled MLP and tiled logits: 1,024 and 4,096 tokens per
     rank, the two ends of docs/long_context.md's measured table ("Checked against measured peaks": +7 %, -10 %;
-    the estimate's error moves down with the length, towards "fits" for a run that would not); its 2,048-token
-    row (-1 %, 70 s of the suite) is not rerun here."""
+    the estimate's error moves down with the length, towards "fits" for a run that would not); its row between
+    (seq_len 4,096: 2,048 tokens per rank, -1 %; 70 s of the suite) is not rerun here."""
     m = measure_case(f"sp2-alst-{seq}", tmp_path, tiny_dataset, steps=2)
     assert -TOLERANCE_UNDER <= m["error"] <= TOLERANCE_OVER, m
 
