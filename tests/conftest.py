@@ -138,10 +138,23 @@ def run_deepspeed(script: str, *args: str, ranks: int = 2, cwd=None, env: dict |
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
+"""What the launchers (deepspeed, torchrun) tell a rank; inherited ones would misplace a rank of a new job."""
+
+
+def rank_env(rank: int, world: int, port: int | str, **extra: str) -> dict[str, str]:
+    """The environment of rank ``rank`` of a ``world``-rank job on this machine as torchrun sets it
+    (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``):
+    this process's environment less the launcher and Slurm variables it may have inherited, the
+    project on PYTHONPATH, then ``extra``."""
+    base = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS and not k.startswith("SLURM_")}
+    return {**base, "PYTHONPATH": str(ROOT), **extra, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+            "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+
+
 def run_ranks(script: str, *args: str, ranks: int = 2, cwd=None, env: dict | None = None, timeout: float = 600):
-    """``launch/<script> ...`` on ``ranks`` CPU ranks started the way torchrun starts them (``RANK``,
-    ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``; a launch
-    path the stages support) but without a launcher process: ``deepspeed --num_gpus N`` puts two
+    """``launch/<script> ...`` on ``ranks`` CPU ranks started the way torchrun starts them
+    (:func:`rank_env`; a launch path the stages support) but without a launcher process: ``deepspeed --num_gpus N`` puts two
     interpreters that each import torch and DeepSpeed (~4.5 CPU s) before the ranks, which the
     suite's many short 2-rank runs do not need. As the launchers do, once a rank exits non-zero the
     others are stopped (SIGTERM, SIGKILL 30 s later). Returns a CompletedProcess: every rank's
@@ -149,11 +162,10 @@ def run_ranks(script: str, *args: str, ranks: int = 2, cwd=None, env: dict | Non
     import tempfile
     import time
 
-    base = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {}),
-            "WORLD_SIZE": str(ranks), "LOCAL_WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    port, extra = free_port(), {"OMP_NUM_THREADS": "1", **(env or {})}
     cmd = [sys.executable, str(ROOT / "launch" / script), *args]
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        procs = [subprocess.Popen(cmd, cwd=cwd, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=out, stderr=err)
+        procs = [subprocess.Popen(cmd, cwd=cwd, env=rank_env(r, ranks, port, **extra), stdout=out, stderr=err)
                  for r in range(ranks)]
         deadline, failed, stop_at = time.monotonic() + timeout, 0, None
         try:

@@ -16,13 +16,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import ROOT, TINY_MODEL, free_port, run_ranks, run_script
+from conftest import ROOT, TINY_MODEL, free_port, rank_env, run_ranks, run_script
 from inproc import run_entry
 
 pytestmark = pytest.mark.integration
 
 ENV = {"OMP_NUM_THREADS": "1"}
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def _args(out: Path, data: Path, *extra: str) -> list[str]:
@@ -133,12 +132,9 @@ def test_survivors_exit_with_an_error_on_their_own_without_a_launcher(tmp_path: 
     """Two ranks started directly (as on two nodes, where no launcher sees both): when rank 1
     is SIGKILLed, rank 0 must fail by itself, not wait forever in a collective."""
     port = str(free_port())
-    base = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS and not k.startswith("SLURM_")}
     procs, logs = [], []
     for r in range(2):
-        env = {**base, "PYTHONPATH": str(ROOT), **ENV, "PIPELINE_TEST_STEP_DELAY": "0.3", "CUDA_VISIBLE_DEVICES": "",
-               "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        env = rank_env(r, 2, port, **ENV, PIPELINE_TEST_STEP_DELAY="0.3", CUDA_VISIBLE_DEVICES="")
         logs.append(tmp_path / f"rank{r}.log")
         procs.append(subprocess.Popen([sys.executable, str(ROOT / "launch" / "train.py"),
                                        *_args(tmp_path / "run", tiny_dataset, "train.max_steps=200", "dist.timeout_s=60")],

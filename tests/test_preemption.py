@@ -11,12 +11,10 @@ import textwrap
 import time
 
 import pytest
+from conftest import rank_env
 
 from pipeline import dist
 from pipeline.training.preemption import EXIT_REQUEUE, Preemption
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def _wait_until(cond, timeout: float = 5.0) -> bool:
@@ -135,14 +133,9 @@ WORKER = textwrap.dedent(
 def test_two_ranks_agree_when_only_rank1_is_signalled(tmp_path):
     out = str(tmp_path / "res")
     port = str(dist.free_port())
-    base = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS and not k.startswith("SLURM_")}
     procs = []
     for r in range(2):
-        env = {
-            **base, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TEST_OUT": out,
-            "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": "2",
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
-        }  # fmt: skip
+        env = rank_env(r, 2, port, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", TEST_OUT=out)
         procs.append(
             subprocess.Popen([sys.executable, "-c", WORKER], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         )
