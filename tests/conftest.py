@@ -6,7 +6,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -77,15 +77,51 @@ def make_docs(n: int, seed: int = 0, prefix: str = "doc") -> list[str]:
     return [f"{prefix} {i}. {t}" for i, t in enumerate(generate(n, seed=seed + 7))]
 
 
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """A directory that ``build(dir)`` fills once per test run, shared by the run's processes.
+
+    Under pytest-xdist each worker has its own session, so a session fixture would be built once
+    per worker (twice with ``-n 2``: the shared 2-rank run alone is ~40 CPU s). This is
+    pytest-xdist's documented pattern instead: the first worker to ask builds the directory under
+    the run's common base directory, holding a file lock; the others wait for the lock and read
+    the result. A build that failed is not retried by the next worker (it would fail the same way
+    and cost its time again): the next one fails with the first one's error. Without xdist
+    (``-n 0``) it is a plain ``mktemp``."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        out = tmp_path_factory.mktemp(name)
+        build(out)
+        return out
+    import shutil
+
+    from filelock import FileLock
+
+    out = tmp_path_factory.getbasetemp().parent / f"shared-{name}"  # basetemp is <run dir>/popen-gwN
+    done, failed = out / ".built", out.with_name(out.name + ".failed")
+    with FileLock(str(out) + ".lock"):
+        if failed.exists():
+            pytest.fail(f"building the shared {name!r} failed in another worker: {failed.read_text()}", pytrace=False)
+        if not done.exists():
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir()
+            try:
+                build(out)
+            except BaseException as e:
+                failed.write_text(f"{type(e).__name__}: {e}"[-4000:], encoding="utf-8")
+                raise
+            done.touch()
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory) -> Path:
     """A 512-token SentencePiece BPE tokenizer in Hugging Face format, trained once."""
     from pipeline.data.tokenizer import TokenizerConfig
     from pipeline.data.tokenizer_train import train_sentencepiece
 
-    out = tmp_path_factory.mktemp("tok") / "tokenizer"
-    train_sentencepiece(iter(make_docs(400)), TokenizerConfig(vocab_size=512, sample_chars=10**6), out, threads=1)
-    return out
+    def build(d: Path) -> None:
+        train_sentencepiece(iter(make_docs(400)), TokenizerConfig(vocab_size=512, sample_chars=10**6), d / "tokenizer", threads=1)
+
+    return built_once(tmp_path_factory, "tok", build) / "tokenizer"
 
 
 @pytest.fixture
@@ -103,10 +139,11 @@ def tiny_dataset(tmp_path_factory) -> Path:
     from pipeline.config import load_config
     from pipeline.stages.preprocess import PreprocessConfig, run
 
-    out = tmp_path_factory.mktemp("data") / "data"
-    cfg = load_config(PreprocessConfig, None, [f"output={out}", "sample_docs=1500", "tokenizer.vocab_size=512", "val_fraction=0.05", "workers=1"])
-    run(cfg)
-    return out
+    def build(d: Path) -> None:
+        run(load_config(PreprocessConfig, None, [f"output={d / 'data'}", "sample_docs=1500", "tokenizer.vocab_size=512",
+                                                 "val_fraction=0.05", "workers=1"]))
+
+    return built_once(tmp_path_factory, "data", build) / "data"
 
 
 @pytest.fixture(scope="session")
@@ -117,14 +154,15 @@ def tiny_hf_model(tmp_path_factory, tiny_dataset) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    out = tmp_path_factory.mktemp("hf") / "model"
-    torch.manual_seed(0)
-    conf = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=4, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=3)
-    AutoModelForCausalLM.from_config(conf).save_pretrained(out)
-    for f in (tiny_dataset / "tokenizer").iterdir():
-        shutil.copy2(f, out / f.name)
-    return out
+    def build(d: Path) -> None:
+        torch.manual_seed(0)
+        conf = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=4, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+        AutoModelForCausalLM.from_config(conf).save_pretrained(d / "model")
+        for f in (tiny_dataset / "tokenizer").iterdir():
+            shutil.copy2(f, d / "model" / f.name)
+
+    return built_once(tmp_path_factory, "hf", build) / "model"
 
 
 from pipeline.rendezvous import free_port  # noqa: E402  (standard library only: no heavy import here)
@@ -228,10 +266,12 @@ def z3_run(tmp_path_factory, tiny_dataset: Path) -> Iterator[Path]:
 
     Read it, never write into or next to it: a test that does copies it to its ``tmp_path`` first
     (a few MB). The session's end checks that no file of it changed."""
-    out = tmp_path_factory.mktemp("z3") / "pretrain"
-    r = run_deepspeed("train.py", *z3_run_args(out, tiny_dataset))
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    (out.parent / "launch.log").write_text(r.stdout + r.stderr, encoding="utf-8")
+    def build(d: Path) -> None:
+        r = run_deepspeed("train.py", *z3_run_args(d / "pretrain", tiny_dataset))
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        (d / "launch.log").write_text(r.stdout + r.stderr, encoding="utf-8")
+
+    out = built_once(tmp_path_factory, "z3", build) / "pretrain"
     before = tree_hashes(out)
     yield out
     after = tree_hashes(out)
