@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 from conftest import rank_env
@@ -89,6 +90,74 @@ def test_must_be_created_in_main_thread():
     t.start()
     t.join()
     assert errors and "main thread" in str(errors[0].value)
+
+
+class _Engine:
+    """What the trainer calls on a DeepSpeed engine, counting forwards; ``signal_at`` sends SIGUSR1
+    to this process inside that step's optimizer step (a stop arriving in the middle of a step)."""
+
+    def __init__(self, signal_at: int = 0):
+        self.forwards = self.steps = 0
+        self.signal_at = signal_at
+
+    def train(self): ...
+    def backward(self, loss): ...
+    def fp16_enabled(self): return False
+    def get_global_grad_norm(self): return None
+    def get_lr(self): return [1e-3]
+
+    def step(self):
+        self.steps += 1
+        if self.steps == self.signal_at:
+            os.kill(os.getpid(), signal.SIGUSR1)  # the handler runs before the next bytecode
+
+
+class _Task:
+    def targets(self, batch): return 4
+    def tokens(self, batch): return 5
+
+    def loss(self, engine, batch):
+        import torch
+
+        engine.forwards += 1
+        return torch.tensor(2.0), torch.tensor(4)
+
+
+class _Monitor:
+    def step_start(self): ...
+    def data_ready(self): ...
+    def step_end(self, step, **kw): ...
+    def eval(self, step, metrics): ...
+
+
+def _fit(monkeypatch, *, max_steps: int, signal_at: int):
+    """Trainer.fit on the fakes in this process; returns (exit code, engine, saved steps, collectives)."""
+    import itertools
+
+    from pipeline.training.trainer import Trainer
+
+    calls = []
+    monkeypatch.setattr(dist, "all_reduce_sum_floats", lambda v: calls.append(("sum", list(v))) or [float(x) for x in v])
+    monkeypatch.setattr(dist, "all_reduce_max_int", lambda v: calls.append(("max", v)) or v)
+    engine, saved = _Engine(signal_at), []
+    trainer = Trainer(engine=engine, task=_Task(), batches=itertools.repeat(None), grad_accum=1, max_steps=max_steps,
+                      start_step=0, monitor=_Monitor(), evaluate=None, eval_every=0,
+                      save=lambda step: saved.append(step) or Path(f"step-{step}"), save_every=0)
+    return trainer.fit(), engine, saved, calls
+
+
+def test_trainer_agrees_on_a_stop_in_the_next_steps_count_all_reduce_before_its_forward(monkeypatch):
+    """A stop signalled during step 2 of 5: the trainer checkpoints step 2 and exits 75 without a
+    forward of step 3, and the vote rode on step 3's all-reduce of the counts (no collective of its
+    own: two per step, not three; issue 16)."""
+    code, engine, saved, calls = _fit(monkeypatch, max_steps=5, signal_at=2)
+    assert code == EXIT_REQUEUE and saved == [2] and engine.forwards == 2 and engine.steps == 2
+    assert [kind for kind, _ in calls] == ["sum"] * 5  # counts + loss of steps 1 and 2, then step 3's counts
+    assert [v[-1] for _, v in calls[0::2]] == [0.0, 0.0, 1.0]  # the votes: 1 at the start of step 3
+    assert calls[1][1][0] == 2.0  # the loss all-reduce carries no vote
+    # a stop signalled during the last step ends the run as usual: final checkpoint, exit 0
+    code, engine, saved, calls = _fit(monkeypatch, max_steps=2, signal_at=2)
+    assert code == 0 and saved == [2] and engine.forwards == 2 and len(calls) == 4
 
 
 # ---------------------------------------------------------------------------- two real ranks

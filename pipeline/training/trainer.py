@@ -197,15 +197,22 @@ class Trainer:
         self.last_saved = start_step
         self.history: list[float] = []
 
-    def train_step(self) -> StepResult:
+    def train_step(self, preemption: Preemption | None = None) -> StepResult | None:
+        """One optimizer step; None, before any forward, when ``preemption`` says every rank is to stop."""
         engine, task = self.engine, self.task
         engine.train()
         window = [next(self.batches) for _ in range(self.grad_accum)]
         self.monitor.data_ready()
         # one all-reduce for the window's counts: targets, tokens, and any the task normalises by
-        # (window_counts/window_totals: e.g. DPO's SFT term, per chosen token while the loss is per pair)
+        # (window_counts/window_totals: e.g. DPO's SFT term, per chosen token while the loss is per pair),
+        # and last the ranks' stop votes (a separate collective per step before; issue 16)
         extra = task.window_counts(window) if hasattr(task, "window_counts") else []
-        totals = dist.all_reduce_sum_floats([sum(task.targets(b) for b in window), sum(task.tokens(b) for b in window), *extra])
+        vote = [preemption.flag()] if preemption is not None else []
+        totals = dist.all_reduce_sum_floats([sum(task.targets(b) for b in window), sum(task.tokens(b) for b in window),
+                                             *extra, *vote])
+        if vote:
+            if preemption.agreed(totals.pop()):
+                return None
         total, tokens = totals[0], totals[1]
         if total <= 0:
             raise RuntimeError("a training window without any target token (every label masked)")
@@ -240,7 +247,14 @@ class Trainer:
         with Preemption() as preemption:
             while self.step < self.max_steps:
                 self.monitor.step_start()
-                result = self.train_step()
+                # the stop is agreed inside the step's first collective, before its forward: the
+                # checkpoint is of the step before (after its evaluation and checkpoint, if any)
+                result = self.train_step(preemption)
+                if result is None:
+                    sig = preemption.signal_received()
+                    dist.print0(f"stop requested ({sig.name if sig else 'signal on another rank'}): checkpointing at step {self.step}")
+                    self._save()
+                    return EXIT_REQUEUE
                 self.step += 1
                 self.history.append(result.loss)
                 faults.after_step()  # a test's delay between steps (pipeline/faults.py)
@@ -254,11 +268,6 @@ class Trainer:
                         self.monitor.eval(self.step, fn(self.engine))
                 if self.save_every and self.step % self.save_every == 0 and self.step < self.max_steps:
                     self._save()
-                if preemption.should_stop():
-                    sig = preemption.signal_received()
-                    dist.print0(f"stop requested ({sig.name if sig else 'signal on another rank'}): checkpointing at step {self.step}")
-                    self._save()
-                    return EXIT_REQUEUE
         if self.evaluate:
             self.monitor.eval(self.step, self.evaluate(self.engine))
         for _every, fn in self.periodic:
