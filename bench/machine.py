@@ -110,6 +110,39 @@ def run_env(root: Path, **extra: str) -> dict:
     return env
 
 
+def sweep_deepspeed_shm(since: float) -> int:
+    """Remove the /dev/shm segments DeepSpeed's CPU comm op left since ``since`` (``time.time()``);
+    returns how many.
+
+    On the CPU accelerator ``deepspeed.init_distributed`` maps a 66 MB segment per rank
+    (``deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``) and never unlinks it: every bare
+    DeepSpeed loop and HF Trainer run leaves 132 MB of RAM behind on 2 ranks (the stages unlink
+    theirs, ``pipeline.dist._release_deepspeed_shm``; so do ranks that die before that only if
+    something sweeps). A day of benchmark runs left 285 of them here (19 GB of the 24 GB, the
+    OOM kills and the memory pressure of earlier sessions' runs). A segment still mapped by a
+    live process belongs to a running job (possibly another session's, whose ranks would spin
+    forever waiting for a segment removed under them) and is kept."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        return 0
+    in_use: set[str] = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            in_use.update(line.rsplit("/", 1)[-1].strip() for line in maps.read_text().splitlines()
+                          if "/dev/shm/deepspeed_allreduce_buffer" in line)
+        except OSError:
+            pass
+    removed = 0
+    for seg in shm.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*"):
+        try:
+            if seg.name not in in_use and seg.stat().st_mtime >= since - 1:
+                seg.unlink()
+                removed += 1
+        except OSError:
+            pass
+    return removed
+
+
 def launch(cmd: list[str], log_path: Path, timeout: float, *, cwd: Path, env: dict, step_fn: Callable[[str], int | None] | None = None,
            cpu_at: tuple[int, ...] = (), on_timeout: Callable[[int], list[str]] | None = None) -> dict:
     """Run ``cmd`` (in a new session, killed as a group after ``timeout`` s) and write its log.
@@ -146,10 +179,11 @@ def launch(cmd: list[str], log_path: Path, timeout: float, *, cwd: Path, env: di
         rc = proc.wait()
     t_end = time.time()
     reader.join(timeout=10)
+    leaked = sweep_deepspeed_shm(t_launch)  # what DeepSpeed left of this run: RAM the next runs would lack
     busy, cpu = busy_seconds() - busy0, children_cpu() - cpu0
     with open(log_path, "w") as f:
-        f.write(f"# {' '.join(map(str, cmd))}\n# launched at {t_launch:.6f}; rc {rc}\n")
+        f.write(f"# {' '.join(map(str, cmd))}\n# launched at {t_launch:.6f}; rc {rc}; DeepSpeed shm segments left and removed: {leaked}\n")
         f.writelines(f"{t - t_launch:9.3f} {text}\n" for t, text in lines)
     wall = t_end - t_launch
-    return {"rc": rc, "t_launch": t_launch, "wall_s": wall, "lines": lines, "cpu_snap": cpu_snap, "cpu_s": cpu, "busy_s": busy,
+    return {"rc": rc, "shm_leaked": leaked, "t_launch": t_launch, "wall_s": wall, "lines": lines, "cpu_snap": cpu_snap, "cpu_s": cpu, "busy_s": busy,
             "others_cores": max(0.0, (busy - cpu) / wall) if wall > 0 else 0.0}

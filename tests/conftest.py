@@ -287,30 +287,16 @@ def z3_run_log(z3_run: Path) -> str:
 
 @pytest.fixture(scope="session", autouse=True)
 def _sweep_deepspeed_shm():
-    """Remove the 66 MB /dev/shm segments DeepSpeed's CPU comm op leaves behind for ranks
-    that died before ``pipeline.dist.init`` could unlink them (killed-rank tests)."""
+    """Remove the 66 MB /dev/shm segments DeepSpeed's CPU comm op leaves behind for ranks that died
+    before ``pipeline.dist.init`` could unlink them (killed-rank tests); segments a live process
+    still maps are kept (bench/machine.py, ``sweep_deepspeed_shm``)."""
     import time
+
+    from bench.machine import sweep_deepspeed_shm
 
     start = time.time()
     yield
-    shm = Path("/dev/shm")
-    if not shm.is_dir():
-        return
-    # A segment still mapped by a live process belongs to a running job (possibly another
-    # session's, whose ranks would spin forever waiting for a segment removed under them).
-    in_use: set[str] = set()
-    for maps in Path("/proc").glob("[0-9]*/maps"):
-        try:
-            in_use.update(line.rsplit("/", 1)[-1].strip() for line in maps.read_text().splitlines()
-                          if "/dev/shm/deepspeed_allreduce_buffer" in line)
-        except OSError:
-            pass
-    for seg in shm.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*"):
-        try:
-            if seg.name not in in_use and seg.stat().st_mtime >= start - 1:
-                seg.unlink()
-        except OSError:
-            pass
+    sweep_deepspeed_shm(start)
 
 
 def model_logits(model, seed: int = 1, vocab: int = 512):
