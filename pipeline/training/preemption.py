@@ -114,8 +114,7 @@ class Preemption:
         self._calls += 1
         if self._calls % self.check_every:
             return False
-        self._agreed = bool(dist.all_reduce_max_int(1 if self._signum is not None else 0))
-        return self._agreed
+        return self.agreed(dist.all_reduce_max_int(int(self.flag())))
 
     def flag(self) -> float:
         """This process's vote for :meth:`agreed`: 1.0 once it received a stop signal, else 0.0.

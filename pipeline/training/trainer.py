@@ -210,9 +210,8 @@ class Trainer:
         vote = [preemption.flag()] if preemption is not None else []
         totals = dist.all_reduce_sum_floats([sum(task.targets(b) for b in window), sum(task.tokens(b) for b in window),
                                              *extra, *vote])
-        if vote:
-            if preemption.agreed(totals.pop()):
-                return None
+        if vote and preemption.agreed(totals.pop()):
+            return None
         total, tokens = totals[0], totals[1]
         if total <= 0:
             raise RuntimeError("a training window without any target token (every label masked)")
