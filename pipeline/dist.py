@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Literal, Mapping, NoReturn
 
-from pipeline import quiet
+from pipeline import allocator, quiet
 from pipeline.errors import UserError
 from pipeline.rendezvous import (  # noqa: F401  (re-exported: callers know them as dist.*)
     DEFAULT_PORT, SLURM_PORT_BASE, SLURM_PORT_SPAN, free_port, is_addr_in_use, port_in_use_message, slurm_port)
@@ -309,13 +309,9 @@ def export_env(env: DistEnv) -> None:
     which its CPU shared-memory all-reduce reads.
     """
     os.environ.update(
-        RANK=str(env.rank),
-        WORLD_SIZE=str(env.world_size),
-        LOCAL_RANK=str(env.local_rank),
-        LOCAL_WORLD_SIZE=str(env.local_world_size),
-        LOCAL_SIZE=str(env.local_world_size),
-        MASTER_ADDR=env.master_addr,
-        MASTER_PORT=str(env.master_port),
+        RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
+        LOCAL_WORLD_SIZE=str(env.local_world_size), LOCAL_SIZE=str(env.local_world_size),
+        MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port),
     )
 
 
@@ -368,9 +364,9 @@ def _check_resolvable(env: DistEnv) -> None:
 def init(cfg: DistConfig, local_rank_arg: int | None = None) -> DistEnv:
     """Detect the launcher, export its variables and start the process group.
 
-    Sets the CUDA device to the local rank when CUDA is there, then calls
-    ``deepspeed.init_distributed`` with the chosen backend and ``cfg.timeout_s`` (also for
-    one process). Calling it again while the group is up changes nothing.
+    Sets the CUDA device to the local rank when CUDA is there (else glibc's malloc thresholds:
+    :func:`pipeline.allocator.tune`), then calls ``deepspeed.init_distributed`` with the chosen
+    backend and ``cfg.timeout_s`` (also for one process). Calling it again changes nothing.
 
     Raises:
         UserError: bad launcher variables, nccl without CUDA, fewer visible GPUs than
@@ -384,6 +380,8 @@ def init(cfg: DistConfig, local_rank_arg: int | None = None) -> DistEnv:
     import torch
 
     cuda = torch.cuda.is_available()
+    if not cuda:  # CPU ranks' tensors live in glibc's heap: fixed thresholds (pipeline/allocator.py)
+        allocator.tune()
     backend = choose_backend(cfg.backend, cuda)
     if cuda:
         count = torch.cuda.device_count()

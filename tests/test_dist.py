@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -11,7 +12,7 @@ import time
 
 import pytest
 
-from pipeline import dist
+from pipeline import allocator, dist
 from pipeline.config import field_docs, load_config
 from pipeline.dist import DistConfig, DistEnv, choose_backend, detect, expand_nodelist, slurm_port
 from pipeline.errors import ConfigError, UserError
@@ -249,9 +250,15 @@ def test_single_process_init_in_process(monkeypatch, no_launcher_env):
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(allocator, "_state", None)
+    for name in allocator.USER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
     try:
         for attempt in range(2):
             env = dist.init(DistConfig(timeout_s=30))
+            # a CPU rank fixes glibc's malloc thresholds before any model exists (pipeline/allocator.py)
+            assert allocator.state() == ("glibc malloc: mmap threshold 32 MiB, trim threshold 64 MiB"
+                                         if platform.libc_ver()[0] == "glibc" else "left as is: not glibc")
             # The second time detect() reads back the variables the first init exported.
             assert env.launcher == ("single" if attempt == 0 else "deepspeed/torchrun")
             assert (env.rank, env.world_size, os.environ["WORLD_SIZE"]) == (0, 1, "1")
