@@ -1,7 +1,7 @@
 """What the benchmarks share about the machine they run on: its load, CPU time, description.
 
 Every benchmark here compares contenders on a small shared machine, so each waits for a quiet
-moment before a run (:func:`wait_quiet`), measures CPU seconds beside wall time (:func:`tree_cpu`,
+moment before a run (:func:`wait_quiet`), measures CPU seconds beside wall time (:func:`tree_usage`,
 :func:`children_cpu`) and records the machine and library versions (:func:`machine`) with its
 results, and starts each run the same way (:func:`launch`). Used by bench/train.py and bench/dpo.py.
 """
@@ -35,22 +35,29 @@ def children_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def tree_cpu(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` and all its live descendants (all threads); NaN if it is gone."""
+def tree_usage(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system), system seconds and minor page faults of process ``pid`` and its
+    live descendants (all threads; ``/proc/<pid>/stat``); NaNs if it is gone. A heap that glibc
+    trims and grows again every step shows as faults and system time (docs/deepspeed.md)."""
     import psutil
 
-    total = 0.0
+    tot = {"cpu_s": 0.0, "system_s": 0.0, "minor_faults": 0.0}
     try:
         procs = [psutil.Process(pid)] + psutil.Process(pid).children(recursive=True)
     except psutil.Error:
-        return float("nan")
+        return dict.fromkeys(tot, float("nan"))
+    tick = os.sysconf("SC_CLK_TCK")
     for p in procs:
         try:
-            t = p.cpu_times()
-            total += t.user + t.system
-        except psutil.Error:
-            pass
-    return total
+            with open(f"/proc/{p.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        except OSError:
+            continue
+        minflt, utime, stime = int(fields[7]), int(fields[11]), int(fields[12])  # stat fields 10, 14, 15
+        tot["cpu_s"] += (utime + stime) / tick
+        tot["system_s"] += stime / tick
+        tot["minor_faults"] += minflt
+    return tot
 
 
 def median(xs) -> float | None:
@@ -147,13 +154,15 @@ def launch(cmd: list[str], log_path: Path, timeout: float, *, cwd: Path, env: di
            cpu_at: tuple[int, ...] = (), on_timeout: Callable[[int], list[str]] | None = None) -> dict:
     """Run ``cmd`` (in a new session, killed as a group after ``timeout`` s) and write its log.
 
-    Returns every stdout/stderr line with its arrival time (``time.time()``), the CPU time of the
-    process tree when the lines of steps ``cpu_at`` arrive (``step_fn(line)`` -> step or None),
+    Returns every stdout/stderr line with its arrival time (``time.time()``), the CPU time (and
+    :func:`tree_usage`) of the process tree when the lines of steps ``cpu_at`` arrive
+    (``step_fn(line)`` -> step or None),
     the run's own CPU seconds, the machine's busy seconds meanwhile and the cores other
     processes kept busy. ``on_timeout(pid)`` gives lines to log before the kill (e.g. stacks).
     """
     lines: list[tuple[float, str]] = []
     cpu_snap: dict[int, float] = {}
+    usage_snap: dict[int, dict[str, float]] = {}  # tree_usage at the same steps
     log_path.parent.mkdir(parents=True, exist_ok=True)
     busy0, cpu0 = busy_seconds(), children_cpu()
     t_launch = time.time()
@@ -165,7 +174,8 @@ def launch(cmd: list[str], log_path: Path, timeout: float, *, cwd: Path, env: di
             if step_fn is not None and cpu_at:
                 n = step_fn(lines[-1][1])
                 if n in cpu_at:
-                    cpu_snap[n] = tree_cpu(proc.pid)
+                    usage_snap[n] = tree_usage(proc.pid)
+                    cpu_snap[n] = usage_snap[n]["cpu_s"]
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
@@ -185,5 +195,5 @@ def launch(cmd: list[str], log_path: Path, timeout: float, *, cwd: Path, env: di
         f.write(f"# {' '.join(map(str, cmd))}\n# launched at {t_launch:.6f}; rc {rc}; DeepSpeed shm segments left and removed: {leaked}\n")
         f.writelines(f"{t - t_launch:9.3f} {text}\n" for t, text in lines)
     wall = t_end - t_launch
-    return {"rc": rc, "shm_leaked": leaked, "t_launch": t_launch, "wall_s": wall, "lines": lines, "cpu_snap": cpu_snap, "cpu_s": cpu, "busy_s": busy,
+    return {"rc": rc, "shm_leaked": leaked, "t_launch": t_launch, "wall_s": wall, "lines": lines, "cpu_snap": cpu_snap, "usage_snap": usage_snap, "cpu_s": cpu, "busy_s": busy,
             "others_cores": max(0.0, (busy - cpu) / wall) if wall > 0 else 0.0}

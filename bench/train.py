@@ -321,6 +321,9 @@ def run_one(c: str, workdir: Path, m: dict, prep: dict, max_steps: int, warmup: 
     snap = r["cpu_snap"]
     if warmup in snap and max_steps in snap:  # CPU seconds (all ranks, all threads) per measured step
         res["cpu_s_per_step"] = (snap[max_steps] - snap[warmup]) / measured
+        u0, u1 = r["usage_snap"][warmup], r["usage_snap"][max_steps]
+        res["system_s_per_step"] = (u1["system_s"] - u0["system_s"]) / measured
+        res["minor_faults_per_step"] = (u1["minor_faults"] - u0["minor_faults"]) / measured
     if c in STAGES:
         tb = _tensorboard_wait(out, warmup + 1, max_steps)
         if tb is not None:
@@ -370,6 +373,8 @@ def summarize(runs: list[dict], tokens_per_step: int) -> dict:
         s[c] = {"runs": len(ok), "tokens_per_s": median(tok), "tokens_per_s_min": min(tok), "tokens_per_s_max": max(tok),
                 "tokens_per_s_median_step": median(tok_med),
                 "cpu_s_per_step": median([r["cpu_s_per_step"] for r in ok if r.get("cpu_s_per_step") is not None]),
+                "system_s_per_step": median([r.get("system_s_per_step") for r in ok]),
+                "minor_faults_per_step": median([r.get("minor_faults_per_step") for r in ok]),
                 "first_step_s": median(ttfs), "first_step_s_min": min(ttfs), "first_step_s_max": max(ttfs),
                 "data_wait_frac": median([r["data_wait_frac"] for r in ok]),
                 "marks_s": {k: v for k, v in marks.items() if v is not None},
@@ -413,15 +418,18 @@ def markdown(summary: dict, meta: dict, runs: list[dict] | None = None) -> str:
     s, ratios = summary["contenders"], summary["ratios"]
     base = s.get("a", {}).get("tokens_per_s")
     rows = ["| contender | tokens/s (median; min-max) | vs (a) | tokens/s from the median step | CPU s per step (all ranks) "
-            "| first step after, s (median; min-max) | data wait | others' load, cores |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+            "| of it system | minor page faults per step | first step after, s (median; min-max) | data wait | others' load, cores |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c in meta["contenders"]:
         if c not in s:
-            rows.append(f"| {LABEL[c]} | failed (see results.json) | | | | | | |")
+            rows.append(f"| {LABEL[c]} | failed (see results.json) | | | | | | | | |")
             continue
         x = s[c]
         rel = f"{x['tokens_per_s'] / base:.3f}" if base else "-"
+        faults = x.get("minor_faults_per_step")
         rows.append(f"| {LABEL[c]} | {x['tokens_per_s']:,.0f} ({x['tokens_per_s_min']:,.0f}-{x['tokens_per_s_max']:,.0f}) "
-                    f"| {rel} | {x['tokens_per_s_median_step']:,.0f} | {_f3(x.get('cpu_s_per_step'))} | {x['first_step_s']:.1f} ({x['first_step_s_min']:.1f}-{x['first_step_s_max']:.1f}) "
+                    f"| {rel} | {x['tokens_per_s_median_step']:,.0f} | {_f3(x.get('cpu_s_per_step'))} | {_f3(x.get('system_s_per_step'))} "
+                    f"| {'-' if faults is None else f'{faults:,.0f}'} | {x['first_step_s']:.1f} ({x['first_step_s_min']:.1f}-{x['first_step_s_max']:.1f}) "
                     f"| {100 * x['data_wait_frac']:.2f}% | {x['others_cores']:.2f} |")
     out = ["\n".join(rows), ""]
     brk = ["| contender | launcher + interpreter | imports | process group | model + initialize | first step |",
