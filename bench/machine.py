@@ -154,11 +154,10 @@ def launch(cmd: list[str], log_path: Path, timeout: float, *, cwd: Path, env: di
            cpu_at: tuple[int, ...] = (), on_timeout: Callable[[int], list[str]] | None = None) -> dict:
     """Run ``cmd`` (in a new session, killed as a group after ``timeout`` s) and write its log.
 
-    Returns every stdout/stderr line with its arrival time (``time.time()``), the CPU time (and
-    :func:`tree_usage`) of the process tree when the lines of steps ``cpu_at`` arrive
-    (``step_fn(line)`` -> step or None),
-    the run's own CPU seconds, the machine's busy seconds meanwhile and the cores other
-    processes kept busy. ``on_timeout(pid)`` gives lines to log before the kill (e.g. stacks).
+    Returns every stdout/stderr line with its arrival time (``time.time()``), the CPU time
+    (``cpu_snap``) and :func:`tree_usage` (``usage_snap``) of the process tree when the lines of
+    steps ``cpu_at`` arrive (``step_fn(line)`` -> step or None), the run's own CPU seconds, the
+    machine's busy seconds meanwhile and the cores other processes kept busy. ``on_timeout(pid)`` gives lines to log before the kill (e.g. stacks).
     """
     lines: list[tuple[float, str]] = []
     cpu_snap: dict[int, float] = {}
