@@ -195,6 +195,27 @@ def test_comments_are_stripped_at_every_depth():
 # ---------------------------------------------------------------------------- overrides, nvme
 
 
+def test_a_nested_override_sets_its_keys_and_keeps_the_rest_of_the_section():
+    """YAML's natural form and `deepspeed.overrides.zero_optimization.reduce_bucket_size=N` on the command line
+    give a nested object; set verbatim it replaced the whole zero_optimization section (stage and offload gone:
+    the run trained under ZeRO-0 without a word). It must do what the dotted form does."""
+    from pipeline.stages.train import TrainConfig
+
+    dotted = resolve(shipped("zero3_offload.json"), overrides={"zero_optimization.reduce_bucket_size": 262144})
+    nested = resolve(shipped("zero3_offload.json"), overrides={"zero_optimization": {"reduce_bucket_size": 262144}})
+    assert nested == dotted
+    z = nested["zero_optimization"]
+    assert z["stage"] == 3 and z["offload_optimizer"]["device"] == "cpu" and z["reduce_bucket_size"] == 262144
+    cfg = load_config(TrainConfig, None, ["deepspeed.overrides.zero_optimization.reduce_bucket_size=262144",
+                                          "deepspeed.overrides.zero_optimization.offload_param.pin_memory=false"])
+    z = resolve(shipped("zero3_offload.json"), overrides=cfg.deepspeed.overrides)["zero_optimization"]
+    assert z["stage"] == 3 and z["reduce_bucket_size"] == 262144
+    assert z["offload_param"] == {**shipped("zero3_offload.json")["zero_optimization"]["offload_param"], "pin_memory": False}
+    # a recipe-owned key is found inside a nested override too, before anything runs
+    problems = dict(DeepSpeedSection(overrides={"optimizer": {"params": {"lr": 1}}}).check())
+    assert set(problems) == {"overrides.optimizer.params.lr"}
+
+
 def test_overrides_are_applied_last_and_create_missing_dicts():
     ds = resolve(shipped("zero3_offload.json"), overrides={
         "zero_optimization.overlap_comm": False,
@@ -206,7 +227,7 @@ def test_overrides_are_applied_last_and_create_missing_dicts():
     assert ds["activation_checkpointing"] == {"partition_activations": True} and ds["steps_per_print"] == 10
     with pytest.raises(UserError, match=r"'train_micro_batch_size_per_gpu' sets .* set train\.micro_batch_size instead"):
         resolve({}, overrides={"train_micro_batch_size_per_gpu": 2})
-    with pytest.raises(UserError, match=r"'fp16' sets fp16\.enabled"):
+    with pytest.raises(UserError, match=r"'fp16\.enabled' sets fp16\.enabled"):
         resolve({}, overrides={"fp16": {"enabled": True}})
     with pytest.raises(UserError, match=r"cannot set 'steps_per_print\.x' because 'steps_per_print' is"):
         resolve(shipped("zero1.json"), overrides={"steps_per_print.x": 1})

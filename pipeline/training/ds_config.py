@@ -109,8 +109,9 @@ class DeepSpeedSection:
     anyway (for those who know better; auto then takes the fastest config without checking)."""
     overrides: dict[str, Any] = field(default_factory=dict)
     """DeepSpeed keys set verbatim after everything else, dotted for nesting, e.g.
-    {"zero_optimization.overlap_comm": false, "zero_optimization.reduce_bucket_size": 200000000}. Keys the recipe owns
-    (batch sizes, optimizer hyper-parameters, gradient clipping, precision) cannot be set here."""
+    {"zero_optimization.overlap_comm": false, "zero_optimization.reduce_bucket_size": 200000000}; a nested object
+    ({"zero_optimization": {"overlap_comm": false}}) sets the same keys, it never replaces a whole section. Keys the
+    recipe owns (batch sizes, optimizer hyper-parameters, gradient clipping, precision) cannot be set here."""
 
     def check(self) -> list[tuple[str, str]]:
         problems: list[tuple[str, str]] = []
@@ -118,7 +119,7 @@ class DeepSpeedSection:
             problems.append(("config", "is empty; name a DeepSpeed JSON file, e.g. ds_configs/zero3_offload.json"))
         if self.precision not in PRECISIONS:
             problems.append(("precision", f"got {self.precision!r}; must be one of: {', '.join(PRECISIONS)}"))
-        problems.extend(("overrides" + (f".{k}" if k else ""), msg) for k, msg in override_problems(self.overrides))
+        problems.extend(("overrides" + (f".{k}" if k else ""), msg) for k, msg in override_problems(flat_overrides(self.overrides)))
         return problems
 
 
@@ -298,6 +299,21 @@ def _covered(key: str, overrides: dict) -> bool:
     return any(key == k or key.startswith(k + ".") for k in overrides)
 
 
+def flat_overrides(overrides: dict[str, Any] | None) -> dict[Any, Any]:
+    """``deepspeed.overrides`` as dotted keys of leaf values: a nested object (YAML's natural form,
+    or ``deepspeed.overrides.zero_optimization.reduce_bucket_size=N`` on the command line) sets its
+    keys one by one, as the dotted form does. Set verbatim, ``{"zero_optimization": {...}}`` replaced
+    the whole section: the stage and offload of the shipped JSON were dropped and the run silently
+    trained under ZeRO-0."""
+    out: dict[Any, Any] = {}
+    for key, value in (overrides or {}).items():
+        if isinstance(key, str) and isinstance(value, dict) and value:
+            out.update({f"{key}.{k}": v for k, v in flat_overrides(value).items()})
+        else:
+            out[key] = value
+    return out
+
+
 def override_problems(overrides: dict[str, Any] | None) -> list[tuple[str, str]]:
     """``(override key, problem)`` pairs for ``deepspeed.overrides`` (malformed or recipe-owned keys)."""
     problems = []
@@ -399,7 +415,7 @@ def resolve_ds_config(
             unknown ``"auto"``, a ``scheduler`` section, a recipe-owned override, or an
             ``nvme_path`` for a config without NVMe offload.
     """
-    overrides = dict(overrides or {})
+    overrides = flat_overrides(overrides)
     ds = _strip_comments(raw)
     if "scheduler" in ds:
         raise UserError(
