@@ -98,9 +98,10 @@ def test_zero3_persistent_parameters_and_the_filled_buckets_are_counted(tiny_dat
             assert e.states - e0.states == 4 * p + (4 * p // 2 if offloaded else 0), (config, p)
         ds = _resolved(r, config, t, r.micro_batch, False)
         assert ds["zero_optimization"]["reduce_bucket_size"] == REDUCE_BUCKET_FLOOR
-        # CPU ranks: the part of the bucket a model fills (all of its gradients here); a GPU: all of it
+        # CPU ranks: the part of the bucket a model fills (all of its gradients here) and the reduce-scatter's
+        # copy of it (measured: docs/deepspeed.md, "How good are the estimates"); a GPU: all of it
         prefetch = ds["zero_optimization"]["stage3_prefetch_bucket_size"]
-        assert buffers(ds, r.facts, "fp32", on_gpu=False) == 4 * (min(REDUCE_BUCKET_FLOOR, n) + min(prefetch, n))
+        assert buffers(ds, r.facts, "fp32", on_gpu=False) == 4 * (2 * min(REDUCE_BUCKET_FLOOR, n) + min(prefetch, n))
         assert buffers(ds, r.facts, "bf16", on_gpu=True) == 2 * (REDUCE_BUCKET_FLOOR + min(prefetch, n))
     # DeepSpeed's cap on the persistent total, and stages below 3 keep nothing whole
     capped = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 10 ** 12,
@@ -519,9 +520,9 @@ def test_estimate_is_within_tolerance_of_measured_peak_rss(name: str, tmp_path: 
 def test_sequence_parallel_estimate_with_the_savers_is_within_tolerance_of_measured_peak_rss(seq: int, tmp_path: Path,
                                                                                             tiny_dataset: Path):
     """SP=2 on 2 CPU ranks with activation checkpointing, tiled MLP and tiled logits: 1,024 and 4,096 tokens per
-    rank, the two ends of docs/long_context.md's measured table ("Checked against measured peaks": +7 %, -10 %;
+    rank, the two ends of docs/long_context.md's measured table ("Checked against measured peaks": +16 %, -5 %;
     the estimate's error moves down with the length, towards "fits" for a run that would not); its row between
-    (seq_len 4,096: 2,048 tokens per rank, -1 %; 70 s of the suite) is not rerun here."""
+    (seq_len 4,096: 2,048 tokens per rank, +11 %; 70 s of the suite) is not rerun here."""
     m = measure_case(f"sp2-alst-{seq}", tmp_path, tiny_dataset, steps=2)
     assert -TOLERANCE_UNDER <= m["error"] <= TOLERANCE_OVER, m
 
