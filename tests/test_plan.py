@@ -98,8 +98,8 @@ def test_zero3_persistent_parameters_and_the_filled_buckets_are_counted(tiny_dat
             assert e.states - e0.states == 4 * p + (4 * p // 2 if offloaded else 0), (config, p)
         ds = _resolved(r, config, t, r.micro_batch, False)
         assert ds["zero_optimization"]["reduce_bucket_size"] == REDUCE_BUCKET_FLOOR
-        # CPU ranks: the part of the bucket a model fills (all of its gradients here) and the reduce-scatter's
-        # copy of it (measured: docs/deepspeed.md, "How good are the estimates"); a GPU: all of it
+        # CPU ranks: the part of the bucket a model fills (all of its gradients here), twice (measured:
+        # docs/deepspeed.md, "How good are the estimates"); a GPU: all of it
         prefetch = ds["zero_optimization"]["stage3_prefetch_bucket_size"]
         assert buffers(ds, r.facts, "fp32", on_gpu=False) == 4 * (2 * min(REDUCE_BUCKET_FLOOR, n) + min(prefetch, n))
         assert buffers(ds, r.facts, "bf16", on_gpu=True) == 2 * (REDUCE_BUCKET_FLOOR + min(prefetch, n))

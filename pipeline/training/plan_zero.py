@@ -99,7 +99,7 @@ def buffers(ds: dict, f: ModelFacts, precision: str, on_gpu: bool) -> int:
     if not on_gpu:
         # measured on 2 CPU ranks (hidden 512, 26.2M parameters; docs/deepspeed.md): the rule's bucket
         # (the model's 100 MiB of gradients) against a 1 MiB one added 204 MiB to the peak without
-        # offload and 281 MiB with it: the filled bucket and a copy of it (the reduce-scatter's)
+        # offload and 281 MiB with it: about the filled bucket twice (which copy was not traced)
         reduce *= 2
     return e * (reduce + prefetch)
 
