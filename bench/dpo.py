@@ -289,7 +289,7 @@ def run_one(c: str, workdir: Path, m: dict, prep: dict, max_steps: int, warmup: 
         elif parts[1] == "info":
             info.update(json.loads(text[text.index("BENCH "):].split(" ", 2)[2]))
     wall = r["wall_s"]
-    cpu = r["cpu_snap"]
+    cpu = {k: u["cpu_s"] for k, u in r["usage_snap"].items()}
     res = {"contender": c, "tag": tag, "rc": r["rc"], "wall_s": wall, "loadavg_1min_start": load_start,
            "loadavg_1min_end": os.getloadavg()[0], "quiet": quiet, "steps_seen": len(steps), "marks_s": marks,
            "info": info, "losses": [steps[s].get("loss") for s in sorted(steps)], "reference_pass": ref_pass}

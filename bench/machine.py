@@ -154,14 +154,13 @@ def launch(cmd: list[str], log_path: Path, timeout: float, *, cwd: Path, env: di
            cpu_at: tuple[int, ...] = (), on_timeout: Callable[[int], list[str]] | None = None) -> dict:
     """Run ``cmd`` (in a new session, killed as a group after ``timeout`` s) and write its log.
 
-    Returns every stdout/stderr line with its arrival time (``time.time()``), the CPU time
-    (``cpu_snap``) and :func:`tree_usage` (``usage_snap``) of the process tree when the lines of
+    Returns every stdout/stderr line with its arrival time (``time.time()``), :func:`tree_usage` of
+    the process tree (``usage_snap``: CPU and system seconds, minor faults) when the lines of
     steps ``cpu_at`` arrive (``step_fn(line)`` -> step or None), the run's own CPU seconds, the
     machine's busy seconds meanwhile and the cores other processes kept busy. ``on_timeout(pid)`` gives lines to log before the kill (e.g. stacks).
     """
     lines: list[tuple[float, str]] = []
-    cpu_snap: dict[int, float] = {}
-    usage_snap: dict[int, dict[str, float]] = {}  # tree_usage at the same steps
+    usage_snap: dict[int, dict[str, float]] = {}
     log_path.parent.mkdir(parents=True, exist_ok=True)
     busy0, cpu0 = busy_seconds(), children_cpu()
     t_launch = time.time()
@@ -174,7 +173,6 @@ def launch(cmd: list[str], log_path: Path, timeout: float, *, cwd: Path, env: di
                 n = step_fn(lines[-1][1])
                 if n in cpu_at:
                     usage_snap[n] = tree_usage(proc.pid)
-                    cpu_snap[n] = usage_snap[n]["cpu_s"]
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
@@ -194,5 +192,5 @@ def launch(cmd: list[str], log_path: Path, timeout: float, *, cwd: Path, env: di
         f.write(f"# {' '.join(map(str, cmd))}\n# launched at {t_launch:.6f}; rc {rc}; DeepSpeed shm segments left and removed: {leaked}\n")
         f.writelines(f"{t - t_launch:9.3f} {text}\n" for t, text in lines)
     wall = t_end - t_launch
-    return {"rc": rc, "shm_leaked": leaked, "t_launch": t_launch, "wall_s": wall, "lines": lines, "cpu_snap": cpu_snap, "usage_snap": usage_snap, "cpu_s": cpu, "busy_s": busy,
+    return {"rc": rc, "shm_leaked": leaked, "t_launch": t_launch, "wall_s": wall, "lines": lines, "usage_snap": usage_snap, "cpu_s": cpu, "busy_s": busy,
             "others_cores": max(0.0, (busy - cpu) / wall) if wall > 0 else 0.0}

@@ -318,10 +318,10 @@ def run_one(c: str, workdir: Path, m: dict, prep: dict, max_steps: int, warmup: 
     span = steps[max_steps]["arrival"] - steps[warmup]["arrival"]
     res.update(tokens_per_s=tps * measured / span, first_step_s=steps[1]["arrival"] - t0,
                step_s=[steps[s]["arrival"] - steps[s - 1]["arrival"] for s in range(warmup + 1, max_steps + 1)])
-    snap = r["cpu_snap"]
+    snap = r["usage_snap"]
     if warmup in snap and max_steps in snap:  # CPU seconds (all ranks, all threads) per measured step
-        res["cpu_s_per_step"] = (snap[max_steps] - snap[warmup]) / measured
-        u0, u1 = r["usage_snap"][warmup], r["usage_snap"][max_steps]
+        u0, u1 = snap[warmup], snap[max_steps]
+        res["cpu_s_per_step"] = (u1["cpu_s"] - u0["cpu_s"]) / measured
         res["system_s_per_step"] = (u1["system_s"] - u0["system_s"]) / measured
         res["minor_faults_per_step"] = (u1["minor_faults"] - u0["minor_faults"]) / measured
     if c in STAGES:

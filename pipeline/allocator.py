@@ -49,6 +49,11 @@ def user_choice(environ: Mapping[str, str]) -> str | None:
     return None
 
 
+def is_glibc() -> bool:
+    """Whether this process's C library is glibc (the one whose thresholds :func:`tune` sets)."""
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
 def tune(environ: Mapping[str, str] | None = None) -> str:
     """Fix glibc's mmap and trim thresholds for this process (see the module doc); returns what
     was done, also kept for :func:`state`. Call before the model is built; safe to call again."""
@@ -59,7 +64,7 @@ def tune(environ: Mapping[str, str] | None = None) -> str:
     chosen = user_choice(env)
     if chosen:
         _state = f"left as set: {chosen}"
-    elif platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    elif not is_glibc():
         _state = "left as is: not glibc"
     else:
         libc = ctypes.CDLL(None)
