@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,15 @@ import torch
 from conftest import TINY_MODEL, run_ranks, run_script, write_jsonl
 
 from pipeline.errors import UserError
-from pipeline.training.sequence_parallel import dp_coords, grad_divisor, shard
+from pipeline.training.sequence_parallel import (
+    ShardedBatches,
+    document_attention,
+    document_spans,
+    dp_coords,
+    fill,
+    grad_divisor,
+    shard,
+)
 
 SCALE_SENSITIVE = ["train.eps=1.0", "train.grad_clip=0"]
 STEPS = 8
@@ -40,6 +49,54 @@ def test_shard_slices_inputs_targets_and_global_positions():
            "attention_mask": torch.ones(2, 8)}
     s = shard(sft, 1, 2)
     assert set(s) == {"input_ids", "labels", "position_ids"} and s["position_ids"].tolist() == [[1, 2, 3, 4]] * 2
+
+
+def test_a_short_validation_batch_is_filled_with_rows_without_targets():
+    # Ulysses attention runs only the registered micro-batch size; the last validation batch may be short
+    batch = torch.arange(9).reshape(1, 9)
+    f = fill(batch, 3)
+    assert f["input_ids"].shape == (3, 8) and f["input_ids"][0].tolist() == list(range(8))
+    assert f["labels"][0].tolist() == list(range(1, 9)) and (f["labels"][1:] == -100).all()
+    assert f["position_ids"].tolist() == [list(range(8))] * 3
+    sft = {"input_ids": torch.ones(2, 4, dtype=torch.long), "labels": torch.tensor([[-100, 5, 6, -100]] * 2),
+           "position_ids": torch.tensor([[0, 1, 0, 1]] * 2), "attention_mask": torch.zeros(2, 1, 4, 4)}
+    f = fill(sft, 3)
+    assert set(f) == {"input_ids", "labels", "position_ids"} and f["position_ids"][:2].tolist() == [[0, 1, 0, 1]] * 2
+    assert int((f["labels"] != -100).sum()) == 4  # the target count (the loss's normaliser) unchanged
+    assert fill(sft, 2) is sft
+    (got, real), = list(ShardedBatches([(batch, False)], 1, 2, micro=2))
+    assert real is False and got["input_ids"].shape == (2, 4) and got["labels"][1].tolist() == [-100] * 4
+
+
+def test_packed_documents_attend_only_within_themselves():
+    """What the Ulysses wrapper hands sdpa after the all-to-all (no mask, the full sequence's position
+    ids) gives, per document, what one rank's block-diagonal mask gives (pipeline.data.sft.collate)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from pipeline.data.sft import collate
+
+    T = 24
+    rows = [[([1] * 5, [1] * 5), ([1] * 9, [1] * 9), ([1] * 3, [1] * 3)],  # three documents, then 7 pads
+            [([1], [1]), ([1], [1]), ([1] * 12, [1] * 12), ([1], [1])]]  # one-token documents, one before the pads
+    batch = collate(rows, T, pad_id=0)
+    pos = batch["position_ids"]
+    light = collate(rows, T, pad_id=0, mask=False)  # what sequence-parallel ranks load: no T x T mask
+    assert "attention_mask" not in light and torch.equal(light["position_ids"], pos)
+    assert torch.equal(light["input_ids"], batch["input_ids"]) and torch.equal(light["labels"], batch["labels"])
+    assert document_spans(pos) == [[(0, 5), (5, 14), (14, 17), (17, 24)], [(0, 1), (1, 2), (2, 14), (14, 24)]]
+    assert document_spans(torch.arange(T).expand(2, T)) is None  # one document per row: sdpa's own call
+    real = torch.zeros(2, T, dtype=torch.bool)
+    real[0, :17], real[1, :15] = True, True
+    module = type("Attn", (), {"num_key_value_groups": 2, "is_causal": True, "training": True})()
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, T, 8, generator=g)
+    k, v = torch.randn(2, 2, T, 8, generator=g), torch.randn(2, 2, T, 8, generator=g)
+    want, _ = sdpa_attention_forward(module, q, k, v, batch["attention_mask"], scaling=0.35)
+    got, _ = document_attention(sdpa_attention_forward)(module, q, k, v, None, scaling=0.35, position_ids=pos)
+    causal, _ = sdpa_attention_forward(module, q, k, v, None, scaling=0.35, position_ids=pos)
+    assert got.shape == want.shape == (2, T, 4, 8)
+    assert torch.allclose(got[real], want[real], atol=1e-6)
+    assert not torch.allclose(causal[real], want[real], atol=1e-2)  # plain causal: documents see each other
 
 
 def test_groups_and_the_gradient_divisor_of_each_zero_stage():
@@ -93,11 +150,30 @@ def test_the_resolved_json_counts_data_parallel_groups(tiny_dataset: Path, tmp_p
     assert r.ds["sequence_parallel_size"] == 2 and r.ds["train_batch_size"] == 2 * 3 * 2
 
 
-def test_packing_and_classification_are_refused_with_sequence_parallelism(tmp_path: Path, tiny_hf_model: Path):
+def test_which_attention_keeps_packed_documents_apart():
+    from pipeline.stages.finetune import FinetuneConfig
+    from pipeline.training.tasks.sft import SFTTask
+
+    def refused(sp: int, attn: str) -> list[str]:
+        cfg = FinetuneConfig(task="sft")
+        cfg.sft.train, cfg.sft.packing = "x.jsonl", True
+        cfg.parallel.sequence_parallel_size, cfg.model.attn_implementation = sp, attn
+        return [k for k, _ in SFTTask(cfg).check()]
+
+    # one rank: the 4-D block-diagonal mask (sdpa, eager); sequence parallelism: sdpa per document, flash by positions
+    assert {a: refused(1, a) for a in ("sdpa", "eager", "flash_attention_2")} == {
+        "sdpa": [], "eager": [], "flash_attention_2": ["model.attn_implementation"]}
+    assert {a: refused(2, a) for a in ("sdpa", "flash_attention_2", "flex_attention")} == {
+        "sdpa": [], "flash_attention_2": [], "flex_attention": ["sft.packing"]}
+
+
+def test_packing_with_flex_attention_and_classification_are_refused_with_sequence_parallelism(tmp_path: Path,
+                                                                                             tiny_hf_model: Path):
     data = write_jsonl(tmp_path / "qa.jsonl", [{"prompt": "q", "response": "a"}] * 4)
     common = [f"output={tmp_path / 'out'}", f"model.path={tiny_hf_model}", "parallel.sequence_parallel_size=2"]
-    r = run_script("finetune.py", *common, f"sft.train={data}", "sft.packing=true")
+    r = run_script("finetune.py", *common, f"sft.train={data}", "sft.packing=true", "model.attn_implementation=flex_attention")
     assert r.returncode == 2 and "sft.packing: packed rows under parallel.sequence_parallel_size=2 need" in r.stderr
+    assert "model.attn_implementation=sdpa or flash_attention_2" in r.stderr
     assert "set sft.packing=false" in r.stderr and "Traceback" not in r.stderr
     r = run_script("finetune.py", *common, "task=classification", f"classification.train={data}")
     assert r.returncode == 2 and "task=classification cannot train with sequence parallelism" in r.stderr
@@ -163,25 +239,36 @@ def test_pretraining_sp2_on_two_ranks_equals_one_rank(stage: int, one_rank, tiny
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_masked_sft_sp2_on_two_ranks_equals_one_rank(tmp_path: Path, tiny_hf_model: Path):
+@pytest.mark.parametrize("packing", [False, True])
+def test_masked_sft_sp2_on_two_ranks_equals_one_rank(packing: bool, tmp_path: Path, tiny_hf_model: Path):
     from pipeline.data.sample import generate_qa
 
-    data = write_jsonl(tmp_path / "qa.jsonl", list(generate_qa(80)))
+    qa = list(generate_qa(80))
+    if packing:  # short prompts: two examples of ~32 tokens per 64-token row, the second on the second rank's half
+        qa = [{"prompt": f"q{i}", "response": x["response"]} for i, x in enumerate(qa)]
+    data = write_jsonl(tmp_path / "qa.jsonl", qa)
 
     def finetune(out: Path, sp: int, *savers: str):
-        args = [f"output={out}", f"model.path={tiny_hf_model}", f"sft.train={data}", "sft.seq_len=64", "sft.packing=false",
-                "train.micro_batch_size=2", f"train.max_steps={STEPS}", "train.warmup_steps=2", "train.lr=3e-3",
-                "train.eval_batches=2", "train.eval_every=4", "checkpoint.every=0", "deepspeed.config=ds_configs/zero3.json",
-                "deepspeed.memory_check=false", f"parallel.sequence_parallel_size={sp}", *SCALE_SENSITIVE,
-                *savers]
+        args = [f"output={out}", f"model.path={tiny_hf_model}", f"sft.train={data}", "sft.seq_len=64",
+                f"sft.packing={str(packing).lower()}", "train.micro_batch_size=2", f"train.max_steps={STEPS}",
+                "train.warmup_steps=2", "train.lr=3e-3", "train.eval_batches=2", "train.eval_every=4", "checkpoint.every=0",
+                "deepspeed.config=ds_configs/zero3.json", "deepspeed.memory_check=false",
+                f"parallel.sequence_parallel_size={sp}", *SCALE_SENSITIVE, *savers]
         env = {"OMP_NUM_THREADS": "1"}
         r = run_ranks("finetune.py", *args, env=env) if sp > 1 else run_script("finetune.py", *args, env=env)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-        return _losses(out)
+        return _losses(out), r
 
-    # SP with the tiled MLP and the tiled head + loss (masked prompts across tiles of 8 of the 32 tokens per rank)
-    base = finetune(tmp_path / "one", 1)
-    sp = finetune(tmp_path / "sp", 2, "model.tiled_mlp=true", "model.tiled_logits=true", "model.tile_tokens=8")
+    # unpacked: SP with the tiled MLP and the tiled head + loss (masked prompts across tiles of 8 of the 32
+    # tokens per rank). packed: several examples per row, documents across the two ranks' halves, kept apart
+    # by sdpa per document (one rank: the block-diagonal mask), recomputed under activation checkpointing
+    base, r = finetune(tmp_path / "one", 1)
+    savers = (["model.activation_checkpointing=true"] if packing else
+              ["model.tiled_mlp=true", "model.tiled_logits=true", "model.tile_tokens=8"])
+    sp, _ = finetune(tmp_path / "sp", 2, *savers)
+    if packing:
+        examples, rows = (int(x) for x in re.search(r"sft: (\d+) train / \d+ val examples in (\d+) rows", r.stdout).groups())
+        assert examples > 1.5 * rows, r.stdout  # rows hold several documents
     assert len(sp) == len(base) == STEPS
     assert max(abs(a - b) for a, b in zip(sp, base)) < 1e-5, (sp, base)
 

@@ -344,7 +344,8 @@ def pack(examples: list[Example], seq_len: int, packing: bool = True) -> list[li
     return rows
 
 
-def collate(rows: list[list[Example]], seq_len: int, pad_id: int, packed: bool = True, dtype: Any = None) -> dict:
+def collate(rows: list[list[Example]], seq_len: int, pad_id: int, packed: bool = True, dtype: Any = None,
+            mask: bool = True) -> dict:
     """A micro-batch of rows as model inputs (see the module docstring).
 
     Args:
@@ -355,9 +356,13 @@ def collate(rows: list[list[Example]], seq_len: int, pad_id: int, packed: bool =
             1/0 mask, one example per row.
         dtype: float dtype of the 4-D mask; use the model's compute dtype (sdpa requires a
             float mask of the query's dtype). Default float32.
+        mask: False: no 4-D mask for packed rows, the position ids (restarting at every
+            example) say where documents begin (sequence parallelism: the attention keeps them
+            apart from those; a ``T²`` mask would only be dropped).
 
     Returns:
-        ``{"input_ids", "labels", "position_ids"}`` LongTensors (B, T) and ``attention_mask``.
+        ``{"input_ids", "labels", "position_ids"}`` LongTensors (B, T) and ``attention_mask``
+        (not with ``mask=False``).
     """
     import torch
 
@@ -383,13 +388,15 @@ def collate(rows: list[list[Example]], seq_len: int, pad_id: int, packed: bool =
             real[b, o:o + n] = True
             o += n
     out = {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels)}
-    if packed:
+    if packed and not mask:
+        out["position_ids"] = torch.from_numpy(pos)
+    elif packed:
         dtype = dtype or torch.float32
         k = np.arange(T, dtype=np.int64)
         # query q sees key k iff start[q] <= k <= q: its own example, causally (a pad: itself only)
         blocked = (k[None, None, :] < start[:, :, None]) | (k[None, None, :] > k[None, :, None])  # (B, Tq, Tk)
-        mask = torch.zeros(B, 1, T, T, dtype=dtype)
-        out["attention_mask"] = mask.masked_fill_(torch.from_numpy(blocked)[:, None], torch.finfo(dtype).min)
+        dense = torch.zeros(B, 1, T, T, dtype=dtype)
+        out["attention_mask"] = dense.masked_fill_(torch.from_numpy(blocked)[:, None], torch.finfo(dtype).min)
         out["position_ids"] = torch.from_numpy(pos)
     else:
         out["attention_mask"] = torch.from_numpy(real.astype(np.int64))
@@ -404,17 +411,17 @@ class SFTLoader(ExampleLoader):
 
     Args:
         rows: packed rows (the same list on every rank).
-        seq_len, pad_id, packed, dtype: passed to :func:`collate`.
+        seq_len, pad_id, packed, dtype, mask: passed to :func:`collate`.
     """
 
     def __init__(self, rows: list[list[Example]], rank: int, world: int, micro_batch: int, grad_accum: int, seed: int,
-                 start_step: int = 0, *, seq_len: int, pad_id: int, packed: bool = True, dtype: Any = None,
+                 start_step: int = 0, *, seq_len: int, pad_id: int, packed: bool = True, dtype: Any = None, mask: bool = True,
                  consumed_samples: int | None = None):
         if not rows:
             raise UserError("no training example left after tokenization (every example was dropped or bad); "
                             "check data.train, data.seq_len and data.overlong")
         super().__init__(rows, rank, world, micro_batch, grad_accum, seed, start_step, name="sft",
-                         collate=partial(collate, seq_len=seq_len, pad_id=pad_id, packed=packed, dtype=dtype),
+                         collate=partial(collate, seq_len=seq_len, pad_id=pad_id, packed=packed, dtype=dtype, mask=mask),
                          consumed_samples=consumed_samples)
         self.rows = rows
 
@@ -424,9 +431,9 @@ class ValBatches(FixedBatches):
     (:class:`pipeline.data.sampler.FixedBatches`, shuffled once with ``seed``)."""
 
     def __init__(self, rows: list[list[Example]], rank: int, world: int, micro_batch: int, *, seq_len: int, pad_id: int,
-                 packed: bool = True, dtype: Any = None, num_batches: int = 0, seed: int = 0):
+                 packed: bool = True, dtype: Any = None, mask: bool = True, num_batches: int = 0, seed: int = 0):
         super().__init__(rows, rank, world, micro_batch, num_batches=num_batches, seed=seed, name="sft-val",
-                         collate=partial(collate, seq_len=seq_len, pad_id=pad_id, packed=packed, dtype=dtype))
+                         collate=partial(collate, seq_len=seq_len, pad_id=pad_id, packed=packed, dtype=dtype, mask=mask))
         self.rows = rows
 
 

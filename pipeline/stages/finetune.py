@@ -57,7 +57,8 @@ class FinetuneModelConfig:
     """With activation_checkpointing on GPUs: keep each layer's checkpointed input in pinned host
     memory instead of on the GPU (copied back for its recompute). No effect on CPU ranks."""
     attn_implementation: str = "sdpa"
-    """Attention kernel: sdpa or eager (packing needs one of these: its block-diagonal mask is 4-D)."""
+    """Attention kernel: sdpa or eager (packing needs one of these: its block-diagonal mask is 4-D;
+    under sequence parallelism sdpa, run per document, or flash_attention_2)."""
     tiled_mlp: bool = False
     """Run each MLP over tiles of the sequence (DeepSpeed's TiledMLP, recomputed in the backward):
     the MLP's intermediate activations of one tile at a time. For long sequences (ALST)."""
@@ -216,7 +217,8 @@ def run(cfg: FinetuneConfig, local_rank: int | None = None) -> int:
                        tiled_logits=cfg.model.tiled_logits, tile_tokens=cfg.model.tile_tokens)
     model = build_model(mcfg, conf, run_.ds, head=task.head)
     n_params = count_params(model)
-    run_.attach_sequence_parallel(model)  # parallel.sequence_parallel_size > 1: Ulysses attention
+    # parallel.sequence_parallel_size > 1: Ulysses attention (packed rows: each document on its own)
+    run_.attach_sequence_parallel(model, documents=task.packed)
     engine = run_.initialize(model)
     start_step = run_.resume({
         "architecture": architecture_fingerprint(conf) + f"-{cfg.task}",

@@ -100,11 +100,13 @@ class Run:
 
         return grad_divisor(self.world, self.sp, zero_stage(self.ds))
 
-    def attach_sequence_parallel(self, model) -> None:
-        """With ``sp`` > 1: DeepSpeed's Ulysses attention for ``model`` and its groups (after :meth:`start`)."""
+    def attach_sequence_parallel(self, model, *, documents: bool = False) -> None:
+        """With ``sp`` > 1: DeepSpeed's Ulysses attention for ``model`` and its groups (after :meth:`start`);
+        ``documents``: the rows are packed documents that must not attend to each other."""
         from pipeline.training.sequence_parallel import attach
 
-        self.mpu = attach(model, sp=self.sp, micro_batch=self.micro, attn=self.cfg.model.attn_implementation)
+        self.mpu = attach(model, sp=self.sp, micro_batch=self.micro, attn=self.cfg.model.attn_implementation,
+                          documents=documents)
 
     def shard(self, batches):
         """This rank's slices of its group's micro-batches (unchanged without sequence parallelism)."""
@@ -112,7 +114,7 @@ class Run:
             return batches
         from pipeline.training.sequence_parallel import ShardedBatches
 
-        return ShardedBatches(batches, self.sp_rank, self.sp)
+        return ShardedBatches(batches, self.sp_rank, self.sp, self.micro)
 
     def start(self) -> None:
         """Start the process group and seed every generator."""

@@ -122,29 +122,109 @@ def shard(batch, sp_rank: int, sp: int) -> dict:
     return {k: v[:, sp_rank * n:(sp_rank + 1) * n].contiguous() for k, v in fields.items()}
 
 
+def fill(batch, rows: int):
+    """``batch`` grown to ``rows`` rows with rows that carry no target (labels all ignored), as a
+    dict: the last validation batch may be short, and DeepSpeed's Ulysses attention runs only the
+    micro-batch size it was registered with. The losses and target counts are unchanged."""
+    import torch
+
+    from pipeline.training.trainer import IGNORE_INDEX
+
+    fields = ({"input_ids": batch[:, :-1], "labels": batch[:, 1:]} if isinstance(batch, torch.Tensor) else
+              {k: v for k, v in batch.items() if k != "attention_mask"})
+    missing = rows - fields["input_ids"].shape[0]
+    if missing <= 0:
+        return batch
+    T = fields["input_ids"].shape[1]
+    extra = {"input_ids": fields["input_ids"][:1].expand(missing, -1), "labels": torch.full((missing, T), IGNORE_INDEX),
+             "position_ids": torch.arange(T).expand(missing, -1)}
+    if "position_ids" not in fields:
+        fields["position_ids"] = torch.arange(T).expand(fields["input_ids"].shape[0], -1)
+    return {k: torch.cat([v, extra[k].to(v.dtype)]) for k, v in fields.items()}
+
+
 class ShardedBatches:
     """Wraps an iterator of micro-batches (the group's, the same on every member) into this
-    rank's slices; passes ``(batch, real)`` pairs (validation) through with the flag."""
+    rank's slices; passes ``(batch, real)`` pairs (validation) through with the flag, a short
+    batch filled to ``micro`` rows (:func:`fill`)."""
 
-    def __init__(self, batches, sp_rank: int, sp: int):
-        self.batches, self.sp_rank, self.sp = batches, sp_rank, sp
+    def __init__(self, batches, sp_rank: int, sp: int, micro: int):
+        self.batches, self.sp_rank, self.sp, self.micro = batches, sp_rank, sp, micro
 
     def __iter__(self):
         for item in self.batches:
             if isinstance(item, tuple):
-                yield shard(item[0], self.sp_rank, self.sp), item[1]
+                yield shard(fill(item[0], self.micro), self.sp_rank, self.sp), item[1]
             else:
                 yield shard(item, self.sp_rank, self.sp)
 
 
-def attach(model, *, sp: int, micro_batch: int, attn: str) -> Any:
+def document_spans(position_ids) -> list[list[tuple[int, int]]] | None:
+    """The documents of each packed row as ``(start, end)`` token spans, from position ids that
+    restart at 0 at every document (:func:`pipeline.data.sft.collate`); None when every row is one
+    document. The padding at the end of a row (its positions all 0) is one span: its tokens carry
+    no target, and causally no real token sees them."""
+    import torch
+
+    pos = position_ids.detach().to("cpu")
+    if not bool((pos[:, 1:] == 0).any()):
+        return None
+    rows = []
+    for row in pos:
+        nonzero = torch.nonzero(row).flatten()
+        tail = int(nonzero[-1]) + 1 if len(nonzero) else 0  # where the trailing run of 0s (the padding) begins
+        starts = torch.nonzero(row[:tail + 1] == 0).flatten().tolist()
+        starts = starts if starts and starts[0] == 0 else [0, *starts]
+        rows.append(list(zip(starts, [*starts[1:], row.shape[0]])))
+    return rows
+
+
+def document_attention(core):
+    """``core`` (an attention function of transformers' ``ALL_ATTENTION_FUNCTIONS``) run causally
+    within each document of a packed row, found by :func:`document_spans` from the full sequence's
+    position ids that DeepSpeed's Ulysses wrapper hands it after the all-to-all.
+
+    Why: the wrapper drops every dense attention mask (it was built for the local slice and would
+    be ``seq²``), so with sdpa a packed row would be one causal sequence and its documents would
+    attend to each other. Attention over each document's span with sdpa's own causal kernel is
+    what the block-diagonal mask of one rank computes, without the ``seq²`` mask. (flex attention
+    block masks would need ``torch.compile``, and the wrapper rebuilds them as plain causal masks;
+    flash attention separates documents by the position ids itself.)"""
+    import torch
+
+    def attention(module, query, key, value, attention_mask, *args, **kwargs):
+        pos = kwargs.get("position_ids")
+        spans = document_spans(pos) if pos is not None else None
+        if spans is None:
+            return core(module, query, key, value, attention_mask, *args, **kwargs)
+        bias = kwargs.pop("position_bias", None)
+        rows = []
+        for b, row in enumerate(spans):  # query/key/value: (B, heads, T, head_dim)
+            parts = []
+            for s, e in row:
+                extra = {} if bias is None else {"position_bias": bias[b:b + 1, ..., s:e, s:e]}
+                out, _ = core(module, query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e], None,
+                              *args, **kwargs, **extra)
+                parts.append(out)  # (1, span, heads, head_dim)
+            rows.append(torch.cat(parts, dim=1))
+        return torch.cat(rows, dim=0), None
+
+    attention.core = core
+    return attention
+
+
+def attach(model, *, sp: int, micro_batch: int, attn: str, documents: bool = False) -> Any:
     """Register DeepSpeed's Ulysses attention for ``model``'s attention implementation and return
     the ``mpu`` (sequence-parallel groups) for ``deepspeed.initialize``; None when ``sp`` is 1.
-    Needs the process group (the groups are made here)."""
+    ``documents``: rows are packed documents (SFT packing); with sdpa each attends within its own
+    document (:func:`document_attention`). Needs the process group (the groups are made here)."""
     if sp == 1:
         return None
     from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+    if documents and attn == "sdpa":  # DeepSpeed wraps what is registered under the name: ours, around sdpa
+        ALL_ATTENTION_FUNCTIONS[attn] = document_attention(ALL_ATTENTION_FUNCTIONS[attn])
     return UlyssesSPAttentionHF.register_with_transformers(
         model_name_or_path=model, core_attn_implementation=attn, sequence_parallel_size=sp,
         micro_batch_size=micro_batch, seq_length_is_variable=True)

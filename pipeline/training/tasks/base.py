@@ -75,6 +75,11 @@ class FinetuneTask(ABC):
 
     # ------------------------------------------------------------------ from the config alone
     @property
+    def packed(self) -> bool:
+        """Whether a row holds several examples whose attention must be kept apart."""
+        return False
+
+    @property
     def seq_len_key(self) -> str:
         """The dotted config key of the sequence length (named in messages)."""
         return f"{self.section}.{self.seq_len_field}"

@@ -32,16 +32,22 @@ class SFTTask(FinetuneTask):
         p = super().check()
         sp = self.cfg.parallel.sequence_parallel_size
         attn = self.cfg.model.attn_implementation
-        if self.data_cfg.packing and sp > 1 and not attn.startswith("flash_attention"):
-            # DeepSpeed's Ulysses wrapper drops the 4-D mask (and rebuilds flex masks as plain
-            # causal): packed documents would attend to each other. Flash attention separates
-            # them by the position ids, which restart at every document and survive the all-to-all.
+        if self.data_cfg.packing and sp > 1 and attn != "sdpa" and not attn.startswith("flash_attention"):
+            # DeepSpeed's Ulysses wrapper drops dense masks and rebuilds flex block masks as plain
+            # causal ones: packed documents would attend to each other. sdpa runs per document
+            # (sequence_parallel.document_attention); flash attention separates them by the
+            # position ids, which restart at every document and survive the all-to-all.
             p.append(("sft.packing", f"packed rows under parallel.sequence_parallel_size={sp} need "
-                      "model.attn_implementation=flash_attention_2 (GPUs) to keep documents apart; with "
+                      "model.attn_implementation=sdpa or flash_attention_2 to keep documents apart; with "
                       f"{attn} set sft.packing=false (each example its own row) or sequence_parallel_size=1"))
-        elif self.data_cfg.packing and attn not in ("sdpa", "eager"):
+        elif self.data_cfg.packing and sp == 1 and attn not in ("sdpa", "eager"):
             p.append(("model.attn_implementation", "packing needs sdpa or eager (its block-diagonal mask is 4-D); or set sft.packing=false"))
         return p
+
+    @property
+    def packed(self) -> bool:
+        """Rows hold several examples (sft.packing): attention must keep them apart."""
+        return self.data_cfg.packing
 
     def prepare(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
@@ -70,7 +76,9 @@ class SFTTask(FinetuneTask):
         t = self.cfg.train
         # the 4-D packing mask in the model's compute dtype (bf16 on GPUs: half the memory of fp32)
         dtype = torch_dtype(run.precision)
-        kw = {"seq_len": self.seq_len, "pad_id": pad_id(self.tokenizer), "packed": self.data_cfg.packing, "dtype": dtype}
+        # under sequence parallelism no 4-D mask: the attention finds the documents from the position ids
+        kw = {"seq_len": self.seq_len, "pad_id": pad_id(self.tokenizer), "packed": self.data_cfg.packing, "dtype": dtype,
+              "mask": run.sp == 1}
         # data-parallel groups: the members of a sequence-parallel group read the same rows (Run.shard slices them)
         train = SFTLoader(self.data.train_rows, run.dp_rank, run.dp_world, run.micro, run.accum, t.seed, start_step,
                           consumed_samples=run.consumed_samples, **kw)
