@@ -2,7 +2,7 @@
 against plain ZeRO-3 data parallelism, and their tokens/s at a length both can run.
 
     python bench/long_context.py [--workdir bench/.work/long_context] [--cap-gib 2.5] [--probe 2048,4096]
-                                 [--contenders plain,alst,alst_z0] [--malloc-mmap-threshold N] [--skip-verify]
+                                 [--contenders plain,alst,alst_z0] [--malloc-mmap-threshold N] [--skip-verify] [--mem-steps 2]
                                  [--tps-steps 6] [--tps-repeats 3] [--tps-only L] [--tps-mmap-ab] [--report]
 
 Both contenders are ``launch/train.py`` on two CPU ranks (``deepspeed --num_gpus 2``,
@@ -17,7 +17,10 @@ fp32, ``ds_configs/zero3.json``, micro-batch 1, activation checkpointing on in b
   ``L / 2`` tokens), ``model.tiled_mlp``, ``model.tiled_logits`` (tiles of 512 tokens: the
   automatic 2,097-token logits tile alone would be a fifth of a 2.5 GiB cap).
 
-Memory: the peak RSS (``VmHWM``) of each rank process over a 1-step run; the larger of the two.
+Memory: the peak RSS (``VmHWM``) of each rank process over a ``--mem-steps`` run (default 2: from
+the second step on the optimizer states and the gradient partitions are resident through the
+forward, what every longer run holds; the first step alone peaked 0.4 GiB lower here); the
+larger of the two ranks.
 It grows linearly with ``L`` for both (SDPA's CPU kernel holds no ``L x L`` matrix), so the
 benchmark measures each contender at the ``--probe`` lengths, fits ``peak = base + L x
 per_token``, predicts the longest ``L`` (a multiple of 512) under ``--cap-gib``, and then runs
@@ -157,13 +160,14 @@ def fit(points: list[dict]) -> tuple[float, float]:
     return my - slope * mx, slope
 
 
-def longest(work: Path, name: str, cap: int, base: float, per_token: float, results: list, verify: bool) -> int:
+def longest(work: Path, name: str, cap: int, base: float, per_token: float, results: list, verify: bool,
+            steps: int = 1) -> int:
     guess = int((cap - base) / per_token) // STEP * STEP
     if not verify:
         return guess
     seq = guess
     while seq >= STEP:
-        r = run(work, name, seq, 1)
+        r = run(work, name, seq, steps)
         results.append(r)
         if r["peak"] <= cap:
             return seq
@@ -204,6 +208,9 @@ def main() -> int:
     p.add_argument("--malloc-mmap-threshold", type=int, default=0,
                    help="MALLOC_MMAP_THRESHOLD_ for every rank of every contender (0: glibc's default, dynamic)")
     p.add_argument("--skip-verify", action="store_true", help="report the fitted longest lengths without running them")
+    p.add_argument("--mem-steps", type=int, default=2,
+                   help="steps of each memory run: from the second on the optimizer states and gradient partitions "
+                        "are resident through the forward (1: the first step's peak only, the recorded runs before 2026-12-07)")
     p.add_argument("--tps-steps", type=int, default=6, help="steps of each tokens/s run (the first %d not timed)" % TPS_WARMUP)
     p.add_argument("--tps-repeats", type=int, default=3, help="interleaved rounds of the tokens/s runs (medians reported); 0: none")
     p.add_argument("--tps-only", type=int, default=0, metavar="L",
@@ -234,16 +241,16 @@ def main() -> int:
     unknown = [n for n in names if n not in CONTENDERS]
     if unknown or "plain" not in names:
         p.error(f"--contenders: {unknown or 'plain is the baseline and must be one'}; choose from {', '.join(CONTENDERS)}")
-    summary: dict = {"cap": cap, "probe": a.probe, "malloc_mmap_threshold": MMAP_THRESHOLD, "contenders": {n: CONTENDERS[n] for n in names},
+    summary: dict = {"cap": cap, "probe": a.probe, "mem_steps": a.mem_steps, "malloc_mmap_threshold": MMAP_THRESHOLD, "contenders": {n: CONTENDERS[n] for n in names},
                      "model": MODEL, "tps_steps": a.tps_steps, "tps_repeats": a.tps_repeats, "cpus": os.cpu_count()}
     both = a.tps_only
     if not a.tps_only:
         for name in names:
-            pts = [run(work, name, int(s), 1) for s in a.probe.split(",")]
+            pts = [run(work, name, int(s), a.mem_steps) for s in a.probe.split(",")]
             results += pts
             base, per_token = fit(pts)
             summary[name] = {"base": base, "per_token": per_token}
-            summary[name]["longest"] = longest(work, name, cap, base, per_token, results, not a.skip_verify)
+            summary[name]["longest"] = longest(work, name, cap, base, per_token, results, not a.skip_verify, a.mem_steps)
             res_file.write_text(json.dumps({"summary": summary, "runs": results}, indent=1))
         both = summary["plain"]["longest"]
     if both >= STEP and a.tps_repeats > 0:
@@ -258,7 +265,8 @@ def main() -> int:
 def report(data: dict) -> str:
     s = data["summary"]
     mmap = s.get("malloc_mmap_threshold") or "glibc default"
-    lines = [f"cap {s['cap'] / GiB:.2f} GiB per rank (peak RSS); probe lengths {s['probe']}; MALLOC_MMAP_THRESHOLD_ {mmap}", ""]
+    lines = [f"cap {s['cap'] / GiB:.2f} GiB per rank (peak RSS over {s.get('mem_steps', 1)}-step runs); probe lengths {s['probe']}; "
+             f"MALLOC_MMAP_THRESHOLD_ {mmap}", ""]
     base = s.get("plain", {})
     if base:
         lines += ["| contender | base (GiB) | per token (KiB) | longest L under the cap |", "|---|---|---|---|"]

@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from pipeline.dist import DEEPSPEED_SHM  # standard library and pipeline's light modules only
+
 
 def busy_seconds() -> float:
     """CPU seconds the whole machine has been busy (all cores, all processes) since boot."""
@@ -122,7 +124,7 @@ def sweep_deepspeed_shm(since: float) -> int:
     returns how many.
 
     On the CPU accelerator ``deepspeed.init_distributed`` maps a 66 MB segment per rank
-    (``deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``) and never unlinks it: every bare
+    (``pipeline.dist.DEEPSPEED_SHM`` + ``<uid>_<addr>_<port>_<rank>``) and never unlinks it: every bare
     DeepSpeed loop and HF Trainer run leaves 132 MB of RAM behind on 2 ranks (the stages unlink
     theirs, ``pipeline.dist._release_deepspeed_shm``; so do ranks that die before that only if
     something sweeps). A day of benchmark runs left 285 of them here (19 GB of the 24 GB, the
@@ -136,11 +138,11 @@ def sweep_deepspeed_shm(since: float) -> int:
     for maps in Path("/proc").glob("[0-9]*/maps"):
         try:
             in_use.update(line.rsplit("/", 1)[-1].strip() for line in maps.read_text().splitlines()
-                          if "/dev/shm/deepspeed_allreduce_buffer" in line)
+                          if f"/dev/shm/{DEEPSPEED_SHM}" in line)
         except OSError:
             pass
     removed = 0
-    for seg in shm.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*"):
+    for seg in shm.glob(f"{DEEPSPEED_SHM}{os.getuid()}_*"):
         try:
             if seg.name not in in_use and seg.stat().st_mtime >= since - 1:
                 seg.unlink()

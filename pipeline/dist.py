@@ -46,6 +46,7 @@ Launcher = Literal["deepspeed/torchrun", "slurm", "single"]
 DEFAULT_ADDR = "127.0.0.1"
 _started = False  # a process group was started in this process (finish() then skips teardown)
 _SCONTROL_TIMEOUT_S = 10  # seconds; scontrol answers locally, a hang means a broken setup
+DEEPSPEED_SHM = "deepspeed_allreduce_buffer_"  # + <uid>_<addr>_<port>_<rank>: DeepSpeed's CPU comm op, /dev/shm
 
 
 @dataclass(frozen=True)
@@ -433,7 +434,7 @@ def _release_deepspeed_shm(env: DistEnv) -> None:
         return  # DeepSpeed makes no segment then (the rule in its shm_interface.cpp)
     if env.world_size > 1:
         barrier()
-    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{env.master_addr}_{env.master_port}_{env.rank}"
+    name = f"{DEEPSPEED_SHM}{os.getuid()}_{env.master_addr}_{env.master_port}_{env.rank}"
     try:
         os.unlink(os.path.join("/dev/shm", name))
     except FileNotFoundError:

@@ -49,7 +49,8 @@ CHURN = textwrap.dedent(
 
 
 def _churn(mode: str, **env: str) -> dict:
-    base = {k: v for k, v in os.environ.items() if k not in allocator.USER_VARIABLES and k != "GLIBC_TUNABLES"}
+    # glibc's own malloc in the child, whatever this machine sets or preloads
+    base = {k: v for k, v in os.environ.items() if k not in (*allocator.USER_VARIABLES, "GLIBC_TUNABLES", "LD_PRELOAD")}
     out = subprocess.run([sys.executable, "-c", CHURN, mode], capture_output=True, text=True, timeout=120, check=False,
                          env={**base, "OMP_NUM_THREADS": "1", **env}, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert out.returncode == 0, out.stderr

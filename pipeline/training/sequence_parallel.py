@@ -209,7 +209,6 @@ def document_attention(core):
             rows.append(torch.cat(parts, dim=1))
         return torch.cat(rows, dim=0), None
 
-    attention.core = core
     return attention
 
 
