@@ -98,14 +98,18 @@ def run_ds(spec: dict) -> None:
     import pipeline.data.sampler  # noqa: F401  (the data reader, imported like the rest)
 
     mark("imports")
-    deepspeed.init_distributed(dist_backend="gloo")
+    gpu = torch.cuda.is_available()  # bench/gpu.py: one GPU, NCCL, bf16 as the JSON says
+    if gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     mark("dist")
     ds = json.loads(open(spec["ds_config"]).read())
     keep = HfDeepSpeedConfig(ds)  # noqa: F841  (ZeRO-3: from_config builds under zero.Init)
     torch.manual_seed(spec["seed"])
     conf = AutoConfig.from_pretrained(spec["model_dir"])
-    model = AutoModelForCausalLM.from_config(conf, attn_implementation="sdpa", dtype=torch.float32)
+    dtype = torch.bfloat16 if (ds.get("bf16") or {}).get("enabled") else torch.float32
+    model = AutoModelForCausalLM.from_config(conf, attn_implementation="sdpa", dtype=dtype)
     model.config.use_cache = False
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, spec["weight_decay"]), config=ds,
@@ -117,12 +121,14 @@ def run_ds(spec: dict) -> None:
     vocab = conf.vocab_size
     for step in range(1, spec["max_steps"] + 1):
         t0 = time.perf_counter()
-        batch = next(loader)
+        batch = next(loader).to(engine.device, non_blocking=True)
         wait = time.perf_counter() - t0
         logits = engine(input_ids=batch[:, :-1]).logits
         loss = F.cross_entropy(logits.float().reshape(-1, vocab), batch[:, 1:].reshape(-1))
         engine.backward(loss)
         engine.step()
+        if gpu:
+            torch.cuda.synchronize()  # the step's time, not its launch
         say("step", step, f"{time.time():.6f}", f"{loss.item():.5f}", f"{wait:.6f}", f"{time.perf_counter() - t0:.6f}")
     loader.close()
     torch.distributed.destroy_process_group()

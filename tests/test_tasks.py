@@ -32,7 +32,7 @@ def _cfg(*overrides: str) -> FinetuneConfig:
 
 def _run(precision: str = "fp32") -> SimpleNamespace:
     """The parts of :class:`pipeline.training.engine.Run` a task's loaders read: one rank, 2 per micro-batch."""
-    return SimpleNamespace(rank=0, world=1, dp_rank=0, dp_world=1, micro=2, accum=1, precision=precision,
+    return SimpleNamespace(rank=0, world=1, dp_rank=0, dp_world=1, micro=2, accum=1, sp=1, precision=precision,
                            consumed_samples=None, shard=lambda batches: batches)
 
 
