@@ -107,7 +107,9 @@ def prepare() -> int:
     size = sum(f.stat().st_size for d in (WHEELS, WORK / "data", WORK / "tokenizer") for f in d.rglob("*") if f.is_file())
     log(f"carry: .whl, bench/.work/gpu ({size / 2**20:.0f} MiB; the tool takes 64 MiB with the tree)")
     shutil.rmtree(WORK / "wheel", ignore_errors=True)
-    print(__doc__.split("There, in ONE call")[1].split("Each check")[0])
+    print('device call: carry [".whl", "bench/.work/gpu"], timeout_s 560, command:\n'
+          "python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && "
+          "export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 && python3 bench/gpu.py run --out $OUT")
     return 0
 
 
@@ -178,8 +180,8 @@ def check_mfu(out: Path, gpu: bool, size: str, steps: int, timeout: float) -> di
         code, text = sh(cmd, timeout)
         if name.startswith("a"):
             step_s = [float(m.group(1)) for m in re.finditer(r"^BENCH step \d+ \S+ \S+ \S+ (\S+)$", text, re.MULTILINE)]
-        else:
-            step_s = [float(m.group(1)) for m in re.finditer(r"^step \d+ \|.*\| step ([\d.]+)s", text, re.MULTILINE)]
+        else:  # the stage's own step times at full precision (its console rounds them to 10 ms)
+            step_s = [v for _, v in tb_values(out / "mfu-stage", "perf/step_time_s")]
         timed = step_s[5:] or step_s[-1:]
         r = {"exit": code, "step_s": step_s}
         if timed and code == 0:
@@ -194,17 +196,25 @@ def check_mfu(out: Path, gpu: bool, size: str, steps: int, timeout: float) -> di
     return res
 
 
-def tb_scalar(run_dir: Path, tag: str) -> float | None:
-    """The largest value of ``tag`` in a run directory's TensorBoard events."""
+def tb_values(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    """``(step, value)`` of ``tag`` in a run directory's TensorBoard events, by step."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    best = None
-    for ev in run_dir.rglob("events.out.tfevents.*"):
-        acc = EventAccumulator(str(ev.parent), size_guidance={"scalars": 0})
+    values: dict[int, float] = {}
+    for d in sorted({ev.parent for ev in run_dir.rglob("events.out.tfevents.*")}):
+        acc = EventAccumulator(str(d), size_guidance={"scalars": 0})
         acc.Reload()
         if tag in acc.Tags().get("scalars", []):
-            best = max([best or 0.0, *(e.value for e in acc.Scalars(tag))])
-    return best
+            values.update((e.step, e.value) for e in acc.Scalars(tag))
+    return sorted(values.items())
+
+
+def plan_row(text: str, config: str) -> dict[str, str]:
+    """The planner table's row of ``config`` as ``{column header: cell}`` ({} when absent)."""
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in text.splitlines() if line.startswith("| ")]
+    head = next((r for r in rows if r[0] == "config"), None)
+    row = next((r for r in rows if r[0] == config), None)
+    return dict(zip(head, row)) if head and row else {}
 
 
 def check_alst(out: Path, gpu: bool, size: str, max_tokens: int, timeout: float) -> dict:
@@ -216,21 +226,23 @@ def check_alst(out: Path, gpu: bool, size: str, max_tokens: int, timeout: float)
             "deepspeed.config=ds_configs/zero3.json", f"deepspeed.precision={'bf16' if gpu else 'fp32'}", *savers]
     code, text = sh([sys.executable, "launch/plan.py", *base, "model.max_position_embeddings=4194304", "data.seq_len=4096",
                      "--longest"], 120)
-    # the table's row of zero3.json: | config | ZeRO | offload | longest seq_len | ...
-    row = next((line.split("|") for line in text.splitlines() if line.startswith("| zero3.json |")), None)
-    planned = int(row[4].strip().replace(",", "")) if row and code == 0 and row[4].strip() != "-" else 0
+    row = plan_row(text, "zero3.json")
+    planned = int(row["longest seq_len"].replace(",", "")) if code == 0 and row.get("longest seq_len", "-") != "-" else 0
     res = {"planner_exit": code, "planned_longest": planned, "plan": text[-3000:], "max_tokens": max_tokens, "tries": []}
     log(f"alst: the planner's longest for ZeRO-3 on this device: {planned:,}")
     seq = min(planned, max_tokens) // 1024 * 1024 if planned else max_tokens
     deadline = time.time() + timeout
     while seq >= 1024 and time.time() < deadline:
+        _, text = sh([sys.executable, "launch/plan.py", *base, f"model.max_position_embeddings={seq}", f"data.seq_len={seq}"], 120)
+        row = plan_row(text, "zero3.json")
+        estimate = row.get("total per GPU") or row.get("total per rank")  # GiB; CPU ranks (--tiny): per rank
         run = out / f"alst-{seq}"
         cmd = [*LAUNCH, "launch/train.py", f"output={run}", *base, f"data.seq_len={seq}",
                f"model.max_position_embeddings={seq}", "train.max_steps=2", "train.warmup_steps=1", "train.eval_batches=1",
                "train.eval_every=0", "checkpoint.every=0", "monitor.log_every=1", "deepspeed.memory_check=false"]
         code, text = sh(cmd, max(60.0, deadline - time.time()))
         step_s = [float(x) for x in re.findall(r"^step \d+ \|.*\| step ([\d.]+)s", text, re.MULTILINE)]
-        t = {"seq_len": seq, "exit": code, "step_s": step_s, "max_allocated_gib": tb_scalar(run, "mem/max_allocated"),
+        t = {"seq_len": seq, "exit": code, "step_s": step_s, "planner_total_per_gpu_gib": estimate, "max_allocated_gib": max((v for _, v in tb_values(run, "mem/max_allocated")), default=None),
              "oom": "out of memory" in text.lower()}
         res["tries"].append(t)
         log(f"alst {seq:,} tokens: {json.dumps({k: v for k, v in t.items()})}")
