@@ -278,9 +278,10 @@ def run(out: Path, tiny: bool, steps: int, alst_max: int) -> int:
     log(f"env: {results['env']}")
     save()
     if not tiny:
-        # the files holding `gpu` tests (collecting all of tests/ would import lm_eval and trl, absent there)
+        # the files holding `gpu` tests (collecting all of tests/ would import lm_eval and trl, absent there); without
+        # the project's addopts (its xdist options need a pytest-xdist the image may not have at that version)
         files = sorted(str(f.relative_to(ROOT)) for f in (ROOT / "tests").glob("test_*.py") if "mark.gpu" in f.read_text())
-        code, text = sh([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", "-m", "gpu", *files], 240)
+        code, text = sh([sys.executable, "-m", "pytest", "-q", "-o", "addopts=", "-p", "no:cacheprovider", "-m", "gpu", *files], 240)
         results["gpu_tests"] = {"exit": code, "summary": text.strip().splitlines()[-1] if text.strip() else ""}
         log(f"gpu tests: {results['gpu_tests']}")
         save()
