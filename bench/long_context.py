@@ -161,7 +161,7 @@ def fit(points: list[dict]) -> tuple[float, float]:
 
 
 def longest(work: Path, name: str, cap: int, base: float, per_token: float, results: list, verify: bool,
-            steps: int = 1) -> int:
+            steps: int) -> int:
     guess = int((cap - base) / per_token) // STEP * STEP
     if not verify:
         return guess
