@@ -388,15 +388,14 @@ def collate(rows: list[list[Example]], seq_len: int, pad_id: int, packed: bool =
             real[b, o:o + n] = True
             o += n
     out = {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels)}
-    if packed and not mask:
-        out["position_ids"] = torch.from_numpy(pos)
-    elif packed:
-        dtype = dtype or torch.float32
-        k = np.arange(T, dtype=np.int64)
-        # query q sees key k iff start[q] <= k <= q: its own example, causally (a pad: itself only)
-        blocked = (k[None, None, :] < start[:, :, None]) | (k[None, None, :] > k[None, :, None])  # (B, Tq, Tk)
-        dense = torch.zeros(B, 1, T, T, dtype=dtype)
-        out["attention_mask"] = dense.masked_fill_(torch.from_numpy(blocked)[:, None], torch.finfo(dtype).min)
+    if packed:
+        if mask:
+            dtype = dtype or torch.float32
+            k = np.arange(T, dtype=np.int64)
+            # query q sees key k iff start[q] <= k <= q: its own example, causally (a pad: itself only)
+            blocked = (k[None, None, :] < start[:, :, None]) | (k[None, None, :] > k[None, :, None])  # (B, Tq, Tk)
+            dense = torch.zeros(B, 1, T, T, dtype=dtype)
+            out["attention_mask"] = dense.masked_fill_(torch.from_numpy(blocked)[:, None], torch.finfo(dtype).min)
         out["position_ids"] = torch.from_numpy(pos)
     else:
         out["attention_mask"] = torch.from_numpy(real.astype(np.int64))

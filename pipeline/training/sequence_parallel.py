@@ -104,11 +104,10 @@ def grad_divisor(world: int, sp: int, zero_stage: int) -> int:
     return world // sp if (sp > 1 and zero_stage < 3) else world
 
 
-def shard(batch, sp_rank: int, sp: int) -> dict:
-    """This rank's slice of a micro-batch: a ``(B, T+1)`` token tensor (inputs ``[:, :-1]``,
-    targets ``[:, 1:]``) or a dict with ``input_ids``, ``labels`` (aligned: ``labels[t]`` is the
-    target of ``input_ids[t]``) and optional ``position_ids``. Positions are the global ones
-    (RoPE and causality need them after the all-to-all)."""
+def _fields(batch) -> dict:
+    """A micro-batch as ``input_ids``, ``labels`` (aligned) and ``position_ids`` (positions
+    ``0..T-1`` unless it has its own); a ``(B, T+1)`` token tensor gives inputs ``[:, :-1]`` and
+    targets ``[:, 1:]``. A dense ``attention_mask`` is dropped (DeepSpeed's wrapper drops it too)."""
     import torch
 
     if isinstance(batch, torch.Tensor):
@@ -118,7 +117,16 @@ def shard(batch, sp_rank: int, sp: int) -> dict:
     ids = fields["input_ids"]
     if "position_ids" not in fields:
         fields["position_ids"] = torch.arange(ids.shape[1], dtype=torch.long).expand(ids.shape[0], -1)
-    n = ids.shape[1] // sp
+    return fields
+
+
+def shard(batch, sp_rank: int, sp: int) -> dict:
+    """This rank's slice of a micro-batch: a ``(B, T+1)`` token tensor (inputs ``[:, :-1]``,
+    targets ``[:, 1:]``) or a dict with ``input_ids``, ``labels`` (aligned: ``labels[t]`` is the
+    target of ``input_ids[t]``) and optional ``position_ids``. Positions are the global ones
+    (RoPE and causality need them after the all-to-all)."""
+    fields = _fields(batch)
+    n = fields["input_ids"].shape[1] // sp
     return {k: v[:, sp_rank * n:(sp_rank + 1) * n].contiguous() for k, v in fields.items()}
 
 
@@ -130,16 +138,13 @@ def fill(batch, rows: int):
 
     from pipeline.training.trainer import IGNORE_INDEX
 
-    fields = ({"input_ids": batch[:, :-1], "labels": batch[:, 1:]} if isinstance(batch, torch.Tensor) else
-              {k: v for k, v in batch.items() if k != "attention_mask"})
+    fields = _fields(batch)
     missing = rows - fields["input_ids"].shape[0]
     if missing <= 0:
         return batch
     T = fields["input_ids"].shape[1]
     extra = {"input_ids": fields["input_ids"][:1].expand(missing, -1), "labels": torch.full((missing, T), IGNORE_INDEX),
              "position_ids": torch.arange(T).expand(missing, -1)}
-    if "position_ids" not in fields:
-        fields["position_ids"] = torch.arange(T).expand(fields["input_ids"].shape[0], -1)
     return {k: torch.cat([v, extra[k].to(v.dtype)]) for k, v in fields.items()}
 
 
