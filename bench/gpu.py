@@ -53,6 +53,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.machine import stage_scalars
 
 WORK = ROOT / "bench" / ".work" / "gpu"
 WHEELS = ROOT / ".whl"
@@ -142,6 +143,7 @@ LAUNCH = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1"]
 
 
 def check_mfu(out: Path, gpu: bool, size: str, steps: int, timeout: float) -> dict:
+    from bench.train import worker_spec
     from pipeline.config import load_config
     from pipeline.data.shards import read_manifest
     from pipeline.stages.train import TrainConfig
@@ -164,11 +166,7 @@ def check_mfu(out: Path, gpu: bool, size: str, steps: int, timeout: float) -> di
     work.mkdir(parents=True, exist_ok=True)
     conf.save_pretrained(work / "model")
     (work / "ds_config.json").write_text(json.dumps(ds, indent=1))
-    t = cfg.train
-    spec = {"data": str(data), "model_dir": str(work / "model"), "ds_config": str(work / "ds_config.json"), "seq_len": seq,
-            "micro_batch": micro, "max_steps": steps, "seed": t.seed, "lr": t.lr, "betas": [t.beta1, t.beta2], "eps": t.eps,
-            "weight_decay": t.weight_decay, "grad_clip": t.grad_clip, "warmup_steps": t.warmup_steps,
-            "min_lr_ratio": t.min_lr_ratio, "workdir": str(work)}
+    spec = worker_spec(cfg, data, work / "model", work / "ds_config.json", steps, work)
     (work / "spec.json").write_text(json.dumps(spec))
     fpt = flops_per_token(conf, seq)
     peak = peak_flops("cuda" if gpu else "cpu", precision)[0]
@@ -181,7 +179,7 @@ def check_mfu(out: Path, gpu: bool, size: str, steps: int, timeout: float) -> di
         if name.startswith("a"):
             step_s = [float(m.group(1)) for m in re.finditer(r"^BENCH step \d+ \S+ \S+ \S+ (\S+)$", text, re.MULTILINE)]
         else:  # the stage's own step times at full precision (its console rounds them to 10 ms)
-            step_s = [v for _, v in tb_values(out / "mfu-stage", "perf/step_time_s")]
+            step_s = [v for _, v in sorted((stage_scalars(out / "mfu-stage", "perf/step_time_s") or {}).items())]
         timed = step_s[5:] or step_s[-1:]
         r = {"exit": code, "step_s": step_s}
         if timed and code == 0:
@@ -194,19 +192,6 @@ def check_mfu(out: Path, gpu: bool, size: str, steps: int, timeout: float) -> di
     a, b = res["a_bare_deepspeed"].get("tokens_per_s"), res["b_stage"].get("tokens_per_s")
     res["b_over_a"] = b / a if a and b else None
     return res
-
-
-def tb_values(run_dir: Path, tag: str) -> list[tuple[int, float]]:
-    """``(step, value)`` of ``tag`` in a run directory's TensorBoard events, by step."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    values: dict[int, float] = {}
-    for d in sorted({ev.parent for ev in run_dir.rglob("events.out.tfevents.*")}):
-        acc = EventAccumulator(str(d), size_guidance={"scalars": 0})
-        acc.Reload()
-        if tag in acc.Tags().get("scalars", []):
-            values.update((e.step, e.value) for e in acc.Scalars(tag))
-    return sorted(values.items())
 
 
 def plan_row(text: str, config: str) -> dict[str, str]:
@@ -242,7 +227,7 @@ def check_alst(out: Path, gpu: bool, size: str, max_tokens: int, timeout: float)
                "train.eval_every=0", "checkpoint.every=0", "monitor.log_every=1", "deepspeed.memory_check=false"]
         code, text = sh(cmd, max(60.0, deadline - time.time()))
         step_s = [float(x) for x in re.findall(r"^step \d+ \|.*\| step ([\d.]+)s", text, re.MULTILINE)]
-        t = {"seq_len": seq, "exit": code, "step_s": step_s, "planner_total_per_gpu_gib": estimate, "max_allocated_gib": max((v for _, v in tb_values(run, "mem/max_allocated")), default=None),
+        t = {"seq_len": seq, "exit": code, "step_s": step_s, "planner_total_per_gpu_gib": estimate, "max_allocated_gib": max((stage_scalars(run, "mem/max_allocated") or {}).values(), default=None),
              "oom": "out of memory" in text.lower()}
         res["tries"].append(t)
         log(f"alst {seq:,} tokens: {json.dumps({k: v for k, v in t.items()})}")

@@ -62,6 +62,20 @@ def tree_usage(pid: int) -> dict[str, float]:
     return tot
 
 
+def stage_scalars(run_dir: Path, tag: str) -> dict[int, float] | None:
+    """``{step: value}`` of scalar ``tag`` in a stage run's TensorBoard (``<run>/tensorboard``); None
+    without TensorBoard, {} when the run wrote no such scalar."""
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:
+        return None
+    if not (run_dir / "tensorboard").is_dir():
+        return {}
+    ea = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    ea.Reload()
+    return {e.step: e.value for e in ea.Scalars(tag)} if tag in ea.Tags().get("scalars", []) else {}
+
+
 def median(xs) -> float | None:
     """The median of the values that are not None (None when there are none)."""
     xs = [x for x in xs if x is not None]

@@ -74,7 +74,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.machine import launch, log, machine, median, run_env, wait_quiet
+from bench.machine import launch, log, machine, median, run_env, stage_scalars, wait_quiet
 WORKERS = ROOT / "bench" / "_train_workers.py"
 CONTENDERS = ("a", "b", "c", "d", "e", "f", "g", "h", "p", "q", "r")
 STAGES = ("b", "e")  # contenders that run launch/train.py (their step lines are the monitor's)
@@ -130,6 +130,18 @@ def stage_overrides(m: dict, data: Path, output: Path, max_steps: int, warmup: i
     ]
 
 
+def worker_spec(cfg, data: Path, model_dir: Path, ds_config: Path, max_steps: int, workdir: Path) -> dict:
+    """What ``bench/_train_workers.py`` reads (``--spec``): the data, model and DeepSpeed JSON, and
+    the stage recipe ``cfg``'s batch and optimizer settings."""
+    t = cfg.train
+    return {
+        "data": str(data), "model_dir": str(model_dir), "ds_config": str(ds_config),
+        "seq_len": cfg.data.seq_len, "micro_batch": t.micro_batch_size, "max_steps": max_steps, "seed": t.seed,
+        "lr": t.lr, "betas": [t.beta1, t.beta2], "eps": t.eps, "weight_decay": t.weight_decay, "grad_clip": t.grad_clip,
+        "warmup_steps": t.warmup_steps, "min_lr_ratio": t.min_lr_ratio, "workdir": str(workdir),
+    }
+
+
 def prepare(workdir: Path, data_root: Path, m: dict, max_steps: int, warmup: int,
             ds_config: str = "ds_configs/zero3_offload.json") -> dict:
     """Dataset (under ``data_root``), model config, resolved DeepSpeed JSON and the workers' spec (under ``workdir``)."""
@@ -149,13 +161,7 @@ def prepare(workdir: Path, data_root: Path, m: dict, max_steps: int, warmup: int
     model_dir = workdir / "model"
     conf.save_pretrained(model_dir)
     (workdir / "ds_config.json").write_text(json.dumps(ds, indent=2) + "\n")
-    t = cfg.train
-    spec = {
-        "data": str(data), "model_dir": str(model_dir), "ds_config": str(workdir / "ds_config.json"),
-        "seq_len": cfg.data.seq_len, "micro_batch": t.micro_batch_size, "max_steps": max_steps, "seed": t.seed,
-        "lr": t.lr, "betas": [t.beta1, t.beta2], "eps": t.eps, "weight_decay": t.weight_decay, "grad_clip": t.grad_clip,
-        "warmup_steps": t.warmup_steps, "min_lr_ratio": t.min_lr_ratio, "workdir": str(workdir / "hf-output"),
-    }
+    spec = worker_spec(cfg, data, model_dir, workdir / "ds_config.json", max_steps, workdir / "hf-output")
     (workdir / "spec.json").write_text(json.dumps(spec, indent=2) + "\n")
     # (g): the same JSON without the three keys the pipeline fills from the hidden size: DeepSpeed's defaults
     ds_def = json.loads(json.dumps(ds))
@@ -229,17 +235,9 @@ def step_of(c: str, text: str) -> int | None:
 
 def _tensorboard_wait(out: Path, first: int, last: int) -> dict | None:
     """Data wait / step time of steps ``first..last`` from the stage's TensorBoard scalars."""
-    try:
-        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    except ImportError:
+    wait, step = stage_scalars(out, "perf/data_wait_s"), stage_scalars(out, "perf/step_time_s")
+    if not wait or not step:
         return None
-    ea = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
-    ea.Reload()
-    tags = ea.Tags().get("scalars", [])
-    if "perf/data_wait_s" not in tags or "perf/step_time_s" not in tags:
-        return None
-    wait = {e.step: e.value for e in ea.Scalars("perf/data_wait_s")}
-    step = {e.step: e.value for e in ea.Scalars("perf/step_time_s")}
     keep = [s for s in range(first, last + 1) if s in wait and s in step]
     if not keep:
         return None
